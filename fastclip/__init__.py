@@ -1,0 +1,1 @@
+"""fastclip: fast, exact per-example gradient clipping for differentially private training."""
