@@ -1,0 +1,419 @@
+"""End-to-end DP-SGD step benchmark: non-private torch vs fastclip vs Opacus, in one process.
+
+Run as ``python -m fastclip bench`` (or ``python bench/e2e.py``). Every workload is measured with
+the same model initialisation and the same batches for every method; each private run gets its
+own deep copy of the initial model and a fresh ``SGD(lr=0.1)``. A step is
+``zero_grad, forward, loss, backward, optimizer.step``; we run ``--warmup`` steps, then report the
+median of ``--steps`` timed steps. Ratios are ``method ms / non-private ms`` from the same run.
+
+Opacus is optional (``pip install ".[bench]"``); without it its columns read "not installed".
+
+Workloads live in :data:`WORKLOADS` (name -> builder); add CNN / LSTM / transformer workloads by
+registering a builder with :func:`register_workload`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+# --------------------------------------------------------------------------------------------
+# workloads
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """One benchmark case: a model, the batches every method trains on, and its loss.
+
+    ``loss_fn(output, targets)`` returns per-example losses, shape (B,), as in fastclip's contract.
+    ``batches`` is a list of ``(inputs, targets)``; steps cycle through it.
+    """
+
+    model: nn.Module
+    batches: List[Tuple[Tensor, Tensor]]
+    loss_fn: nn.Module = field(default_factory=lambda: nn.CrossEntropyLoss(reduction="none"))
+    description: str = ""
+
+
+WorkloadBuilder = Callable[[int, torch.Generator], Workload]
+WORKLOADS: Dict[str, Tuple[WorkloadBuilder, int]] = {}
+
+
+def register_workload(name: str, default_batch_size: int):
+    """Decorator: register ``builder(batch_size, generator) -> Workload`` under ``name``."""
+
+    def deco(builder: WorkloadBuilder) -> WorkloadBuilder:
+        if name in WORKLOADS:
+            raise ValueError(f"workload {name!r} is already registered")
+        WORKLOADS[name] = (builder, default_batch_size)
+        return builder
+
+    return deco
+
+
+def mlp(sizes: Sequence[int] = (784, 512, 512, 10)) -> nn.Sequential:
+    """Linear-ReLU-...-Linear MLP with the given layer widths."""
+    layers: List[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+@register_workload("mlp", default_batch_size=256)
+def _mlp_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4) -> Workload:
+    model = mlp((784, 512, 512, 10))
+    batches = [
+        (torch.randn(batch_size, 784, generator=gen), torch.randint(0, 10, (batch_size,), generator=gen))
+        for _ in range(n_batches)
+    ]
+    return Workload(model, batches, description="MLP 784-512-512-10")
+
+
+# --------------------------------------------------------------------------------------------
+# methods: each prepares (a copy of) the model and returns a step(x, y) closure
+# --------------------------------------------------------------------------------------------
+
+StepFn = Callable[[Tensor, Tensor], None]
+
+
+class NotInstalled(Exception):
+    """The method's optional dependency is missing."""
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def _plain_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module) -> StepFn:
+    def step(x: Tensor, y: Tensor) -> None:
+        optimizer.zero_grad()
+        loss_fn(model(x), y).mean().backward()
+        optimizer.step()
+
+    return step
+
+
+def setup_nonprivate(wl: Workload, model: nn.Module, batch_size: int) -> StepFn:
+    return _plain_loop(model, _sgd(model), wl.loss_fn)
+
+
+def setup_fastclip(wl: Workload, model: nn.Module, batch_size: int) -> StepFn:
+    import fastclip
+
+    if not hasattr(fastclip, "make_private"):
+        raise RuntimeError("fastclip.make_private is not available in this build")
+    model, optimizer, _ = fastclip.make_private(
+        model, _sgd(model), None,
+        noise_multiplier=1.0, max_grad_norm=1.0,
+        mode="auto", loss_reduction="mean", poisson_sampling=False,
+    )
+    return _plain_loop(model, optimizer, wl.loss_fn)
+
+
+def _opacus_setup(wl: Workload, model: nn.Module, batch_size: int, grad_sample_mode: str):
+    try:
+        from opacus import PrivacyEngine
+    except ImportError as e:  # optional dependency: the "bench" extra
+        raise NotInstalled(str(e)) from e
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x0, y0 = wl.batches[0]
+    # Opacus derives the sample rate / expected batch size from the loader; with
+    # poisson_sampling=False it leaves the loader alone and we feed our own batches.
+    loader = DataLoader(TensorDataset(x0, y0), batch_size=batch_size)
+    criterion = nn.CrossEntropyLoss(reduction="mean")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = PrivacyEngine().make_private(
+            module=model, optimizer=_sgd(model), data_loader=loader, criterion=criterion,
+            noise_multiplier=1.0, max_grad_norm=1.0, loss_reduction="mean",
+            poisson_sampling=False, grad_sample_mode=grad_sample_mode,
+        )
+    return out
+
+
+def setup_opacus_hooks(wl: Workload, model: nn.Module, batch_size: int) -> StepFn:
+    dp_model, optimizer, _ = _opacus_setup(wl, model, batch_size, "hooks")
+    return _plain_loop(dp_model, optimizer, wl.loss_fn)
+
+
+def setup_opacus_ghost(wl: Workload, model: nn.Module, batch_size: int) -> StepFn:
+    # Ghost clipping returns a criterion wrapper: criterion(out, y) is a DPTensorFastGradientClipping
+    # whose .backward() runs Opacus' two backward passes (norms, then the re-weighted loss).
+    dp_model, optimizer, criterion, _ = _opacus_setup(wl, model, batch_size, "ghost")
+
+    def step(x: Tensor, y: Tensor) -> None:
+        optimizer.zero_grad()
+        criterion(dp_model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+@dataclass
+class Method:
+    name: str
+    setup: Callable[[Workload, nn.Module, int], StepFn]
+    optional: bool = False
+
+
+METHODS: List[Method] = [
+    Method("non-private", setup_nonprivate),
+    Method("fastclip", setup_fastclip),
+    Method("opacus hooks", setup_opacus_hooks, optional=True),
+    Method("opacus ghost", setup_opacus_ghost, optional=True),
+]
+
+
+# --------------------------------------------------------------------------------------------
+# measurement
+# --------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: StepFn, batches, warmup: int, steps: int, device: torch.device) -> List[float]:
+    """Run ``warmup`` untimed steps, then ``steps`` timed ones; returns step times in ms."""
+    n = len(batches)
+    for i in range(warmup):
+        step(*batches[i % n])
+    _sync(device)
+    times = []
+    for i in range(steps):
+        x, y = batches[(warmup + i) % n]
+        t0 = time.perf_counter()
+        step(x, y)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the C++ profiler logs start/stop lines there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_step_memory_mib(step: StepFn, batch, device: torch.device) -> Optional[float]:
+    """Peak memory allocated during one step above what was allocated when it began, in MiB.
+
+    CUDA: the allocator's peak counter. CPU: replays the profiler's allocation events in time order
+    (one extra, untimed step; it does not affect the timings).
+    """
+    x, y = batch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step(x, y)
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    if device.type != "cpu":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step(x, y)
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except Exception:  # profiler internals differ across torch builds: the column is optional
+        return None
+    events.sort(key=lambda e: e.start_ns())
+    cur = peak = 0
+    for e in events:
+        cur += e.nbytes()
+        peak = max(peak, cur)
+    return peak / 2**20
+
+
+@dataclass
+class Result:
+    workload: str
+    method: str
+    batch_size: int
+    median_ms: Optional[float] = None
+    times_ms: List[float] = field(default_factory=list)
+    ratio: Optional[float] = None
+    peak_mib: Optional[float] = None
+    status: str = "ok"  # ok | not installed | error
+    error: str = ""
+
+
+def run_workload(name: str, batch_size: Optional[int], warmup: int, steps: int,
+                 device: torch.device, seed: int = 0, memory: bool = True) -> List[Result]:
+    builder, default_bs = WORKLOADS[name]
+    bs = batch_size or default_bs
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    wl = builder(bs, gen)
+    init = wl.model.to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in wl.batches]
+    wl.batches = batches
+    wl.loss_fn = wl.loss_fn.to(device)
+
+    results: List[Result] = []
+    for m in METHODS:
+        r = Result(name, m.name, bs)
+        try:
+            model = copy.deepcopy(init)  # same initial weights for every method
+            torch.manual_seed(seed)  # same noise stream start for every private method
+            step = m.setup(wl, model, bs)
+            r.times_ms = time_steps(step, batches, warmup, steps, device)
+            r.median_ms = statistics.median(r.times_ms)
+            if memory:
+                r.peak_mib = peak_step_memory_mib(step, batches[0], device)
+        except NotInstalled as e:
+            r.status, r.error = "not installed", str(e)
+        except Exception as e:  # report and go on: one broken method must not hide the others
+            r.status, r.error = "error", f"{type(e).__name__}: {e}"
+        results.append(r)
+    base = results[0].median_ms
+    for r in results:
+        if r.median_ms is not None and base:
+            r.ratio = r.median_ms / base
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# reporting
+# --------------------------------------------------------------------------------------------
+
+
+def _cell(r: Result) -> str:
+    if r.status != "ok":
+        return r.status
+    s = f"{r.median_ms:.2f}"
+    if r.method != "non-private":
+        s += f" ({r.ratio:.2f}x)"
+    return s
+
+
+def _mem(r: Result) -> str:
+    return f"{r.peak_mib:.1f}" if r.status == "ok" and r.peak_mib is not None else "-"
+
+
+def format_table(results: List[Result], memory: bool) -> str:
+    methods = [m.name for m in METHODS]
+    header = ["workload", "batch"] + [f"{m} ms" + (" (ratio)" if m != "non-private" else "") for m in methods]
+    if memory:
+        header.append("peak MiB " + "/".join(methods))
+    rows = []
+    by_wl: Dict[str, Dict[str, Result]] = {}
+    for r in results:
+        by_wl.setdefault(r.workload, {})[r.method] = r
+    for wl, rs in by_wl.items():
+        any_r = next(iter(rs.values()))
+        row = [wl, str(any_r.batch_size)] + [_cell(rs[m]) for m in methods]
+        if memory:
+            row.append(" / ".join(_mem(rs[m]) for m in methods))
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in rows]
+    return "\n".join(out)
+
+
+def environment() -> Dict[str, object]:
+    try:
+        import opacus
+
+        opacus_version = opacus.__version__
+    except ImportError:
+        opacus_version = None
+    try:
+        from importlib.metadata import version
+
+        fastclip_version = version("fastclip")
+    except Exception:
+        fastclip_version = None
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "opacus": opacus_version,
+        "fastclip": fastclip_version,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "platform": platform.platform(),
+    }
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--workloads", default="mlp",
+                   help=f"comma-separated workload names (available: {', '.join(WORKLOADS)}) or 'all'")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per method (median reported)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps per method")
+    p.add_argument("--batch-size", type=int, default=None, help="override every workload's batch size")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-step peak memory measurement")
+    p.add_argument("--json", metavar="OUT.json", default=None, help="also write all results as JSON")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    names = list(WORKLOADS) if args.workloads == "all" else [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        print(f"unknown workload(s) {unknown}; available: {list(WORKLOADS)}", file=sys.stderr)
+        return 2
+    if args.steps < 1 or args.warmup < 0:
+        print(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    memory = not args.no_memory
+    env = environment()
+    print(f"fastclip e2e benchmark: torch {env['torch']}, opacus {env['opacus'] or 'not installed'}, "
+          f"device {device}, threads {env['threads']}, warm-up {args.warmup}, median of {args.steps} steps")
+    results: List[Result] = []
+    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks, input x
+    for n in names:
+        results += run_workload(n, args.batch_size, args.warmup, args.steps, device, args.seed, memory)
+    print(format_table(results, memory))
+    print("ratio = method step time / non-private step time, same process, same init, same batches."
+          + (" MiB = peak memory allocated during one step above its start." if memory else ""))
+    errors = [r for r in results if r.status == "error"]
+    for r in errors:
+        print(f"error: {r.workload} / {r.method}: {r.error}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            args_json = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
+            json.dump({"environment": env, "args": args_json,
+                       "results": [r.__dict__ for r in results]}, f, indent=2)
+        print(f"wrote {args.json}")
+    # fastclip or the baseline failing is a failure; a broken optional Opacus column is not
+    return 1 if any(r.method in ("non-private", "fastclip") for r in errors) else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastclip bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    return run(add_arguments(p).parse_args(argv))
