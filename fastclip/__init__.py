@@ -1,1 +1,13 @@
-"""fastclip: fast, exact per-example gradient clipping for differentially private training."""
+"""fastclip: fast, exact per-example gradient clipping for differentially private training.
+
+Public API (see DESIGN.md): :func:`per_sample_grad_norms`, :func:`clipped_grad`,
+:func:`make_private`.
+"""
+from .engine import Engine
+from .functional import clipped_grad, per_sample_grad_norms
+from .layers import Rule, register
+from .optim import DPOptimizer, make_private
+
+__version__ = "0.1.0"
+__all__ = ["Engine", "DPOptimizer", "Rule", "clipped_grad", "make_private",
+           "per_sample_grad_norms", "register", "__version__"]

@@ -1,0 +1,228 @@
+"""Single-backward book-keeping engine.
+
+While attached to a model, every leaf module with trainable parameters is captured by its rule
+(``fastclip.layers``): the forward records each use, the backward delivers the output gradients
+and skips the non-private parameter-gradient products. When the backward ends, ``_finalize``
+turns the recorded uses into per-example gradient norms over all parameters, clip factors
+``c_i = min(1, C / ||g_i||)`` and, per parameter, the clipped sum ``sum_i c_i g_i`` added to
+``p.grad`` (several backward calls accumulate like ordinary gradients).
+
+The engine owns all of its state (dicts keyed by module or parameter) and hook handles;
+``detach()`` removes every hook and leaves the model as it was.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .layers import Rule, Use, rule_for
+from .layers.generic import GENERIC, refusal
+
+MODES = ("auto", "ghost", "direct", "nanobatch")
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "nanobatch":
+        raise NotImplementedError(
+            "mode='nanobatch' is not available yet; use mode='auto' (exact for every model)")
+    return mode
+
+
+def check_clipping(clipping: str) -> str:
+    if clipping == "flat":
+        return clipping
+    if clipping == "per_layer":
+        raise NotImplementedError("clipping='per_layer' is not available yet; use clipping='flat'")
+    raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
+
+
+class Engine:
+    """Attaches to ``model`` and forms clipped gradients in the model's own backward.
+
+    Args:
+        model: the model; every trainable parameter must be covered (a native rule, the generic
+            rule, or a clear error at attach time).
+        mode: "auto", "ghost" or "direct": how native rules compute norms (all exact).
+        max_grad_norm: C, or None to compute norms only (no gradients are written).
+        loss_reduction: "sum" if the backward's loss is the sum of per-example losses, "mean"
+            if it is their mean (gradients are scaled back by the batch size B).
+    """
+
+    def __init__(self, model: nn.Module, mode: str = "auto", max_grad_norm: Optional[float] = None,
+                 loss_reduction: str = "mean"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.mode = check_mode(mode)
+        if max_grad_norm is not None:
+            max_grad_norm = float(max_grad_norm)
+            if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+                raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.model = model
+        self.max_grad_norm = max_grad_norm
+        self.loss_reduction = loss_reduction
+        self.write_grads = max_grad_norm is not None
+
+        self._rules: Dict[nn.Module, Rule] = {}
+        self._params: Dict[nn.Module, List] = {}       # module -> [(name, parameter)]
+        self._names: Dict[nn.Parameter, str] = {}      # parameter -> qualified name, for errors
+        self._states: Dict[nn.Module, List] = defaultdict(list)  # per-call capture state stack
+        self._handles: List = []
+        self._pending: List[Use] = []
+        self._queued = False
+        self._finalizing = False            # rules re-run modules at finalize: no capture then
+        self.norms_log: List[Tensor] = []   # per backward: per-example norms (B,), when kept
+        self.keep_norms = False
+        self.examples = 0                    # examples seen since reset_count()
+        self._plan()
+        self._attach()
+
+    # -- planning ---------------------------------------------------------------------------
+    def _plan(self):
+        for name, p in self.model.named_parameters():
+            self._names.setdefault(p, name)
+        for path, module in self.model.named_modules(remove_duplicate=True):
+            label = path or "<root>"
+            why = refusal(module)
+            if why is not None:
+                raise ValueError(f"fastclip cannot make module '{label}' ({type(module).__name__}) "
+                                 f"private: {why}")
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not own:
+                continue
+            if next(module.children(), None) is not None:
+                names = ", ".join(n for n, _ in own)
+                raise ValueError(
+                    f"module '{label}' ({type(module).__name__}) uses trainable parameters of its "
+                    f"own ({names}) beside its submodules; fastclip covers parameters through the "
+                    "leaf module that uses them. Move them into a leaf module (e.g. an nn.Linear or "
+                    "a small nn.Module holding only them) or freeze them (requires_grad_(False))")
+            if isinstance(p := own[0][1], nn.parameter.UninitializedParameter):
+                raise ValueError(f"module '{label}' has uninitialized (lazy) parameters; run one "
+                                 "forward pass before making the model private")
+            self._rules[module] = rule_for(module) or GENERIC
+            self._params[module] = own
+
+    def _attach(self):
+        for module, rule in self._rules.items():
+            self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post, with_kwargs=True,
+                                                              always_call=True))
+        seen = set()
+        for params in self._params.values():
+            for _, p in params:
+                if p not in seen:
+                    seen.add(p)
+                    self._handles.append(p.register_hook(self._outside_use_hook(p)))
+
+    def detach(self):
+        """Remove every hook: the model is exactly as it was before the engine attached."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._pending.clear()
+
+    def covered(self):
+        """[(qualified parameter name, rule name)] for every trainable parameter."""
+        out = []
+        for module, params in self._params.items():
+            for _, p in params:
+                out.append((self._names[p], type(self._rules[module]).__name__))
+        return out
+
+    # -- capture ----------------------------------------------------------------------------
+    def _pre(self, module, args, kwargs):
+        state = None
+        if torch.is_grad_enabled() and not self._finalizing:
+            state = (self._rules[module].pre_forward(self, module, args, kwargs),)
+        self._states[module].append(state)
+
+    def _post(self, module, args, kwargs, output):
+        stack = self._states[module]
+        state = stack.pop() if stack else None
+        if state is None:
+            return None
+        return self._rules[module].post_forward(self, module, state[0], args, kwargs, output)
+
+    def _outside_use_hook(self, p):
+        def hook(grad):
+            if grad is not None:
+                raise RuntimeError(
+                    f"fastclip: parameter '{self._names.get(p, '?')}' received a gradient from a "
+                    "use outside the leaf module(s) that own it (e.g. a weight passed to a "
+                    "functional call in a parent's forward). Its per-example gradient would be "
+                    "incomplete, so the step is refused; use the weight through a module instead")
+            return grad
+        return hook
+
+    def record(self, use: Use):
+        """Called from a rule's backward once ``use.grads`` is set."""
+        g0 = next((g for g in use.grads if g is not None), None)
+        use.batch_size = g0.shape[0] if g0 is not None and g0.dim() > 0 else -1
+        self._pending.append(use)
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+
+    # -- finalize ---------------------------------------------------------------------------
+    def _finalize(self):
+        uses, self._pending, self._queued = self._pending, [], False
+        if not uses:
+            return
+        self._finalizing = True
+        try:
+            self._clip(uses)
+        finally:
+            self._finalizing = False
+
+    def _clip(self, uses: List[Use]):
+        sizes = {u.batch_size for u in uses}
+        if len(sizes) != 1 or -1 in sizes:
+            detail = ", ".join(f"{type(u.module).__name__}: {u.batch_size}" for u in uses)
+            raise ValueError(f"fastclip: batch sizes differ between layer uses in one backward "
+                             f"({detail}); every module must see the same batch, batch dimension first")
+        B = sizes.pop()
+        entries: Dict[nn.Parameter, List] = {}
+        for u in uses:
+            for name, p in self._params[u.module]:
+                if p.requires_grad:
+                    entries.setdefault(p, []).append((u.module, name, u))
+        ref = next(iter(entries))
+        cache: Dict = {}
+        sq = torch.zeros(B, dtype=torch.float64, device=ref.device)
+        for p, ents in entries.items():
+            rules = {id(self._rules[m]) for m, _, _ in ents}
+            if len(rules) == 1:
+                s = self._rules[ents[0][0]].sq_norms(ents, self.mode, cache)
+            else:
+                # A parameter shared by modules of different rules: sum the per-example gradients.
+                g = sum(self._rules[m].per_example_grad(m, n, u, cache) for m, n, u in ents)
+                s = g.flatten(1).square().sum(1)
+            sq += s.to(torch.float64)
+        scale = float(B) if self.loss_reduction == "mean" else 1.0
+        norms = sq.sqrt() * scale
+        self.examples += B
+        if self.keep_norms:
+            self.norms_log.append(norms)
+        if not self.write_grads:
+            return
+        C = self.max_grad_norm
+        c = torch.where(norms > C, C / norms, torch.ones_like(norms)) * scale
+        for p, ents in entries.items():
+            grad = None
+            for m, n, u in ents:
+                g = self._rules[m].clipped_grad(m, n, u, c, cache)
+                grad = g if grad is None else grad + g
+            grad = grad.to(p.dtype).view_as(p)
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)

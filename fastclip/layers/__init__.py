@@ -1,0 +1,130 @@
+"""Per-layer rules: how the engine captures a leaf module's uses and turns them into
+per-example gradient norms and clipped gradient sums.
+
+A rule is registered for module types with ``@register(nn.Linear, ...)``. Lookup walks the
+module's MRO, so subclasses are covered; a rule may still decline a module (``supports``), for
+example a Linear subclass whose ``forward`` is not Linear's. Every leaf module with trainable
+parameters that no native rule takes is covered exactly by the generic rule (``generic.py``).
+
+Writing a rule for your own layer::
+
+    from fastclip.layers import Rule, register
+
+    @register(MyLayer)
+    class MyLayerRule(Rule):
+        ...  # capture (pre_forward/post_forward) plus the three finalize-time methods
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+class Use:
+    """One call of a leaf module inside a forward pass, completed by its backward.
+
+    Attributes:
+        module: the leaf module that was called.
+        inputs: what the rule needs of the call's inputs (detached), set at forward or backward.
+        grads: gradients at the call's outputs, set by the backward; a tuple of tensors
+            (or None for an output that received no gradient).
+        batch_size: B, the size of the leading dimension of the output gradients.
+    """
+
+    __slots__ = ("module", "inputs", "grads", "batch_size", "extra")
+
+    def __init__(self, module: nn.Module, inputs: Any = None, extra: Any = None):
+        self.module = module
+        self.inputs = inputs
+        self.grads: Optional[Tuple[Optional[Tensor], ...]] = None
+        self.batch_size = -1
+        self.extra = extra
+
+
+# One entry of a parameter's uses: (module, name of the parameter in that module, use).
+Entry = Tuple[nn.Module, str, Use]
+
+
+class Rule:
+    """Base class of a layer rule. One instance serves every module of its types.
+
+    Capture (forward time): ``pre_forward`` and ``post_forward`` are called around the module's
+    forward while gradients are enabled; they must arrange for the module's trainable parameters
+    to receive NO gradient through autograd and for ``engine.record(use)`` to be called from the
+    backward with the use's output gradients.
+
+    Finalize (after the backward, ``c`` = per-example clip factors times the loss scale):
+    ``sq_norms`` for a parameter all of whose uses belong to this rule, ``per_example_grad`` when
+    a parameter is shared with modules of another rule, ``clipped_grad`` always. ``cache`` is a
+    dict private to one finalize call, for work shared between the parameters of one use.
+    """
+
+    def supports(self, module: nn.Module) -> bool:
+        return True
+
+    def pre_forward(self, engine, module: nn.Module, args, kwargs):
+        raise NotImplementedError
+
+    def post_forward(self, engine, module: nn.Module, state, args, kwargs, output):
+        raise NotImplementedError
+
+    def sq_norms(self, entries: Sequence[Entry], method: str, cache: Dict) -> Tensor:
+        """Per-example squared norms (B,) of ONE parameter's gradient, summed over its uses."""
+        g = sum(self.per_example_grad(m, n, u, cache) for m, n, u in entries)
+        return g.flatten(1).square().sum(1)
+
+    def per_example_grad(self, module: nn.Module, name: str, use: Use, cache: Dict) -> Tensor:
+        """Per-example gradients (B, *param.shape) of parameter ``name`` from one use."""
+        raise NotImplementedError
+
+    def clipped_grad(self, module: nn.Module, name: str, use: Use, c: Tensor, cache: Dict) -> Tensor:
+        """sum_i c_i * grad_i of parameter ``name`` from one use, shaped like the parameter."""
+        raise NotImplementedError
+
+
+_RULES: Dict[type, Rule] = {}
+
+
+def register(*module_types: type):
+    """Class decorator registering a :class:`Rule` subclass for ``module_types`` (and subclasses).
+
+    Raises:
+        ValueError: a type already has a rule.
+        TypeError: a type is not an nn.Module subclass, or the class is not a Rule.
+    """
+    if not module_types:
+        raise TypeError("register() needs at least one nn.Module type")
+    for t in module_types:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise TypeError(f"register() takes nn.Module subclasses, got {t!r}")
+        if t in _RULES:
+            raise ValueError(f"{t.__name__} already has a rule: {type(_RULES[t]).__name__}")
+
+    def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Rule)):
+            raise TypeError(f"@register decorates Rule subclasses, got {cls!r}")
+        rule = cls()
+        for t in module_types:
+            _RULES[t] = rule
+        return cls
+
+    return deco
+
+
+def rule_for(module: nn.Module) -> Optional[Rule]:
+    """The registered rule for ``module``, looked up along its MRO, or None."""
+    for t in type(module).__mro__:
+        rule = _RULES.get(t)
+        if rule is not None:
+            return rule if rule.supports(module) else None
+    return None
+
+
+def supported_types() -> List[str]:
+    """Names of the module types with a registered native rule."""
+    return sorted(t.__name__ for t in _RULES)
+
+
+from . import linear  # noqa: E402,F401  (registers the built-in rules)

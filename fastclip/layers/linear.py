@@ -1,0 +1,125 @@
+"""nn.Linear and its subclasses: native per-example norms from the layer input A and output
+gradient G, and the clipped sum as one GEMM with a rescaled G (DESIGN.md)."""
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .. import ops
+from . import Entry, Rule, Use, register
+
+
+class _LinearFn(torch.autograd.Function):
+    """y = x W^T + b whose backward records (A, G) and skips the non-private weight-gradient
+    product: W and b get no autograd gradient; the engine writes their clipped sums."""
+
+    @staticmethod
+    def forward(ctx, engine, use, x, weight, bias):
+        ctx.engine, ctx.use = engine, use
+        # Saved through autograd so an in-place change of x before backward is an error,
+        # not a silently wrong norm.
+        ctx.save_for_backward(x, weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight = ctx.saved_tensors
+        use = ctx.use
+        use.inputs = x.detach()
+        use.grads = (g,)
+        ctx.engine.record(use)
+        gx = g.matmul(weight) if ctx.needs_input_grad[2] else None
+        return None, None, gx, None, None
+
+
+class _Capture(TorchFunctionMode):
+    """Active only during one Linear's forward: routes its F.linear call to _LinearFn."""
+
+    def __init__(self, engine, module):
+        super().__init__()
+        self.engine, self.module = engine, module
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x = args[0] if args else kwargs["input"]
+            w = args[1] if len(args) > 1 else kwargs.get("weight")
+            b = args[2] if len(args) > 2 else kwargs.get("bias")
+            if w is self.module.weight:
+                if x.dim() < 2:
+                    raise ValueError(
+                        f"{type(self.module).__name__} got a {x.dim()}-D input {tuple(x.shape)}; "
+                        "per-example gradients need the batch dimension first")
+                return _LinearFn.apply(self.engine, Use(self.module), x, w, b)
+        return func(*args, **kwargs)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """(B, *, n) -> (B, T, n); T spelled out so B = 0 reshapes too."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
+
+
+@register(nn.Linear)
+class LinearRule(Rule):
+    def supports(self, module):
+        # A subclass with its own forward may compute something else: the generic rule covers it.
+        return type(module).forward is nn.Linear.forward
+
+    def pre_forward(self, engine, module, args, kwargs):
+        mode = _Capture(engine, module)
+        mode.__enter__()
+        return mode
+
+    def post_forward(self, engine, module, state, args, kwargs, output):
+        state.__exit__(None, None, None)
+        return None
+
+    @staticmethod
+    def _stack(entries: Sequence[Entry]):
+        # A weight used k times has one per-example gradient, the sum over uses: stacking the
+        # uses along T before the norm makes it exact (DESIGN.md).
+        As = [_flat(u.inputs) for _, _, u in entries]
+        Gs = [_flat(u.grads[0]) for _, _, u in entries]
+        if len(As) == 1:
+            return As[0], Gs[0]
+        return torch.cat(As, 1), torch.cat(Gs, 1)
+
+    def sq_norms(self, entries, method, cache):
+        name = entries[0][1]
+        key = ("linear-bias", tuple(id(u) for _, _, u in entries))
+        if name == "bias" and key in cache:
+            return cache.pop(key)
+        A, G = self._stack(entries)
+        if name == "weight":
+            # The bias of the same uses comes out of the same pass over G.
+            with_bias = all(m.bias is not None and m.bias.requires_grad for m, _, _ in entries) and \
+                len({id(m.bias) for m, _, _ in entries}) == 1
+            w, b = ops.linear_sq_norms(A, G, method=method, bias=with_bias)
+            if with_bias:
+                cache[key] = b
+            return w
+        return G.sum(1).square().sum(-1)
+
+    def per_example_grad(self, module, name, use, cache):
+        G = _flat(use.grads[0])
+        if name == "weight":
+            return torch.einsum("btp,btd->bpd", G, _flat(use.inputs))
+        return G.sum(1)
+
+    def clipped_grad(self, module, name, use, c, cache):
+        G = _flat(use.grads[0])
+        B, T, p = G.shape
+        c = c.to(G.dtype)
+        if name == "weight":
+            A = _flat(use.inputs)
+            d = A.shape[-1]
+            # G^T diag(c) A: rescale whichever factor is smaller, then one GEMM.
+            if p <= d:
+                return (G * c.view(B, 1, 1)).reshape(B * T, p).t().mm(A.reshape(B * T, d))
+            return G.reshape(B * T, p).t().mm((A * c.view(B, 1, 1)).reshape(B * T, d))
+        return c.matmul(G.sum(1))
