@@ -1,65 +1,148 @@
 """Numerical ops of fastclip: the only importer of the native core ``fastclip._C``.
 
-Every op takes and returns torch tensors. CPU tensors go to the C++ core; tensors on any other
-device run the same algorithm in plain torch ops (``*_torch``), so the package works on a GPU.
+Every op takes and returns torch tensors. CPU float32/float64 tensors go to the C++ core (zero-copy
+numpy views of the tensors' memory); tensors on any other device, or of another floating dtype,
+run the same algorithm in plain torch ops (``*_torch``), so the package works on a GPU.
 """
 from __future__ import annotations
 
+import glob
+import os
+
 import torch
 from torch import Tensor
+
+try:
+    from . import _C
+except ImportError:  # a source checkout that was never built: every op runs in plain torch
+    _C = None
+
+_NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _load_blas() -> bool:
+    """Points the core at the OpenBLAS of the scipy-openblas32 wheel, once, at import.
+
+    Without it the core uses its own loops, which give the same results.
+    """
+    if _C is None:
+        return False
+    try:
+        import scipy_openblas32
+    except ImportError:
+        return False
+    lib_dir = scipy_openblas32.get_lib_dir()
+    for path in sorted(glob.glob(os.path.join(lib_dir, f"lib{scipy_openblas32.get_library()}.*"))):
+        if _C.set_blas_library(path):
+            return True
+    return False
+
+
+HAS_NATIVE = _C is not None
+HAS_BLAS = _load_blas()
+
+
+def blas_info() -> str:
+    """Which BLAS the native core uses (or why there is none)."""
+    return _C.blas_info() if _C is not None else "native core not built: plain torch ops"
 
 
 def choose_linear_method(T: int, d: int, p: int) -> str:
     """Cheapest exact method for one example's linear weight-gradient norm.
 
-    Returns "product" for T == 1, else "ghost" (cost ~ T^2 (d + p)) or "direct" (cost ~ 2 T d p).
+    Returns "product" for T <= 1, else "ghost" (cost ~ T^2 (d + p)) or "direct" (cost ~ 2 T d p).
+    The native core and the torch ops use this same choice.
     """
+    if _C is not None:
+        return _C.choose_linear_method(T, d, p)
     if T <= 1:
         return "product"
-    return "ghost" if T * (d + p) < 2 * d * p else "direct"
+    return "ghost" if T * T * (d + p + 2) < (2 * T + 2) * d * p else "direct"
 
 
-def _as_3d(x: Tensor) -> Tensor:
-    if x.dim() == 2:
-        return x.unsqueeze(1)
-    if x.dim() == 3:
-        return x
-    raise ValueError(f"expected a 2-D or 3-D tensor, got {x.dim()}-D with shape {tuple(x.shape)}")
+def _check_linear(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
+    """Validates a linear layer's (A, G) pair and flattens it to (B, T, d) / (B, T, p) views."""
+    for name, x in (("activations", A), ("gradients", G)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+        if x.dim() < 2:
+            raise ValueError(f"{name} must be (B, d) or (B, *, d), got {x.dim()}-D "
+                             f"with shape {tuple(x.shape)}")
+    if A.dtype != G.dtype:
+        raise TypeError(f"activations and gradients dtypes differ: {A.dtype} vs {G.dtype}")
+    if A.device != G.device:
+        raise ValueError(f"activations and gradients devices differ: {A.device} vs {G.device}")
+    if A.shape[0] != G.shape[0]:
+        raise ValueError(f"batch sizes differ: {A.shape[0]} vs {G.shape[0]}")
+    # (B, *, d) -> (B, T, d): the middle dims are all positions; reshape stays a view when it can.
+    A3 = A.reshape(A.shape[0], -1, A.shape[-1]) if A.dim() != 2 else A.unsqueeze(1)
+    G3 = G.reshape(G.shape[0], -1, G.shape[-1]) if G.dim() != 2 else G.unsqueeze(1)
+    if A3.shape[1] != G3.shape[1]:
+        raise ValueError(f"positions differ: activations {tuple(A.shape)} has T = {A3.shape[1]}, "
+                         f"gradients {tuple(G.shape)} has T = {G3.shape[1]}")
+    return A3, G3
 
 
 def linear_sq_norms_torch(A: Tensor, G: Tensor, method: str = "auto", bias: bool = False):
     """Plain-torch per-example squared gradient norms of a linear layer (the same algorithm as the core).
 
     Args:
-        A: layer inputs, (B, d) or (B, T, d).
-        G: gradients at the layer output, (B, p) or (B, T, p).
-        method: "auto", "ghost" or "direct".
+        A: layer inputs, (B, d) or (B, *, d) (all middle dims are positions T).
+        G: gradients at the layer output, (B, p) or (B, *, p).
+        method: "auto", "product" (T == 1 only), "ghost" or "direct".
         bias: also return the bias norms ||sum_t g_t||^2.
 
     Returns:
-        (weight_sq (B,), bias_sq (B,) or None)
+        (weight_sq (B,), bias_sq (B,) or None), in the dtype of the inputs.
     """
-    A3, G3 = _as_3d(A), _as_3d(G)
+    A3, G3 = _check_linear(A, G)
     T, d, p = A3.shape[1], A3.shape[2], G3.shape[2]
+    if method not in ("auto", "product", "ghost", "direct"):
+        raise ValueError(f"method must be 'auto', 'product', 'ghost' or 'direct', got {method!r}")
+    if method == "product" and T > 1:
+        raise ValueError(f"method 'product' needs T == 1, got T = {T}")
     if method == "auto":
         method = choose_linear_method(T, d, p)
-    if T == 1 or method == "product":
-        if T != 1:
-            raise ValueError(f"method 'product' needs T == 1, got T = {T}")
-        w = A3[:, 0].square().sum(-1) * G3[:, 0].square().sum(-1)
+    A3, G3 = A3.detach(), G3.detach()
+    if T <= 1:
+        w = A3.square().sum((1, 2)) * G3.square().sum((1, 2))
     elif method == "ghost":
         w = (torch.bmm(A3, A3.transpose(1, 2)) * torch.bmm(G3, G3.transpose(1, 2))).sum((1, 2))
-    elif method == "direct":
-        w = torch.bmm(G3.transpose(1, 2), A3).square().sum((1, 2))
     else:
-        raise ValueError(f"method must be 'auto', 'ghost' or 'direct', got {method!r}")
+        w = torch.bmm(G3.transpose(1, 2), A3).square().sum((1, 2))
     b = G3.sum(1).square().sum(-1) if bias else None
     return w, b
+
+
+def _numpy_view(x: Tensor):
+    # The core reads the tensor's memory in place; it needs a contiguous last dim (one BLAS leading
+    # dimension per example). A transposed last dim is the one case copied, deliberately, here.
+    x = x.detach().resolve_conj().resolve_neg()
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.numpy()
 
 
 def linear_sq_norms(A: Tensor, G: Tensor, method: str = "auto", bias: bool = False):
     """Per-example squared gradient norms of a linear layer's weight (and bias).
 
-    Same arguments and result as :func:`linear_sq_norms_torch`; CPU tensors run in the C++ core.
+    Same arguments and result as :func:`linear_sq_norms_torch`; CPU float32/float64 tensors run in
+    the C++ core on ``torch.get_num_threads()`` threads.
+
+    Args:
+        A: layer inputs, (B, d) or (B, *, d).
+        G: gradients at the layer output, (B, p) or (B, *, p).
+        method: "auto", "product" (T == 1 only), "ghost" or "direct".
+        bias: also return the bias norms ||sum_t g_t||^2.
+
+    Returns:
+        (weight_sq (B,), bias_sq (B,) or None), in the dtype of the inputs.
     """
-    return linear_sq_norms_torch(A, G, method, bias)
+    A3, G3 = _check_linear(A, G)
+    if _C is None or A3.device.type != "cpu" or A3.dtype not in _NATIVE_DTYPES:
+        return linear_sq_norms_torch(A3, G3, method, bias)
+    w, b = _C.linear_sq_norms(_numpy_view(A3), _numpy_view(G3), method, bool(bias),
+                              torch.get_num_threads())
+    return torch.from_numpy(w), (torch.from_numpy(b) if b is not None else None)
