@@ -418,3 +418,23 @@ def test_optimizer_wrapper_behaves_like_an_optimizer():
     with pytest.raises(ValueError, match="noise_multiplier"):
         fastclip.make_private(mlp(2, 2, 2), torch.optim.SGD(mlp(2, 2, 2).parameters(), lr=1), None,
                               noise_multiplier=-1.0, max_grad_norm=1.0)
+
+
+try:
+    from hypothesis import given, settings, strategies as st
+except ImportError:  # hypothesis is in the test extra; the parametrised tests above still run
+    given = None
+
+if given is not None:
+    @settings(max_examples=25, deadline=None)
+    @given(B=st.integers(0, 6), T=st.integers(1, 9), d=st.integers(1, 12), h=st.integers(1, 12),
+           k=st.integers(1, 5), bias=st.booleans(), mode=st.sampled_from(MODES),
+           seq=st.booleans())
+    def test_random_shapes(B, T, d, h, k, bias, mode, seq):
+        m = SeqModel(d, h, k, bias).double() if seq else mlp(d, h, k, bias, torch.float64)
+        x = torch.randn((B, T, d) if seq else (B, d), dtype=torch.float64)
+        y = torch.randint(0, k, (B,))
+        got = fastclip.per_sample_grad_norms(m, CE, x, y, mode=mode)
+        assert got.shape == (B,)
+        if B:
+            assert_close(got, R.norms(m, CE, x, y), torch.float64)
