@@ -3,8 +3,9 @@
 Run as ``python -m fastclip bench`` (or ``python bench/e2e.py``). Every workload is measured with
 the same model initialisation and the same batches for every method; each private run gets its
 own deep copy of the initial model and a fresh ``SGD(lr=0.1)``. A step is
-``zero_grad, forward, loss, backward, optimizer.step``; we run ``--warmup`` steps, then report the
-median of ``--steps`` timed steps. Ratios are ``method ms / non-private ms`` from the same run.
+``zero_grad, forward, loss, backward, optimizer.step``; we run ``--warmup`` steps per method, then
+time ``--steps`` steps of every method round-robin (one step of each in turn, so load changes on
+the machine hit all methods alike; ``--sequential`` times them in blocks) and report medians. Ratios are ``method ms / non-private ms`` from the same run.
 
 Opacus is optional (``pip install ".[bench]"``); without it its columns read "not installed".
 
@@ -190,20 +191,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step: StepFn, batches, warmup: int, steps: int, device: torch.device) -> List[float]:
-    """Run ``warmup`` untimed steps, then ``steps`` timed ones; returns step times in ms."""
-    n = len(batches)
-    for i in range(warmup):
-        step(*batches[i % n])
+def _time_one(step: StepFn, x: Tensor, y: Tensor, device: torch.device) -> float:
+    """Wall time of one step in ms (synchronising the device, so queued GPU work is counted)."""
+    t0 = time.perf_counter()
+    step(x, y)
     _sync(device)
-    times = []
-    for i in range(steps):
-        x, y = batches[(warmup + i) % n]
-        t0 = time.perf_counter()
-        step(x, y)
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return (time.perf_counter() - t0) * 1e3
 
 
 @contextlib.contextmanager
@@ -267,7 +260,8 @@ class Result:
 
 
 def run_workload(name: str, batch_size: Optional[int], warmup: int, steps: int,
-                 device: torch.device, seed: int = 0, memory: bool = True) -> List[Result]:
+                 device: torch.device, seed: int = 0, memory: bool = True,
+                 interleave: bool = True) -> List[Result]:
     builder, default_bs = WORKLOADS[name]
     bs = batch_size or default_bs
     gen = torch.Generator().manual_seed(seed)
@@ -279,21 +273,49 @@ def run_workload(name: str, batch_size: Optional[int], warmup: int, steps: int,
     wl.loss_fn = wl.loss_fn.to(device)
 
     results: List[Result] = []
+    steppers: Dict[str, StepFn] = {}
     for m in METHODS:
         r = Result(name, m.name, bs)
+        results.append(r)
         try:
             model = copy.deepcopy(init)  # same initial weights for every method
             torch.manual_seed(seed)  # same noise stream start for every private method
             step = m.setup(wl, model, bs)
-            r.times_ms = time_steps(step, batches, warmup, steps, device)
-            r.median_ms = statistics.median(r.times_ms)
-            if memory:
-                r.peak_mib = peak_step_memory_mib(step, batches[0], device)
+            for i in range(warmup):
+                step(*batches[i % len(batches)])
+            _sync(device)
+            steppers[m.name] = step
         except NotInstalled as e:
             r.status, r.error = "not installed", str(e)
         except Exception as e:  # report and go on: one broken method must not hide the others
             r.status, r.error = "error", f"{type(e).__name__}: {e}"
-        results.append(r)
+
+    by_name = {r.method: r for r in results}
+    if interleave:
+        # Round-robin, one step of each method in turn, so that a change in machine load
+        # (other processes, thermal state) hits every method alike and the ratios stay honest.
+        for i in range(steps):
+            x, y = batches[(warmup + i) % len(batches)]
+            for name_, step in list(steppers.items()):
+                try:
+                    by_name[name_].times_ms.append(_time_one(step, x, y, device))
+                except Exception as e:
+                    by_name[name_].status, by_name[name_].error = "error", f"{type(e).__name__}: {e}"
+                    del steppers[name_]
+    else:
+        for name_, step in list(steppers.items()):
+            try:
+                for i in range(steps):
+                    x, y = batches[(warmup + i) % len(batches)]
+                    by_name[name_].times_ms.append(_time_one(step, x, y, device))
+            except Exception as e:
+                by_name[name_].status, by_name[name_].error = "error", f"{type(e).__name__}: {e}"
+                del steppers[name_]
+    for name_, step in steppers.items():
+        r = by_name[name_]
+        r.median_ms = statistics.median(r.times_ms)
+        if memory:
+            r.peak_mib = peak_step_memory_mib(step, batches[0], device)
     base = results[0].median_ms
     for r in results:
         if r.median_ms is not None and base:
@@ -374,6 +396,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="override every workload's batch size")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sequential", action="store_true",
+                   help="time each method's steps in one block instead of round-robin across methods")
     p.add_argument("--no-memory", action="store_true", help="skip the per-step peak memory measurement")
     p.add_argument("--json", metavar="OUT.json", default=None, help="also write all results as JSON")
     return p
@@ -392,11 +416,13 @@ def run(args: argparse.Namespace) -> int:
     memory = not args.no_memory
     env = environment()
     print(f"fastclip e2e benchmark: torch {env['torch']}, opacus {env['opacus'] or 'not installed'}, "
-          f"device {device}, threads {env['threads']}, warm-up {args.warmup}, median of {args.steps} steps")
+          f"device {device}, threads {env['threads']}, warm-up {args.warmup}, median of {args.steps} steps"
+          f" ({'sequential' if args.sequential else 'round-robin across methods'})")
     results: List[Result] = []
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks, input x
     for n in names:
-        results += run_workload(n, args.batch_size, args.warmup, args.steps, device, args.seed, memory)
+        results += run_workload(n, args.batch_size, args.warmup, args.steps, device, args.seed, memory,
+                                interleave=not args.sequential)
     print(format_table(results, memory))
     print("ratio = method step time / non-private step time, same process, same init, same batches."
           + (" MiB = peak memory allocated during one step above its start." if memory else ""))
