@@ -16,7 +16,10 @@ constexpr int64_t kGhostTile = 256;
 constexpr int64_t kDirectRows = 128;
 constexpr int64_t kDirectCols = 2048;
 // Below this many flops for the whole call, waking the pool costs more than it saves.
-constexpr double kSerialFlops = 2e5;
+constexpr double kSerialFlops = 1e6;
+// OpenBLAS' SYRK is slow on small matrices while its GEMM has a small-matrix path: below this tile
+// size the full GEMM, despite twice the flops, measures faster.
+constexpr int64_t kSyrkMinTile = 128;
 
 // sum_{r,c} X[r,c] Y[r,c] over the upper triangle of two symmetric n x n tiles, with every
 // off-diagonal entry counted twice (it stands for itself and its mirror).
@@ -41,8 +44,13 @@ double ghost_one(const View3<T>& A, const View3<T>& G, int64_t i, T* SA, T* SG) 
   double s = 0.0;
   for (int64_t i0 = 0; i0 < n; i0 += kGhostTile) {
     const int64_t ni = std::min(kGhostTile, n - i0);
-    blas::syrk_upper(ni, d, a + i0 * A.s1, A.s1, SA, kGhostTile);
-    blas::syrk_upper(ni, p, g + i0 * G.s1, G.s1, SG, kGhostTile);
+    if (ni < kSyrkMinTile) {  // full tile; symmetric_dot reads only its upper triangle
+      blas::gemm_nt(ni, ni, d, a + i0 * A.s1, A.s1, a + i0 * A.s1, A.s1, SA, kGhostTile);
+      blas::gemm_nt(ni, ni, p, g + i0 * G.s1, G.s1, g + i0 * G.s1, G.s1, SG, kGhostTile);
+    } else {
+      blas::syrk_upper(ni, d, a + i0 * A.s1, A.s1, SA, kGhostTile);
+      blas::syrk_upper(ni, p, g + i0 * G.s1, G.s1, SG, kGhostTile);
+    }
     s += symmetric_dot(SA, SG, ni, kGhostTile);
     for (int64_t j0 = i0 + kGhostTile; j0 < n; j0 += kGhostTile) {
       const int64_t nj = std::min(kGhostTile, n - j0);
@@ -134,7 +142,7 @@ void linear_sq_norms(const View3<T>& A, const View3<T>& G, LinearMethod method, 
 
   const double per_example = method == LinearMethod::Ghost    ? ghost_flops(n, d, p)
                              : method == LinearMethod::Direct ? direct_flops(n, d, p)
-                                                              : double(d + p);
+                                                              : double(d + p);  // memory-bound
   const int threads = per_example * double(B) < kSerialFlops ? 1 : num_threads;
 
   parallel_for(B, threads, [&](int64_t begin, int64_t end) {

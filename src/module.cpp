@@ -26,8 +26,9 @@ py::array checked_array(const py::object& obj, const std::string& name) {
     throw py::type_error(name + " must be a numpy.ndarray, got " + type_name(obj));
   auto a = py::reinterpret_borrow<py::array>(obj);
   const auto dt = a.dtype();
-  if (dt.kind() != 'f' || (dt.itemsize() != 4 && dt.itemsize() != 8) ||
-      !dt.attr("isnative").cast<bool>())
+  auto& api = py::detail::npy_api::get();
+  if (!api.PyArray_EquivTypes_(dt.ptr(), py::dtype::of<float>().ptr()) &&
+      !api.PyArray_EquivTypes_(dt.ptr(), py::dtype::of<double>().ptr()))
     throw py::type_error(name + " must be float32 or float64 (native byte order), got " +
                          dtype_name(a));
   if (a.ndim() != 2 && a.ndim() != 3)
@@ -48,7 +49,7 @@ py::array checked_array(const py::object& obj, const std::string& name) {
   if (a.shape(last) > 1 && a.strides(last) != item)
     throw py::value_error(name + " must have unit stride on its last dim, got " +
                           std::to_string(a.strides(last) / item) + " elements; make it contiguous");
-  if (!a.attr("flags").attr("aligned").cast<bool>())
+  if (!(py::detail::array_proxy(a.ptr())->flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
     throw py::value_error(name + " data is not aligned to its item size");
   return a;
 }
