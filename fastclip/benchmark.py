@@ -376,7 +376,14 @@ def environment() -> Dict[str, object]:
         fastclip_version = version("fastclip")
     except Exception:
         fastclip_version = None
+    try:
+        from fastclip import ops
+
+        native = ops.blas_info() if getattr(ops, "HAS_NATIVE", False) else "native core not built"
+    except Exception as e:
+        native = f"unavailable ({type(e).__name__})"
     return {
+        "fastclip_native": native,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "opacus": opacus_version,
@@ -417,7 +424,8 @@ def run(args: argparse.Namespace) -> int:
     env = environment()
     print(f"fastclip e2e benchmark: torch {env['torch']}, opacus {env['opacus'] or 'not installed'}, "
           f"device {device}, threads {env['threads']}, warm-up {args.warmup}, median of {args.steps} steps"
-          f" ({'sequential' if args.sequential else 'round-robin across methods'})")
+          f" ({'sequential' if args.sequential else 'round-robin across methods'})\n"
+          f"fastclip core: {env['fastclip_native']}")
     results: List[Result] = []
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks, input x
     for n in names:
