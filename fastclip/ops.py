@@ -7,6 +7,7 @@ run the same algorithm in plain torch ops (``*_torch``), so the package works on
 from __future__ import annotations
 
 import glob
+import math
 import os
 
 import torch
@@ -77,8 +78,8 @@ def _check_linear(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
     if A.shape[0] != G.shape[0]:
         raise ValueError(f"batch sizes differ: {A.shape[0]} vs {G.shape[0]}")
     # (B, *, d) -> (B, T, d): the middle dims are all positions; reshape stays a view when it can.
-    A3 = A.reshape(A.shape[0], -1, A.shape[-1]) if A.dim() != 2 else A.unsqueeze(1)
-    G3 = G.reshape(G.shape[0], -1, G.shape[-1]) if G.dim() != 2 else G.unsqueeze(1)
+    A3 = A.reshape(A.shape[0], math.prod(A.shape[1:-1]), A.shape[-1])
+    G3 = G.reshape(G.shape[0], math.prod(G.shape[1:-1]), G.shape[-1])
     if A3.shape[1] != G3.shape[1]:
         raise ValueError(f"positions differ: activations {tuple(A.shape)} has T = {A3.shape[1]}, "
                          f"gradients {tuple(G.shape)} has T = {G3.shape[1]}")

@@ -33,6 +33,7 @@ py::array checked_array(const py::object& obj, const std::string& name) {
                          dtype_name(a));
   if (a.ndim() != 2 && a.ndim() != 3)
     throw py::value_error(name + " must be 2-D or 3-D, got " + std::to_string(a.ndim()) + "-D");
+  if (a.size() == 0) return a;  // nothing is read, so strides and alignment do not matter
   const auto item = static_cast<py::ssize_t>(dt.itemsize());
   for (py::ssize_t k = 0; k < a.ndim(); ++k) {
     const auto s = a.strides(k);
