@@ -263,7 +263,7 @@ def run_workload(name: str, batch_size: Optional[int], warmup: int, steps: int,
                  device: torch.device, seed: int = 0, memory: bool = True,
                  interleave: bool = True) -> List[Result]:
     builder, default_bs = WORKLOADS[name]
-    bs = batch_size or default_bs
+    bs = default_bs if batch_size is None else batch_size
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     wl = builder(bs, gen)
@@ -415,6 +415,9 @@ def run(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
         print(f"unknown workload(s) {unknown}; available: {list(WORKLOADS)}", file=sys.stderr)
+        return 2
+    if args.batch_size is not None and args.batch_size < 1:
+        print(f"--batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
     if args.steps < 1 or args.warmup < 0:
         print(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}", file=sys.stderr)
