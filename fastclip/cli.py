@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import sys
 import time
@@ -112,6 +113,13 @@ def demo(args: argparse.Namespace) -> int:
     print(f"fastclip demo: MLP 784-512-512-10, {args.train_size} synthetic examples "
           f"(labels from a random teacher net), batch {args.batch_size}, SGD lr {args.lr}, "
           f"torch threads {torch.get_num_threads()}")
+    try:
+        from fastclip import ops
+
+        core = ops.blas_info() if getattr(ops, "HAS_NATIVE", False) else "native core not built: plain torch ops"
+    except Exception as e:  # informative only
+        core = f"unknown ({type(e).__name__})"
+    print(f"fastclip {getattr(fastclip, '__version__', '?')} from {os.path.dirname(fastclip.__file__)}; core: {core}")
     print(f"DP-SGD: noise multiplier {args.noise_multiplier}, max grad norm {args.max_grad_norm}, "
           f"Poisson sampling; step times are medians over the epoch, the two runs' steps alternating")
     print(f"{'epoch':>5} | {'non-private loss':>16} {'ms/step':>8} | {'DP loss':>8} {'ms/step':>8} | {'DP/non-private':>14}")
