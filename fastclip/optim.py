@@ -10,6 +10,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
+from . import accounting
 from .data import poisson_loader
 from .engine import Engine, check_clipping
 
@@ -29,11 +30,12 @@ class DPOptimizer(Optimizer):
         expected_batch_size: the divisor for "mean" (Poisson sampling); None uses the number of
             examples actually seen since the last step.
         generator: torch.Generator for the noise (reproducible runs); None uses torch's default.
+        sample_rate: the Poisson sampling rate q, for :meth:`epsilon`.
     """
 
     def __init__(self, optimizer: Optimizer, engine: Engine, noise_multiplier: float,
                  expected_batch_size: Optional[float] = None,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, sample_rate: Optional[float] = None):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         noise_multiplier = float(noise_multiplier)
@@ -44,6 +46,7 @@ class DPOptimizer(Optimizer):
         self.noise_multiplier = noise_multiplier
         self.expected_batch_size = expected_batch_size
         self.generator = generator
+        self.sample_rate = sample_rate
         self.steps = 0
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -134,10 +137,17 @@ class DPOptimizer(Optimizer):
     def load_state_dict(self, state_dict):
         self.original_optimizer.load_state_dict(state_dict)
 
-    def epsilon(self, delta: float) -> float:
-        raise NotImplementedError(
-            "privacy accounting (optimizer.epsilon) is not available in this version; "
-            "it arrives with fastclip.accounting")
+    def epsilon(self, delta: float, accountant: str = "rdp") -> float:
+        """Epsilon spent by the steps taken so far, at ``delta`` (Poisson sampling assumed).
+
+        Raises:
+            ValueError: no sample rate is known (make_private was given no loader, or
+                poisson_sampling=False).
+        """
+        if self.sample_rate is None:
+            raise ValueError("epsilon needs the Poisson sampling rate: pass the DataLoader to "
+                             "make_private with poisson_sampling=True")
+        return accounting.epsilon(self.noise_multiplier, self.sample_rate, self.steps, delta, accountant)
 
 
 def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLoader], *,
@@ -172,13 +182,13 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
     check_clipping(clipping)
     engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction)
     try:
-        expected = None
-        if loader is not None:
-            if poisson_sampling:
-                loader = poisson_loader(loader)
-                if loss_reduction == "mean":
-                    expected = len(loader.dataset) * loader.batch_sampler.sample_rate
-        dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier, expected, generator)
+        expected = q = None
+        if loader is not None and poisson_sampling:
+            loader = poisson_loader(loader)
+            q = loader.batch_sampler.sample_rate
+            if loss_reduction == "mean":
+                expected = len(loader.dataset) * q
+        dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier, expected, generator, q)
     except Exception:
         engine.detach()
         raise

@@ -438,3 +438,26 @@ if given is not None:
         assert got.shape == (B,)
         if B:
             assert_close(got, R.norms(m, CE, x, y), torch.float64)
+
+
+def test_epsilon_follows_steps_and_matches_dp_accounting():
+    import dp_accounting
+    from dp_accounting import rdp
+    from torch.utils.data import DataLoader, TensorDataset
+    ds = TensorDataset(torch.randn(50, 3), torch.randint(0, 2, (50,)))
+    m = mlp(3, 4, 2)
+    m, opt, loader = fastclip.make_private(m, torch.optim.SGD(m.parameters(), lr=0.1),
+                                           DataLoader(ds, batch_size=5), noise_multiplier=1.1,
+                                           max_grad_norm=1.0)
+    assert opt.epsilon(1e-5) == 0.0
+    for x, y in loader:
+        _step(m, opt, x, y, "mean")
+    acc = rdp.RdpAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.1, dp_accounting.GaussianDpEvent(1.1)), 10))
+    assert opt.epsilon(1e-5) == pytest.approx(acc.get_epsilon(1e-5))
+    m2 = mlp(3, 4, 2)
+    _, opt2, _ = fastclip.make_private(m2, torch.optim.SGD(m2.parameters(), lr=0.1), None,
+                                       noise_multiplier=1.1, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="sampling rate"):
+        opt2.epsilon(1e-5)
