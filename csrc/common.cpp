@@ -25,7 +25,10 @@ struct Pool {
   int n_workers = 0;
   uint64_t generation = 0;  // bumped once per job; a worker runs a job iff its index < wanted
   int wanted = 0;
-  int running = 0;          // workers of the current job that have not finished
+  // A job is open until the caller has run out of chunks; only workers that joined while it was
+  // open (active) are waited for, so a worker the OS has not scheduled yet never delays the caller.
+  bool open = false;
+  int active = 0;
   const Fn* fn = nullptr;
   int64_t n = 0, chunk = 1;
   std::atomic<int64_t> next{0};
@@ -70,15 +73,50 @@ void worker_loop(Pool* p, int index, uint64_t seen) {
   for (;;) {
     p->wake.wait(lk, [&] { return p->generation != seen; });
     seen = p->generation;
-    if (index >= p->wanted) continue;
+    if (index >= p->wanted || !p->open) continue;
+    ++p->active;
     lk.unlock();
     run_chunks(p);
     lk.lock();
-    if (--p->running == 0) p->done.notify_all();
+    if (--p->active == 0) p->done.notify_all();
   }
 }
 
+// The 8 independent lanes let the compiler vectorise without -ffast-math (no reassociation).
+template <class T>
+inline double dot_impl(const T* x, const T* y, int64_t n) {
+  constexpr int64_t kRun = 512;
+  double total = 0.0;
+  for (int64_t i0 = 0; i0 < n; i0 += kRun) {
+    const int64_t m = std::min(n - i0, kRun);
+    const T* a = x + i0;
+    const T* b = y + i0;
+    T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = 0;
+    for (; i + 8 <= m; i += 8)
+      for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
+    double run = 0.0;
+    for (; i < m; ++i) run += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+    for (int k = 0; k < 8; ++k) run += static_cast<double>(acc[k]);
+    total += run;
+  }
+  return total;
+}
+
 }  // namespace
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define FASTCLIP_MULTIVERSION __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define FASTCLIP_MULTIVERSION
+#endif
+
+FASTCLIP_MULTIVERSION double dot(const float* x, const float* y, int64_t n) {
+  return dot_impl(x, y, n);
+}
+FASTCLIP_MULTIVERSION double dot(const double* x, const double* y, int64_t n) {
+  return dot_impl(x, y, n);
+}
 
 void parallel_for(int64_t n_items, int num_threads, const Fn& fn) {
   (void)g_atfork_registered;
@@ -112,7 +150,7 @@ void parallel_for(int64_t n_items, int num_threads, const Fn& fn) {
     p->chunk = std::max<int64_t>(1, (n_items + 4 * threads - 1) / (4 * threads));
     p->next.store(0);
     p->wanted = threads - 1;
-    p->running = threads - 1;
+    p->open = true;
     p->error = nullptr;
     ++p->generation;
   }
@@ -121,7 +159,8 @@ void parallel_for(int64_t n_items, int num_threads, const Fn& fn) {
   std::exception_ptr error;
   {
     std::unique_lock<std::mutex> lk(p->mu);
-    p->done.wait(lk, [&] { return p->running == 0; });
+    p->open = false;
+    p->done.wait(lk, [&] { return p->active == 0; });
     error = p->error;
     p->fn = nullptr;
   }

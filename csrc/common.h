@@ -32,28 +32,12 @@ inline void check(bool ok, const std::string& message) {
   if (!ok) throw ArgumentError(message);
 }
 
-// Dot product accumulated in double. Lanes of T are summed over short runs and flushed to double,
-// so float32 inputs keep float32 throughput (the 8 independent lanes let the compiler vectorise
-// without -ffast-math) while the rounding error stays that of a run of <= kRun terms.
-template <class T>
-inline double dot(const T* x, const T* y, int64_t n) {
-  constexpr int64_t kRun = 512;
-  double total = 0.0;
-  for (int64_t i0 = 0; i0 < n; i0 += kRun) {
-    const int64_t m = n - i0 < kRun ? n - i0 : kRun;
-    const T* a = x + i0;
-    const T* b = y + i0;
-    T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t i = 0;
-    for (; i + 8 <= m; i += 8)
-      for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
-    double run = 0.0;
-    for (; i < m; ++i) run += static_cast<double>(a[i]) * static_cast<double>(b[i]);
-    for (int k = 0; k < 8; ++k) run += static_cast<double>(acc[k]);
-    total += run;
-  }
-  return total;
-}
+// Dot product accumulated in double. Lanes of the input type are summed over short runs and
+// flushed to double, so float32 keeps float32 throughput while the rounding error stays that of a
+// run of a few hundred terms. Compiled for several ISAs and picked at load time (the build itself
+// stays portable: no -march=native).
+double dot(const float* x, const float* y, int64_t n);
+double dot(const double* x, const double* y, int64_t n);
 
 template <class T>
 inline double sum_sq(const T* x, int64_t n) { return dot(x, x, n); }

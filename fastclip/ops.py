@@ -61,6 +61,14 @@ def choose_linear_method(T: int, d: int, p: int) -> str:
     return "ghost" if T * T * (d + p + 2) < (2 * T + 2) * d * p else "direct"
 
 
+def _as_3d(x: Tensor) -> Tensor:
+    if x.dim() == 3:
+        return x
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    return x.reshape(x.shape[0], math.prod(x.shape[1:-1]), x.shape[-1])
+
+
 def _check_linear(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
     """Validates a linear layer's (A, G) pair and flattens it to (B, T, d) / (B, T, p) views."""
     for name, x in (("activations", A), ("gradients", G)):
@@ -78,8 +86,7 @@ def _check_linear(A: Tensor, G: Tensor) -> tuple[Tensor, Tensor]:
     if A.shape[0] != G.shape[0]:
         raise ValueError(f"batch sizes differ: {A.shape[0]} vs {G.shape[0]}")
     # (B, *, d) -> (B, T, d): the middle dims are all positions; reshape stays a view when it can.
-    A3 = A.reshape(A.shape[0], math.prod(A.shape[1:-1]), A.shape[-1])
-    G3 = G.reshape(G.shape[0], math.prod(G.shape[1:-1]), G.shape[-1])
+    A3, G3 = _as_3d(A), _as_3d(G)
     if A3.shape[1] != G3.shape[1]:
         raise ValueError(f"positions differ: activations {tuple(A.shape)} has T = {A3.shape[1]}, "
                          f"gradients {tuple(G.shape)} has T = {G3.shape[1]}")
@@ -120,8 +127,10 @@ def linear_sq_norms_torch(A: Tensor, G: Tensor, method: str = "auto", bias: bool
 def _numpy_view(x: Tensor):
     # The core reads the tensor's memory in place; it needs a contiguous last dim (one BLAS leading
     # dimension per example). A transposed last dim is the one case copied, deliberately, here.
-    x = x.detach().resolve_conj().resolve_neg()
-    if x.shape[-1] > 1 and x.stride(-1) != 1:
+    x = x.detach()
+    if x.is_neg():
+        x = x.resolve_neg()
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
         x = x.contiguous()
     return x.numpy()
 

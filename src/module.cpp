@@ -114,7 +114,7 @@ py::tuple linear_sq_norms(const py::object& A_obj, const py::object& G_obj, cons
     throw py::value_error("positions (T) differ: " + std::to_string(A.shape(1)) + " vs " +
                           std::to_string(G.shape(1)));
   // More threads than cores only adds switching; the pool would still cap them at B.
-  const int cap = std::max(1u, std::thread::hardware_concurrency()) * 4;
+  static const int cap = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) * 4;
   num_threads = std::min(num_threads, cap);
   if (A.dtype().itemsize() == 4) return run_linear<float>(A, G, method, bias, num_threads);
   return run_linear<double>(A, G, method, bias, num_threads);
