@@ -135,8 +135,8 @@ def demo(args: argparse.Namespace) -> int:
     try:
         eps = dp_opt.epsilon(delta=args.delta)
         print(f"privacy spent: epsilon = {eps:.2f} at delta = {args.delta:g}")
-    except NotImplementedError as e:  # accounting may not be in this build yet
-        print(f"privacy spent: not reported ({e})")
+    except (NotImplementedError, ImportError) as e:  # accounting or its dependency missing
+        print(f"privacy spent: not reported ({type(e).__name__}: {e})")
     print(f"done in {time.perf_counter() - t_start:.1f} s")
     return 0
 
