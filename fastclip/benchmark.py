@@ -363,6 +363,13 @@ def format_table(results: List[Result], memory: bool) -> str:
     return "\n".join(out)
 
 
+def _loadavg() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def environment() -> Dict[str, object]:
     try:
         import opacus
@@ -390,6 +397,7 @@ def environment() -> Dict[str, object]:
         "fastclip": fastclip_version,
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "loadavg_1min_at_start": _loadavg(),
         "machine": platform.machine(),
         "platform": platform.platform(),
     }
@@ -444,6 +452,10 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results, memory))
     print("ratio = method step time / non-private step time, same process, same init, same batches."
           + (" MiB = peak memory allocated during one step above its start." if memory else ""))
+    load = _loadavg()
+    if load is not None and load > (os.cpu_count() or 1) + 0.5:
+        print(f"warning: 1-minute load average {load:.1f} on {os.cpu_count()} cores: other processes "
+              f"competed for the CPU during this run; timings are noisy", file=sys.stderr)
     errors = [r for r in results if r.status == "error"]
     for r in errors:
         print(f"error: {r.workload} / {r.method}: {r.error}", file=sys.stderr)
