@@ -363,6 +363,31 @@ def format_table(results: List[Result], memory: bool) -> str:
     return "\n".join(out)
 
 
+class _OtherLoad:
+    """CPU time used by *other* processes while we run (Linux: /proc/stat minus our own times)."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read():
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+            busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
+            mine = os.times()
+            return busy / os.sysconf("SC_CLK_TCK"), mine.user + mine.system, time.monotonic()
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+
+    def others_cores(self) -> Optional[float]:
+        end = self._read()
+        if self.start is None or end is None or end[2] <= self.start[2]:
+            return None
+        other = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return max(other, 0.0) / (end[2] - self.start[2])
+
+
 def _loadavg() -> Optional[float]:
     try:
         return os.getloadavg()[0]
@@ -444,6 +469,7 @@ def run(args: argparse.Namespace) -> int:
           f"device {device}, threads {env['threads']}, warm-up {args.warmup}, median of {args.steps} steps"
           f" ({'sequential' if args.sequential else 'round-robin across methods'})\n"
           f"fastclip core: {env['fastclip_native']}")
+    meter = _OtherLoad()
     results: List[Result] = []
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks, input x
     for n in names:
@@ -452,10 +478,12 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results, memory))
     print("ratio = method step time / non-private step time, same process, same init, same batches."
           + (" MiB = peak memory allocated during one step above its start." if memory else ""))
-    load = _loadavg()
-    if load is not None and load > (os.cpu_count() or 1) + 0.5:
-        print(f"warning: 1-minute load average {load:.1f} on {os.cpu_count()} cores: other processes "
-              f"competed for the CPU during this run; timings are noisy", file=sys.stderr)
+    others = meter.others_cores()
+    env["other_processes_cores"] = others
+    if others is not None and others > 0.25:
+        print(f"warning: other processes used {others:.2f} CPU cores on average during this run "
+              f"({os.cpu_count()} cores in all); timings are noisy, run again on a quiet machine",
+              file=sys.stderr)
     errors = [r for r in results if r.status == "error"]
     for r in errors:
         print(f"error: {r.workload} / {r.method}: {r.error}", file=sys.stderr)
