@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .layers import Rule, Use, rule_for
+from .layers import Rule, Use, cross_inner, rule_for
 from .layers.generic import GENERIC, refusal
 
 MODES = ("auto", "ghost", "direct", "nanobatch")
@@ -195,18 +195,22 @@ class Engine:
             for name, p in self._params[u.module]:
                 if p.requires_grad:
                     entries.setdefault(p, []).append((u.module, name, u))
+        if not entries:
+            return
         ref = next(iter(entries))
         cache: Dict = {}
         sq = torch.zeros(B, dtype=torch.float64, device=ref.device)
         for p, ents in entries.items():
-            rules = {id(self._rules[m]) for m, _, _ in ents}
-            if len(rules) == 1:
-                s = self._rules[ents[0][0]].sq_norms(ents, self.mode, cache)
-            else:
-                # A parameter shared by modules of different rules: sum the per-example gradients.
-                g = sum(self._rules[m].per_example_grad(m, n, u, cache) for m, n, u in ents)
-                s = g.flatten(1).square().sum(1)
-            sq += s.to(torch.float64)
+            # ||sum of parts||^2 = sum of each rule's part norms + 2 * cross terms, so a weight
+            # tied across layer types is exact without a per-example copy of every part.
+            by_rule: Dict[int, List] = {}
+            for e in ents:
+                by_rule.setdefault(id(self._rules[e[0]]), []).append(e)
+            groups = [(self._rules[g[0][0]], g) for g in by_rule.values()]
+            for i, (rule, group) in enumerate(groups):
+                sq += rule.sq_norms(group, self.mode, cache).to(torch.float64)
+                for rule_b, group_b in groups[i + 1:]:
+                    sq += 2 * cross_inner(rule, group, rule_b, group_b, self.mode, cache).to(torch.float64)
         scale = float(B) if self.loss_reduction == "mean" else 1.0
         norms = sq.sqrt() * scale
         self.examples += B

@@ -85,6 +85,7 @@ class Rule:
 
 
 _RULES: Dict[type, Rule] = {}
+_CROSS: Dict[Tuple[type, type], Any] = {}
 
 
 def register(*module_types: type):
@@ -111,6 +112,37 @@ def register(*module_types: type):
         return cls
 
     return deco
+
+
+def register_cross(rule_a: type, rule_b: type):
+    """Decorator registering ``fn(entries_a, entries_b, method, cache) -> Tensor (B,)``, the
+    per-example inner product <g_a, g_b> of one parameter's gradient parts from uses under
+    rule_a and rule_b (a weight tied across layer types, e.g. an embedding and an output
+    projection). Without one, the engine forms both parts' per-example gradients and multiplies.
+    """
+    key = (rule_a, rule_b)
+    if key in _CROSS or key[::-1] in _CROSS:
+        raise ValueError(f"a cross rule for {rule_a.__name__} x {rule_b.__name__} exists already")
+
+    def deco(fn):
+        _CROSS[key] = fn
+        return fn
+
+    return deco
+
+
+def cross_inner(rule_a: Rule, entries_a: Sequence[Entry], rule_b: Rule, entries_b: Sequence[Entry],
+                method: str, cache: Dict) -> Tensor:
+    """<g_a, g_b> per example for one parameter used under two rules (see register_cross)."""
+    fn = _CROSS.get((type(rule_a), type(rule_b)))
+    if fn is not None:
+        return fn(entries_a, entries_b, method, cache)
+    fn = _CROSS.get((type(rule_b), type(rule_a)))
+    if fn is not None:
+        return fn(entries_b, entries_a, method, cache)
+    ga = sum(rule_a.per_example_grad(m, n, u, cache) for m, n, u in entries_a)
+    gb = sum(rule_b.per_example_grad(m, n, u, cache) for m, n, u in entries_b)
+    return (ga.flatten(1) * gb.flatten(1)).sum(1)
 
 
 def rule_for(module: nn.Module) -> Optional[Rule]:
