@@ -16,7 +16,7 @@ constexpr int64_t kGhostTile = 256;
 constexpr int64_t kDirectRows = 128;
 constexpr int64_t kDirectCols = 2048;
 // Below this many flops for the whole call, waking the pool costs more than it saves.
-constexpr double kSerialFlops = 1e6;
+constexpr double kSerialFlops = 4e6;
 // OpenBLAS' SYRK is slow on small matrices while its GEMM has a small-matrix path: below this tile
 // size the full GEMM, despite twice the flops, measures faster.
 constexpr int64_t kSyrkMinTile = 128;
