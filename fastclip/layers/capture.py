@@ -1,0 +1,92 @@
+"""Capture of a module's functional call: the base of the native rules.
+
+While one module of a rule runs its forward, a TorchFunctionMode routes the module's call of
+one of the rule's torch functions (``F.conv2d``, ``F.layer_norm``, ...) whose weight is the
+module's own parameter to ``_FnCapture``. Its forward runs the function on detached parameters
+inside a private sub-graph, so the backward computes the input gradient only (the non-private
+parameter-gradient product is skipped) and records the input A and the output gradient G.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from . import Rule, Use
+
+
+class _FnCapture(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, engine, use, call, x, *params):
+        with torch.enable_grad():
+            xs = x.detach().requires_grad_(x.requires_grad)
+            out = call(xs, *[p.detach() if p is not None else None for p in params])
+        ctx.engine, ctx.use, ctx.sub = engine, use, (xs, out)
+        # Saved through autograd so an in-place change of x before backward is an error.
+        ctx.save_for_backward(x)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        xs, out = ctx.sub
+        use = ctx.use
+        use.inputs = x.detach()
+        use.grads = (g,)
+        ctx.engine.record(use)
+        gx = None
+        if ctx.needs_input_grad[3]:
+            (gx,) = torch.autograd.grad(out, xs, g)
+        ctx.sub = None
+        return (None, None, None, gx) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, engine, module, rule):
+        super().__init__()
+        self.engine, self.module, self.rule = engine, module, rule
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        parse = self.rule.functions.get(func)
+        if parse is not None:
+            bound = parse(*args, **kwargs)
+            if bound.get("weight") is self.module.weight:
+                return self.rule.capture_call(self.engine, self.module, func, bound)
+        return func(*args, **kwargs)
+
+
+class FunctionalRule(Rule):
+    """A rule whose module computes one torch function of (input, weight, bias, options).
+
+    Subclasses set ``functions``: {torch function: parser}, where a parser has the function's
+    signature and returns its arguments as a dict (``input``, ``weight``, ``bias``, options).
+    The use's ``extra`` holds that dict without the tensors, for the finalize methods.
+    """
+
+    functions: Dict[Callable, Callable[..., Dict[str, Any]]] = {}
+
+    def pre_forward(self, engine, module, args, kwargs):
+        mode = _Mode(engine, module, self)
+        mode.__enter__()
+        return mode
+
+    def post_forward(self, engine, module, state, args, kwargs, output):
+        state.__exit__(None, None, None)
+        return None
+
+    def capture_call(self, engine, module, func, bound: Dict[str, Any]) -> Tensor:
+        x, w, b = bound["input"], bound["weight"], bound.get("bias")
+        opts = {k: v for k, v in bound.items() if k not in ("input", "weight", "bias")}
+        opts["func"] = func
+        use = Use(module, extra=opts)
+
+        def call(xs, ws, bs):
+            new = {"input": xs, "weight": ws}
+            if "bias" in bound:
+                new["bias"] = bs
+            return func(**{**bound, **new})
+
+        return _FnCapture.apply(engine, use, call, x, w, b)
