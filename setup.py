@@ -3,6 +3,7 @@
 Metadata lives in pyproject.toml. Each native module is a CMake target built by ``CMakeBuild``;
 other extension kinds (e.g. Cython, added later) go through setuptools' own build_ext unchanged.
 """
+import hashlib
 import os
 import shutil
 import subprocess
@@ -31,7 +32,10 @@ class CMakeBuild(build_ext):
         # get_ext_fullpath points into the source tree for editable/inplace builds and into the
         # build dir otherwise, so CMake writes the module exactly where setuptools expects it.
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
-        build_temp = Path(self.build_temp).resolve() / ext.name
+        # One CMake tree per interpreter: a cache configured from another environment (e.g. pip's
+        # deleted isolated build env, whose ninja it remembers) must never be reused.
+        env_key = hashlib.sha1(sys.executable.encode()).hexdigest()[:10]
+        build_temp = Path(self.build_temp).resolve() / f"{ext.name}-{env_key}"
         build_temp.mkdir(parents=True, exist_ok=True)
         target = ext.name.rsplit(".", 1)[-1]
         args = [
@@ -40,8 +44,9 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
         ]
-        if shutil.which("ninja"):
-            args += ["-G", "Ninja"]
+        ninja = shutil.which("ninja")
+        if ninja:
+            args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         jobs = str(os.cpu_count() or 1)
         subprocess.run(["cmake", str(ROOT), *args], cwd=build_temp, check=True)
         subprocess.run(["cmake", "--build", ".", "--target", target, "-j", jobs], cwd=build_temp,
