@@ -156,3 +156,39 @@ def linear_sq_norms(A: Tensor, G: Tensor, method: str = "auto", bias: bool = Fal
     w, b = _C.linear_sq_norms(_numpy_view(A3), _numpy_view(G3), method, bool(bias),
                               torch.get_num_threads())
     return torch.from_numpy(w), (torch.from_numpy(b) if b is not None else None)
+
+
+def add_gaussian_noise_(x: Tensor, std: float, scale: float = 1.0, seed: int = 0) -> Tensor:
+    """In place: ``x = (x + std * z) * scale`` with ``z ~ N(0, I)``, one fused pass.
+
+    CPU float32/float64 contiguous tensors use the core's counter-based (Philox4x32-10) stream:
+    the values depend only on ``seed`` and the position, not on the thread count. Other tensors
+    draw from a torch generator seeded with ``seed``.
+
+    Args:
+        x: the tensor to perturb (e.g. a clipped gradient sum), any shape.
+        std: noise standard deviation >= 0.
+        scale: multiplier applied after the noise (e.g. 1 / batch size).
+        seed: 64-bit seed of the noise stream.
+
+    Returns:
+        x
+    """
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got "
+                        f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+    std, scale = float(std), float(scale)
+    if not (std >= 0 and math.isfinite(std)) or not math.isfinite(scale):
+        raise ValueError(f"std must be finite and >= 0 and scale finite, got std={std}, scale={scale}")
+    seed = int(seed) % (1 << 64)
+    if (_C is not None and x.device.type == "cpu" and x.dtype in _NATIVE_DTYPES
+            and x.is_contiguous() and not x.requires_grad):
+        _C.add_gaussian_noise(x.numpy(), std, scale, seed, torch.get_num_threads())
+        return x
+    with torch.no_grad():
+        if std > 0:
+            gen = torch.Generator(device=x.device).manual_seed(seed % (1 << 63))
+            x.add_(torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype), alpha=std)
+        if scale != 1.0:
+            x.mul_(scale)
+    return x

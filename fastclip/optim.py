@@ -10,7 +10,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from . import accounting
+from . import accounting, ops
 from .data import poisson_loader
 from .engine import Engine, check_clipping
 
@@ -102,6 +102,9 @@ class DPOptimizer(Optimizer):
                 else max(self.engine.examples, 1)
         else:
             denom = 1.0
+        # One seed per step from the user's generator (reproducible runs); one stream per tensor.
+        base = int(torch.randint(0, 1 << 62, (1,), generator=self.generator).item()) if std > 0 else 0
+        k = 0
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
@@ -111,13 +114,8 @@ class DPOptimizer(Optimizer):
                         continue
                     # An example-free step still releases noise for every parameter.
                     p.grad = torch.zeros_like(p)
-                if std > 0:
-                    noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype,
-                                        device=self.generator.device if self.generator is not None
-                                        else p.device).to(p.device)
-                    p.grad.add_(noise, alpha=std)
-                if denom != 1.0:
-                    p.grad.div_(denom)
+                k += 1
+                ops.add_gaussian_noise_(p.grad, std, 1.0 / denom, base + k * 0x9E3779B97F4A7C15)
 
     @torch.no_grad()
     def step(self, closure=None):

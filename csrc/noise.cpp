@@ -1,0 +1,199 @@
+#include "noise.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "common.h"
+
+namespace fastclip {
+namespace {
+
+// Normals are produced in blocks of kBlock: block b uses Philox counters 4 * kBlock... so a chunk
+// boundary at a multiple of kBlock changes nothing in the stream.
+constexpr int64_t kBlock = 64;
+
+// The helpers below are forced inline into the ISA-specific clones of noise_range_f/_d: a call
+// into a separately compiled (baseline-ISA) copy would lose the vectorisation.
+#if defined(__GNUC__)
+#define NOISE_INLINE inline __attribute__((always_inline))
+#else
+#define NOISE_INLINE inline
+#endif
+
+// One Philox4x32-10 evaluation for kBlock / 4 consecutive counters, written as plain loops over
+// lanes so the compiler vectorises them (32 x 32 -> 64-bit products are vpmuludq).
+NOISE_INLINE void philox_block(uint64_t counter0, uint32_t k0, uint32_t k1, uint32_t out[kBlock]) {
+  constexpr int L = kBlock / 4;
+  // 32-bit words held in 64-bit lanes: a 32 x 32 -> 64-bit product per lane is then a plain
+  // 64-bit multiply of values below 2^32, which vectorises (vpmuludq) where a high-half multiply
+  // of 32-bit lanes does not.
+  uint64_t c0[L], c1[L], c2[L], c3[L];
+  for (int l = 0; l < L; ++l) {
+    const uint64_t c = counter0 + static_cast<uint64_t>(l);
+    c0[l] = c & 0xffffffffu;
+    c1[l] = c >> 32;
+    c2[l] = 0x6A09E667u;  // fixed third and fourth counter words: the stream is (seed, position)
+    c3[l] = 0xBB67AE85u;
+  }
+  uint64_t a = k0, b = k1;
+  for (int round = 0; round < 10; ++round) {
+    for (int l = 0; l < L; ++l) {
+      const uint64_t t0 = c0[l] * 0xD2511F53u;
+      const uint64_t t1 = c2[l] * 0xCD9E8D57u;
+      c0[l] = ((t1 >> 32) ^ c1[l] ^ a) & 0xffffffffu;
+      c2[l] = ((t0 >> 32) ^ c3[l] ^ b) & 0xffffffffu;
+      c1[l] = t1 & 0xffffffffu;
+      c3[l] = t0 & 0xffffffffu;
+    }
+    a = (a + 0x9E3779B9u) & 0xffffffffu;
+    b = (b + 0xBB67AE85u) & 0xffffffffu;
+  }
+  for (int l = 0; l < L; ++l) {
+    out[4 * l] = static_cast<uint32_t>(c0[l]);
+    out[4 * l + 1] = static_cast<uint32_t>(c1[l]);
+    out[4 * l + 2] = static_cast<uint32_t>(c2[l]);
+    out[4 * l + 3] = static_cast<uint32_t>(c3[l]);
+  }
+}
+
+// Branch-free float log for u in (0, 1]: u = m 2^e with m in [sqrt(1/2), sqrt(2)), then
+// log(m) by the Cephes logf polynomial (error ~1 ulp). Branch-free so the loop vectorises.
+NOISE_INLINE float log_unit(float u) {
+  int32_t bits;
+  std::memcpy(&bits, &u, 4);
+  int32_t e = ((bits >> 23) & 0xff) - 126;           // u = m' 2^e, m' in [0.5, 1)
+  int32_t mb = (bits & 0x007fffff) | 0x3f000000;
+  float m;
+  std::memcpy(&m, &mb, 4);
+  // Move m' to [sqrt(1/2), sqrt(2)): where m' is small, use 2 m' and e - 1 (arithmetic, not a
+  // branch, so the loop stays vectorisable).
+  const int32_t small = m < 0.70710678f;
+  e -= small;
+  const float x = m * static_cast<float>(1 + small) - 1.0f;
+  const float z = x * x;
+  float y = 7.0376836292e-2f;
+  y = y * x - 1.1514610310e-1f;
+  y = y * x + 1.1676998740e-1f;
+  y = y * x - 1.2420140846e-1f;
+  y = y * x + 1.4249322787e-1f;
+  y = y * x - 1.6668057665e-1f;
+  y = y * x + 2.0000714765e-1f;
+  y = y * x - 2.4999993993e-1f;
+  y = y * x + 3.3333331174e-1f;
+  y = y * x * z;
+  const float fe = static_cast<float>(e);
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  return x + y + 0.693359375f * fe;
+}
+
+// sin and cos of 2 pi v for v in [0, 1): v = q/4 + f with f in [-1/8, 1/8], the polynomials on
+// a = 2 pi f in [-pi/4, pi/4] (Cephes sinf/cosf, error ~1 ulp), then a quarter-turn rotation.
+NOISE_INLINE void sincos_turn(float v, float* s, float* c) {
+  const int32_t qi = static_cast<int32_t>(v * 4.0f + 0.5f);  // round half up; v >= 0
+  const float q = static_cast<float>(qi);
+  const float a = (v - 0.25f * q) * 6.28318530717958647692f;
+  const float z = a * a;
+  const float sa = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * a + a;
+  const float ca = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) *
+                       z * z - 0.5f * z + 1.0f;
+  // Quarter turns k: (sin, cos) = (sa, ca), (ca, -sa), (-sa, -ca), (-ca, sa); as sign and swap
+  // arithmetic so the compiler can blend instead of branching.
+  const int32_t k = qi & 3;
+  const float swap = static_cast<float>(k & 1);
+  const float s_sign = 1.0f - static_cast<float>(k & 2);
+  const float c_sign = 1.0f - static_cast<float>((k + 1) & 2);
+  const float s1 = s_sign * (swap * ca + (1.0f - swap) * sa);
+  const float c1 = c_sign * (swap * sa + (1.0f - swap) * ca);
+  *s = s1;
+  *c = c1;
+}
+
+// kBlock standard normals from block number `block` of the stream: Box-Muller on pairs of 32-bit
+// uniforms. u1 = (x + 0.5) 2^-32 lies in (0, 1), so the radius is finite and reaches 6.7 sigma.
+NOISE_INLINE void normal_block(uint64_t block, uint32_t k0, uint32_t k1, float z[kBlock]) {
+  uint32_t r[kBlock];
+  philox_block(block * (kBlock / 4), k0, k1, r);
+  constexpr int H = kBlock / 2;
+  float rad[H], s[H], c[H];
+  for (int j = 0; j < H; ++j) {
+    const float u1 = (static_cast<float>(r[2 * j] >> 8) + 0.5f) * (1.0f / 16777216.0f);
+    rad[j] = std::sqrt(-2.0f * log_unit(u1));
+    const float u2 = static_cast<float>(r[2 * j + 1] >> 8) * (1.0f / 16777216.0f);
+    sincos_turn(u2, &s[j], &c[j]);
+  }
+  for (int j = 0; j < H; ++j) {
+    z[2 * j] = rad[j] * c[j];
+    z[2 * j + 1] = rad[j] * s[j];
+  }
+}
+
+template <class T>
+NOISE_INLINE void noise_range(T* x, int64_t begin, int64_t end, T std, T scale, uint32_t k0, uint32_t k1) {
+  float z[kBlock];
+  for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
+    normal_block(static_cast<uint64_t>(b0 / kBlock), k0, k1, z);
+    const int64_t m = std::min<int64_t>(kBlock, end - b0);
+    T* xb = x + b0;
+    for (int64_t j = 0; j < m; ++j) xb[j] = (xb[j] + std * static_cast<T>(z[j])) * scale;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define NOISE_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NOISE_MULTIVERSION
+#endif
+
+NOISE_MULTIVERSION void noise_range_f(float* x, int64_t b, int64_t e, float std, float scale,
+                                      uint32_t k0, uint32_t k1) {
+  noise_range(x, b, e, std, scale, k0, k1);
+}
+NOISE_MULTIVERSION void noise_range_d(double* x, int64_t b, int64_t e, double std, double scale,
+                                      uint32_t k0, uint32_t k1) {
+  noise_range(x, b, e, std, scale, k0, k1);
+}
+
+// Chunks are whole blocks, so every block of normals is generated by exactly one thread.
+template <class T, class F>
+void run(T* x, int64_t n, uint64_t seed, int num_threads, F range) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  // ~4 ns per normal for one thread: below ~64k normals the pool's wake-up is not worth it.
+  const int threads = n < 65536 ? 1 : num_threads;
+  parallel_for(blocks, threads, [&](int64_t b0, int64_t b1) {
+    range(x, b0 * kBlock, std::min(n, b1 * kBlock), k0, k1);
+  });
+}
+
+}  // namespace
+
+void add_gaussian_noise(float* x, int64_t n, double std, double scale, uint64_t seed,
+                        int num_threads) {
+  if (std == 0.0) {
+    if (scale != 1.0) for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(x[i] * scale);
+    return;
+  }
+  run(x, n, seed, num_threads, [&](float* p, int64_t b, int64_t e, uint32_t k0, uint32_t k1) {
+    noise_range_f(p, b, e, static_cast<float>(std), static_cast<float>(scale), k0, k1);
+  });
+}
+
+void add_gaussian_noise(double* x, int64_t n, double std, double scale, uint64_t seed,
+                        int num_threads) {
+  if (std == 0.0) {
+    if (scale != 1.0) for (int64_t i = 0; i < n; ++i) x[i] *= scale;
+    return;
+  }
+  run(x, n, seed, num_threads, [&](double* p, int64_t b, int64_t e, uint32_t k0, uint32_t k1) {
+    noise_range_d(p, b, e, std, scale, k0, k1);
+  });
+}
+
+void gaussian(float* out, int64_t n, uint64_t seed, int num_threads) {
+  std::fill(out, out + n, 0.0f);
+  add_gaussian_noise(out, n, 1.0, 1.0, seed, num_threads);
+}
+
+}  // namespace fastclip

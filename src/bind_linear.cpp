@@ -1,0 +1,79 @@
+// Bindings of the linear-layer kernels and of the BLAS loader.
+#include "binding.h"
+
+#include "../csrc/blas.h"
+#include "../csrc/linear.h"
+
+namespace fastclip_py {
+namespace {
+
+template <class T>
+py::tuple run_linear(const py::array& A, const py::array& G, fastclip::LinearMethod method,
+                     bool bias, int num_threads) {
+  const View3<T> a = view_of<T>(A), g = view_of<T>(G);
+  py::array_t<T> w(a.n0);
+  py::object b = py::none();
+  T* b_ptr = nullptr;
+  if (bias) {
+    py::array_t<T> bb(a.n0);
+    b_ptr = bb.mutable_data();
+    b = bb;
+  }
+  T* w_ptr = w.mutable_data();
+  {
+    py::gil_scoped_release release;
+    fastclip::linear_sq_norms<T>(a, g, method, w_ptr, b_ptr, num_threads);
+  }
+  return py::make_tuple(w, b);
+}
+
+py::tuple linear_sq_norms(const py::object& A_obj, const py::object& G_obj, const std::string& method_name,
+                          bool bias, int num_threads) {
+  const auto method = fastclip::parse_linear_method(method_name);
+  const py::array A = checked_array(A_obj, "activations");
+  const py::array G = checked_array(G_obj, "gradients");
+  if (A.dtype().itemsize() != G.dtype().itemsize())
+    throw py::type_error("activations and gradients dtypes differ: " + dtype_name(A) + " vs " +
+                         dtype_name(G));
+  if (A.ndim() != G.ndim())
+    throw py::value_error("activations and gradients ranks differ: " + std::to_string(A.ndim()) +
+                          "-D vs " + std::to_string(G.ndim()) + "-D");
+  if (A.shape(0) != G.shape(0))
+    throw py::value_error("batch sizes differ: " + std::to_string(A.shape(0)) + " vs " +
+                          std::to_string(G.shape(0)));
+  if (A.ndim() == 3 && A.shape(1) != G.shape(1))
+    throw py::value_error("positions (T) differ: " + std::to_string(A.shape(1)) + " vs " +
+                          std::to_string(G.shape(1)));
+  num_threads = checked_threads(num_threads);
+  if (A.dtype().itemsize() == 4) return run_linear<float>(A, G, method, bias, num_threads);
+  return run_linear<double>(A, G, method, bias, num_threads);
+}
+
+std::string choose_linear_method(int64_t T, int64_t d, int64_t p) {
+  if (T < 0 || d < 0 || p < 0)
+    throw py::value_error("sizes must be >= 0, got T=" + std::to_string(T) + ", d=" +
+                          std::to_string(d) + ", p=" + std::to_string(p));
+  return fastclip::linear_method_name(fastclip::choose_linear_method(T, d, p));
+}
+
+bool set_blas_library(const std::string& path) { return fastclip::blas::load(path); }
+
+}  // namespace
+
+void bind_linear(py::module_& m) {
+  m.def("linear_sq_norms", &linear_sq_norms, py::arg("activations"), py::arg("gradients"),
+        py::arg("method") = "auto", py::arg("bias") = false, py::arg("num_threads") = 1,
+        "Per-example squared weight (and bias) gradient norms of a linear layer.\n\n"
+        "activations (B, d) or (B, T, d), gradients (B, p) or (B, T, p): float32/float64 arrays\n"
+        "with non-negative strides and a contiguous last dim. Returns (w_sq (B,), b_sq (B,) or None)\n"
+        "in the input dtype.");
+  m.def("choose_linear_method", &choose_linear_method, py::arg("T"), py::arg("d"), py::arg("p"),
+        "'product' for T <= 1, else the cheaper of 'ghost' and 'direct' by flop count.");
+  m.def("set_blas_library", &set_blas_library, py::arg("path"),
+        "Load OpenBLAS (scipy-openblas32 build, scipy_ symbol prefix) from path; False if unusable.");
+  m.def("set_blas_enabled", &fastclip::blas::set_enabled, py::arg("enabled"),
+        "Use (True) or bypass (False) the loaded BLAS; returns the previous setting.");
+  m.def("blas_info", &fastclip::blas::info, "Which BLAS the kernels use.");
+}
+
+}  // namespace fastclip_py

@@ -1,0 +1,89 @@
+// Shared by the binding files of fastclip._C: argument checks that raise TypeError/ValueError with
+// the actual values, and zero-copy views of numpy arrays for the core.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <string>
+#include <thread>
+
+#include "../csrc/common.h"
+
+namespace fastclip_py {
+
+namespace py = pybind11;
+using fastclip::View3;
+
+
+inline std::string type_name(const py::handle& obj) { return py::str(py::type::of(obj).attr("__name__")); }
+inline std::string dtype_name(const py::array& a) { return py::str(a.dtype()); }
+
+// A float32/float64 numpy array of rank 2 or 3 whose strides the core can use as they are.
+inline py::array checked_array(const py::object& obj, const std::string& name) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(name + " must be a numpy.ndarray, got " + type_name(obj));
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  const auto dt = a.dtype();
+  auto& api = py::detail::npy_api::get();
+  if (!api.PyArray_EquivTypes_(dt.ptr(), py::dtype::of<float>().ptr()) &&
+      !api.PyArray_EquivTypes_(dt.ptr(), py::dtype::of<double>().ptr()))
+    throw py::type_error(name + " must be float32 or float64 (native byte order), got " +
+                         dtype_name(a));
+  if (a.ndim() != 2 && a.ndim() != 3)
+    throw py::value_error(name + " must be 2-D or 3-D, got " + std::to_string(a.ndim()) + "-D");
+  if (a.size() == 0) return a;  // nothing is read, so strides and alignment do not matter
+  const auto item = static_cast<py::ssize_t>(dt.itemsize());
+  for (py::ssize_t k = 0; k < a.ndim(); ++k) {
+    const auto s = a.strides(k);
+    if (a.shape(k) <= 1) continue;  // a stride along a dim of size 0 or 1 is never followed
+    if (s < 0)
+      throw py::value_error(name + " has a negative stride on dim " + std::to_string(k) + " (" +
+                            std::to_string(s) + " bytes); pass a copy with non-negative strides");
+    if (s % item != 0)
+      throw py::value_error(name + " stride on dim " + std::to_string(k) + " (" +
+                            std::to_string(s) + " bytes) is not a multiple of the item size " +
+                            std::to_string(item));
+  }
+  const auto last = a.ndim() - 1;
+  if (a.shape(last) > 1 && a.strides(last) != item)
+    throw py::value_error(name + " must have unit stride on its last dim, got " +
+                          std::to_string(a.strides(last) / item) + " elements; make it contiguous");
+  if (!(py::detail::array_proxy(a.ptr())->flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    throw py::value_error(name + " data is not aligned to its item size");
+  return a;
+}
+
+template <class T>
+View3<T> view_of(const py::array& a) {
+  const auto item = static_cast<int64_t>(sizeof(T));
+  auto stride = [&](py::ssize_t k) { return a.shape(k) <= 1 ? int64_t(0) : int64_t(a.strides(k)) / item; };
+  View3<T> v;
+  v.data = static_cast<const T*>(a.data());
+  v.n0 = a.shape(0);
+  v.s0 = stride(0);
+  if (a.ndim() == 2) {
+    v.n1 = 1;
+    v.n2 = a.shape(1);
+  } else {
+    v.n1 = a.shape(1);
+    v.s1 = stride(1);
+    v.n2 = a.shape(2);
+  }
+  return v;
+}
+
+// num_threads from Python, checked and capped: more threads than cores only adds switching.
+inline int checked_threads(int num_threads) {
+  if (num_threads < 1)
+    throw py::value_error("num_threads must be >= 1, got " + std::to_string(num_threads));
+  static const int cap = static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) * 4;
+  return std::min(num_threads, cap);
+}
+
+// One registration function per layer family / op group, each in its own src/bind_*.cpp.
+void bind_linear(py::module_& m);
+void bind_noise(py::module_& m);
+
+}  // namespace fastclip_py
