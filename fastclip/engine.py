@@ -18,6 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .layers import Rule, Use, cross_inner, rule_for
 from .layers.generic import GENERIC, refusal
@@ -76,6 +77,7 @@ class Engine:
         self._names: Dict[nn.Parameter, str] = {}      # parameter -> qualified name, for errors
         self._states: Dict[nn.Module, List] = defaultdict(list)  # per-call capture state stack
         self._handles: List = []
+        self._batches: List[Optional[int]] = []  # B of each model call in progress
         self._pending: List[Use] = []
         self._queued = False
         self._finalizing = False            # rules re-run modules at finalize: no capture then
@@ -112,6 +114,9 @@ class Engine:
             self._params[module] = own
 
     def _attach(self):
+        # The model's own call tells the batch size B, for leaves fed inputs broadcast over it.
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
         for module, rule in self._rules.items():
             self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post, with_kwargs=True,
@@ -139,11 +144,39 @@ class Engine:
         return out
 
     # -- capture ----------------------------------------------------------------------------
+    def _root_pre(self, module, args, kwargs):
+        leaves, _ = tree_flatten((args, kwargs))
+        B = next((t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0), None)
+        self._batches.append(B)
+
+    def _root_post(self, module, args, output):
+        if self._batches:
+            self._batches.pop()
+
+    def _expand_broadcast(self, args, kwargs):
+        """Inputs with leading dimension 1 while the batch is B > 1 (position ids of shape (1, T),
+        a learned token) are expanded to B, as views: each example then has its own output and
+        output gradient, so its share of the parameter gradient is seen, not the batch's sum."""
+        B = self._batches[-1] if self._batches else None
+        if B is None or B <= 1:
+            return None
+        leaves, spec = tree_flatten((args, kwargs))
+        hit = False
+        for i, t in enumerate(leaves):
+            if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == 1:
+                leaves[i] = t.expand(B, *t.shape[1:])
+                hit = True
+        return tree_unflatten(leaves, spec) if hit else None
+
     def _pre(self, module, args, kwargs):
-        state = None
+        state = new = None
         if torch.is_grad_enabled() and not self._finalizing:
+            new = self._expand_broadcast(args, kwargs)
+            if new is not None:
+                args, kwargs = new
             state = (self._rules[module].pre_forward(self, module, args, kwargs),)
         self._states[module].append(state)
+        return new
 
     def _post(self, module, args, kwargs, output):
         stack = self._states[module]

@@ -461,3 +461,28 @@ def test_epsilon_follows_steps_and_matches_dp_accounting():
                                        noise_multiplier=1.1, max_grad_norm=1.0)
     with pytest.raises(ValueError, match="sampling rate"):
         opt2.epsilon(1e-5)
+
+
+class Broadcast(nn.Module):
+    """A leaf fed an input shared by the whole batch (shape (1, ...)), the position-id pattern."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Linear(3, 4)
+        self.inp = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+        self.register_buffer("code", torch.randn(1, 5, 3))
+
+    def forward(self, x):                       # x: (B, 5, 4)
+        return self.out(torch.tanh(self.inp(x) + self.pos(self.code))).mean(1)
+
+
+@pytest.mark.parametrize("B", [1, 2, 6])
+def test_inputs_broadcast_over_the_batch_are_exact(B):
+    m = Broadcast().double()
+    x, y = torch.randn(B, 5, 4, dtype=torch.float64), torch.randint(0, 2, (B,))
+    assert_close(fastclip.per_sample_grad_norms(m, CE, x, y), R.norms(m, CE, x, y), torch.float64)
+    fastclip.clipped_grad(m, CE, x, y, max_grad_norm=0.1)
+    ref = R.clipped_sum(m, CE, x, y, 0.1)
+    for n, p in m.named_parameters():
+        assert_close(p.grad, ref[n], torch.float64)
