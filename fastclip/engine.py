@@ -78,6 +78,7 @@ class Engine:
         self._states: Dict[nn.Module, List] = defaultdict(list)  # per-call capture state stack
         self._handles: List = []
         self._batches: List[Optional[int]] = []  # B of each model call in progress
+        self._scratch: Dict = {}    # reusable buffers of the finalize (layers.scaled_rows)
         self._pending: List[Use] = []
         self._queued = False
         self._finalizing = False            # rules re-run modules at finalize: no capture then
@@ -231,7 +232,7 @@ class Engine:
         if not entries:
             return
         ref = next(iter(entries))
-        cache: Dict = {}
+        cache: Dict = {"scratch": self._scratch}
         sq = torch.zeros(B, dtype=torch.float64, device=ref.device)
         for p, ents in entries.items():
             # ||sum of parts||^2 = sum of each rule's part norms + 2 * cross terms, so a weight

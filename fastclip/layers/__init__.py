@@ -84,6 +84,23 @@ class Rule:
         raise NotImplementedError
 
 
+def scaled_rows(t: Tensor, c: Tensor, cache: Dict) -> Tensor:
+    """``t * c`` with ``c`` (B,) scaling dim 0 of ``t`` (B, ...), for a clipped-sum product.
+
+    Written into a scratch buffer the engine keeps across steps (``cache["scratch"]``), so the
+    per-step temporary costs no fresh memory pages. The result is valid until the next call.
+    """
+    scratch = cache.get("scratch")
+    c = c.to(t.dtype).view((-1,) + (1,) * (t.dim() - 1))
+    if scratch is None:
+        return t * c
+    key = (t.dtype, t.device)
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < t.numel():
+        buf = scratch[key] = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+    return torch.mul(t, c, out=buf[:t.numel()].view(t.shape))
+
+
 _RULES: Dict[type, Rule] = {}
 _CROSS: Dict[Tuple[type, type], Any] = {}
 

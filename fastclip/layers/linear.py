@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .. import ops
-from . import Entry, Rule, Use, register
+from . import Entry, Rule, Use, register, scaled_rows
 
 
 class _LinearFn(torch.autograd.Function):
@@ -120,6 +120,6 @@ class LinearRule(Rule):
             d = A.shape[-1]
             # G^T diag(c) A: rescale whichever factor is smaller, then one GEMM.
             if p <= d:
-                return (G * c.view(B, 1, 1)).reshape(B * T, p).t().mm(A.reshape(B * T, d))
-            return G.reshape(B * T, p).t().mm((A * c.view(B, 1, 1)).reshape(B * T, d))
-        return c.matmul(G.sum(1))
+                return scaled_rows(G, c, cache).reshape(B * T, p).t().mm(A.reshape(B * T, d))
+            return G.reshape(B * T, p).t().mm(scaled_rows(A, c, cache).reshape(B * T, d))
+        return c.matmul(G[:, 0] if T == 1 else G.sum(1))
