@@ -17,6 +17,11 @@ try:
     from . import _C
 except ImportError:  # a source checkout that was never built: every op runs in plain torch
     _C = None
+    import warnings
+
+    warnings.warn("fastclip's native core (fastclip._C) is not built, so every op runs in plain "
+                  "torch (exact, but slower); install the package (pip install .) to build it",
+                  RuntimeWarning, stacklevel=2)
 
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
