@@ -85,5 +85,6 @@ inline int checked_threads(int num_threads) {
 // One registration function per layer family / op group, each in its own src/bind_*.cpp.
 void bind_linear(py::module_& m);
 void bind_noise(py::module_& m);
+void bind_conv(py::module_& m);
 
 }  // namespace fastclip_py

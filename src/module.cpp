@@ -8,4 +8,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fastclip native core (C++17): per-example gradient norm kernels.";
   fastclip_py::bind_linear(m);
   fastclip_py::bind_noise(m);
+  fastclip_py::bind_conv(m);
 }

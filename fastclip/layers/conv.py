@@ -1,0 +1,145 @@
+"""nn.Conv1d / nn.Conv2d / nn.Conv3d and their subclasses that keep the base forward.
+
+Capture: the module's ``F.conv{1,2,3}d`` call (after the ``F.pad`` of a non-zero
+``padding_mode``, so the captured input is the padded one) records the input x and the output
+gradient G. Norms: per group, grad_W_i = G_i U_i^T with U_i the unfolded input; the native core
+unfolds one example at a time and picks ghost or direct per layer (``ops.conv_sq_norms``). Clipped
+sum: torch's own weight-gradient convolution with the rescaled gradient G * c (DESIGN.md).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from . import Entry, register
+from .capture import FunctionalRule
+
+_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
+                3: torch.nn.grad.conv3d_weight}
+_BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _parse(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return {"input": input, "weight": weight, "bias": bias, "stride": stride, "padding": padding,
+            "dilation": dilation, "groups": groups}
+
+
+def _opts(use, weight_shape):
+    """(d, kernel, stride, pads ((lo, hi), ...), dilation, groups) of one captured call."""
+    e = use.extra
+    d = _DIMS[e["func"]]
+    kernel = tuple(weight_shape[2:])
+    stride = ops._conv_tuple(e["stride"], d, "stride")
+    dilation = ops._conv_tuple(e["dilation"], d, "dilation")
+    pads = ops.conv_padding(e["padding"], kernel, stride, dilation)
+    return d, kernel, stride, pads, dilation, int(e["groups"])
+
+
+def _grouped(use, weight_shape):
+    """(U (B, groups, K, P), G (B, groups, Og, P)) of one use, U materialised in torch."""
+    d, kernel, stride, pads, dilation, groups = _opts(use, weight_shape)
+    x, g = use.inputs, use.grads[0]
+    U = ops.conv_unfold_torch(x, kernel, stride, pads, dilation, groups)
+    B, O = g.shape[:2]
+    G = g.reshape(B, groups, O // groups, math.prod(g.shape[2:]))
+    return U, G
+
+
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvRule(FunctionalRule):
+    functions = {F.conv1d: _parse, F.conv2d: _parse, F.conv3d: _parse}
+
+    def supports(self, module):
+        # A subclass with its own forward (or _conv_forward) may compute something else: the
+        # generic rule covers it exactly.
+        for base in _BASES:
+            if isinstance(module, base):
+                return (type(module).forward is base.forward
+                        and type(module)._conv_forward is base._conv_forward)
+        return False
+
+    def capture_call(self, engine, module, func, bound):
+        x = bound["input"]
+        d = _DIMS[func]
+        if isinstance(x, Tensor) and x.dim() != d + 2:
+            raise ValueError(
+                f"{type(module).__name__} got a {x.dim()}-D input {tuple(x.shape)}; per-example "
+                f"gradients need a batched (B, C, *spatial) input, {d + 2}-D")
+        return super().capture_call(engine, module, func, bound)
+
+    def sq_norms(self, entries: Sequence[Entry], method: str, cache: Dict) -> Tensor:
+        module, name, _ = entries[0]
+        key = ("conv-bias", tuple(id(u) for _, _, u in entries))
+        if name == "bias" and key in cache:
+            return cache.pop(key)
+        if name == "bias":
+            return self._bias_sum(entries).square().sum(1)
+        weight = getattr(module, name)
+        with_bias = all(m.bias is not None and m.bias.requires_grad for m, _, _ in entries) and \
+            len({id(m.bias) for m, _, _ in entries}) == 1
+        if len(entries) == 1:
+            use = entries[0][2]
+            _, kernel, stride, pads, dilation, groups = _opts(use, weight.shape)
+            w, b = ops.conv_sq_norms(use.inputs, use.grads[0], tuple(weight.shape), stride,
+                                     ops.pads_to_arg(pads), dilation, groups, method, with_bias)
+        else:
+            w = self._stacked_sq_norms(entries, weight.shape, method)
+            b = self._bias_sum(entries).square().sum(1) if with_bias else None
+        if with_bias:
+            cache[key] = b
+        return w
+
+    @staticmethod
+    def _bias_sum(entries) -> Tensor:
+        out = None
+        for _, _, u in entries:
+            g = u.grads[0]
+            s = g.reshape(g.shape[0], g.shape[1], -1).sum(2)
+            out = s if out is None else out + s
+        return out
+
+    @staticmethod
+    def _stacked_sq_norms(entries, weight_shape, method) -> Tensor:
+        # A weight used k times has one per-example gradient, the sum over uses: stacking the uses'
+        # positions (each unfolded to the same K rows) before the norm makes it exact (DESIGN.md).
+        Us, Gs = zip(*(_grouped(u, weight_shape) for _, _, u in entries))
+        U, G = torch.cat(Us, 3), torch.cat(Gs, 3)
+        B, groups, K, P = U.shape
+        Og = G.shape[2]
+        A = U.transpose(2, 3).reshape(B * groups, P, K)
+        Gt = G.transpose(2, 3).reshape(B * groups, P, Og)
+        lin = method if method in ("ghost", "direct") and P > 1 else "auto"
+        w, _ = ops.linear_sq_norms(A.contiguous(), Gt.contiguous(), method=lin)
+        return w.reshape(B, groups).sum(1)
+
+    def per_example_grad(self, module, name, use, cache):
+        weight = getattr(module, name)
+        if name == "bias":
+            g = use.grads[0]
+            return g.reshape(g.shape[0], g.shape[1], -1).sum(2)
+        U, G = _grouped(use, weight.shape)
+        grad = torch.einsum("bgop,bgkp->bgok", G, U)
+        return grad.reshape(G.shape[0], *weight.shape)
+
+    def clipped_grad(self, module, name, use, c, cache):
+        g = use.grads[0]
+        B = g.shape[0]
+        c = c.to(g.dtype)
+        if name == "bias":
+            return c.matmul(g.reshape(B, g.shape[1], -1).sum(2))
+        weight = getattr(module, name)
+        d, kernel, stride, pads, dilation, groups = _opts(use, weight.shape)
+        x = use.inputs
+        if any(lo != hi for lo, hi in pads):
+            # torch's weight-gradient conv takes symmetric padding: pad the extra after by hand
+            # (padding="same" with an even dilated kernel), as torch's own forward does.
+            x = F.pad(x, [p for lo, hi in reversed(pads) for p in (0, hi - lo)])
+        gc = g * c.view(B, *([1] * (g.dim() - 1)))
+        return _WEIGHT_GRAD[d](x, tuple(weight.shape), gc, stride, tuple(lo for lo, _ in pads),
+                               dilation, groups)

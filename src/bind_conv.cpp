@@ -1,0 +1,179 @@
+// Bindings of the convolution kernels: every argument is checked here, with its value in the
+// message, before the core sees it.
+#include <pybind11/stl.h>
+
+#include <vector>
+
+#include "binding.h"
+
+#include "../csrc/conv.h"
+
+namespace fastclip_py {
+namespace {
+
+// A list/tuple of Python ints (bools refused) of one of the allowed lengths.
+std::vector<int64_t> int_list(const py::handle& obj, const std::string& name, size_t n, size_t n_alt = 0) {
+  if (!py::isinstance<py::list>(obj) && !py::isinstance<py::tuple>(obj))
+    throw py::type_error(name + " must be a list or tuple of ints, got " + type_name(obj));
+  auto seq = py::reinterpret_borrow<py::sequence>(obj);
+  std::vector<int64_t> out;
+  for (const auto& item : seq) {
+    if (!py::isinstance<py::int_>(item) || py::isinstance<py::bool_>(item))
+      throw py::type_error(name + " must hold ints, got " + type_name(item));
+    out.push_back(item.cast<int64_t>());
+  }
+  if (out.size() != n && (n_alt == 0 || out.size() != n_alt)) {
+    std::string want = std::to_string(n) + (n_alt ? " or " + std::to_string(n_alt) : "");
+    throw py::value_error(name + " must have " + want + " entries for a " + std::to_string(n) +
+                          "-D convolution, got " + std::to_string(out.size()));
+  }
+  return out;
+}
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t k = 0; k < a.ndim(); ++k) s += (k ? ", " : "") + std::to_string(a.shape(k));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+// float32/float64, rank 3..5, non-negative strides that are whole elements, aligned.
+py::array conv_array(const py::object& obj, const std::string& name) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(name + " must be a numpy.ndarray, got " + type_name(obj));
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  auto& api = py::detail::npy_api::get();
+  if (!api.PyArray_EquivTypes_(a.dtype().ptr(), py::dtype::of<float>().ptr()) &&
+      !api.PyArray_EquivTypes_(a.dtype().ptr(), py::dtype::of<double>().ptr()))
+    throw py::type_error(name + " must be float32 or float64 (native byte order), got " + dtype_name(a));
+  if (a.ndim() < 3 || a.ndim() > 5)
+    throw py::value_error(name + " must be 3-D, 4-D or 5-D (B, C, *spatial), got " +
+                          std::to_string(a.ndim()) + "-D with shape " + shape_str(a));
+  if (a.size() == 0) return a;
+  const auto item = static_cast<py::ssize_t>(a.dtype().itemsize());
+  for (py::ssize_t k = 0; k < a.ndim(); ++k) {
+    if (a.shape(k) <= 1) continue;
+    if (a.strides(k) < 0)
+      throw py::value_error(name + " has a negative stride on dim " + std::to_string(k) +
+                            "; pass a copy with non-negative strides");
+    if (a.strides(k) % item != 0)
+      throw py::value_error(name + " stride on dim " + std::to_string(k) + " (" +
+                            std::to_string(a.strides(k)) + " bytes) is not a multiple of the item size " +
+                            std::to_string(item));
+  }
+  if (!(py::detail::array_proxy(a.ptr())->flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    throw py::value_error(name + " data is not aligned to its item size");
+  return a;
+}
+
+int64_t elem_stride(const py::array& a, py::ssize_t k) {
+  return a.shape(k) <= 1 ? 0 : int64_t(a.strides(k)) / int64_t(a.dtype().itemsize());
+}
+
+template <class T>
+py::tuple run_conv(const fastclip::ConvShape& s, const py::array& x, const py::array& g,
+                   fastclip::ConvMethod method, bool bias, int num_threads) {
+  py::array_t<T> w(s.B);
+  py::object b = py::none();
+  T* b_ptr = nullptr;
+  if (bias) {
+    py::array_t<T> bb(s.B);
+    b_ptr = bb.mutable_data();
+    b = bb;
+  }
+  T* w_ptr = w.mutable_data();
+  const T* xp = static_cast<const T*>(x.data());
+  const T* gp = static_cast<const T*>(g.data());
+  {
+    py::gil_scoped_release release;
+    fastclip::conv_sq_norms<T>(s, xp, gp, method, w_ptr, b_ptr, num_threads);
+  }
+  return py::make_tuple(w, b);
+}
+
+py::tuple conv_sq_norms(const py::object& x_obj, const py::object& g_obj, const py::object& kernel_obj,
+                        const py::object& stride_obj, const py::object& padding_obj,
+                        const py::object& dilation_obj, const py::object& groups_obj,
+                        const std::string& method_name, bool bias, int num_threads) {
+  const auto method = fastclip::parse_conv_method(method_name);
+  const py::array x = conv_array(x_obj, "input");
+  const py::array g = conv_array(g_obj, "grad_output");
+  if (x.dtype().itemsize() != g.dtype().itemsize())
+    throw py::type_error("input and grad_output dtypes differ: " + dtype_name(x) + " vs " + dtype_name(g));
+  if (x.ndim() != g.ndim())
+    throw py::value_error("input and grad_output ranks differ: " + std::to_string(x.ndim()) + "-D " +
+                          shape_str(x) + " vs " + std::to_string(g.ndim()) + "-D " + shape_str(g));
+  if (x.shape(0) != g.shape(0))
+    throw py::value_error("batch sizes differ: " + std::to_string(x.shape(0)) + " vs " +
+                          std::to_string(g.shape(0)));
+  const size_t d = size_t(x.ndim() - 2);
+  const auto kernel = int_list(kernel_obj, "kernel_size", d);
+  const auto stride = int_list(stride_obj, "stride", d);
+  const auto padding = int_list(padding_obj, "padding", d, 2 * d);
+  const auto dilation = int_list(dilation_obj, "dilation", d);
+  if (!py::isinstance<py::int_>(groups_obj) || py::isinstance<py::bool_>(groups_obj))
+    throw py::type_error("groups must be an int, got " + type_name(groups_obj));
+  const int64_t groups = groups_obj.cast<int64_t>();
+  if (groups < 1) throw py::value_error("groups must be >= 1, got " + std::to_string(groups));
+
+  fastclip::ConvShape s;
+  s.B = x.shape(0);
+  s.C = x.shape(1);
+  s.O = g.shape(1);
+  s.groups = groups;
+  const size_t off = 3 - d;  // 1-D/2-D convolutions fill the trailing dims of (D, H, W)
+  for (size_t j = 0; j < d; ++j) {
+    s.in[off + j] = x.shape(py::ssize_t(2 + j));
+    s.out[off + j] = g.shape(py::ssize_t(2 + j));
+    s.k[off + j] = kernel[j];
+    s.stride[off + j] = stride[j];
+    s.dil[off + j] = dilation[j];
+    s.pad_lo[off + j] = padding.size() == d ? padding[j] : padding[2 * j];
+    s.pad_hi[off + j] = padding.size() == d ? padding[j] : padding[2 * j + 1];
+  }
+  s.xs[0] = elem_stride(x, 0);
+  s.xs[1] = elem_stride(x, 1);
+  for (size_t j = 0; j < d; ++j) s.xs[2 + off + j] = elem_stride(x, py::ssize_t(2 + j));
+  // G's positions of one (example, channel) must form one contiguous run.
+  int64_t expect = 1;
+  for (py::ssize_t k = g.ndim() - 1; k >= 2; --k) {
+    if (g.shape(k) > 1 && g.size() > 0 && elem_stride(g, k) != expect)
+      throw py::value_error("grad_output must be contiguous over its spatial dims (got stride " +
+                            std::to_string(elem_stride(g, k)) + " on dim " + std::to_string(k) +
+                            ", expected " + std::to_string(expect) + "); make it contiguous");
+    expect *= g.shape(k);
+  }
+  s.gs0 = elem_stride(g, 0);
+  s.gs1 = g.shape(1) <= 1 ? expect : elem_stride(g, 1);
+  if (g.size() > 0 && g.shape(1) > 1 && s.gs1 < expect)
+    throw py::value_error("grad_output channel stride " + std::to_string(s.gs1) +
+                          " overlaps its spatial block of " + std::to_string(expect) + " elements");
+  fastclip::check_conv_shape(s);  // ArgumentError -> ValueError, with the values
+  num_threads = checked_threads(num_threads);
+  if (x.dtype().itemsize() == 4) return run_conv<float>(s, x, g, method, bias, num_threads);
+  return run_conv<double>(s, x, g, method, bias, num_threads);
+}
+
+std::string choose_conv_method(int64_t P, int64_t K, int64_t Og) {
+  if (P < 0 || K < 0 || Og < 0)
+    throw py::value_error("sizes must be >= 0, got P=" + std::to_string(P) + ", K=" +
+                          std::to_string(K) + ", Og=" + std::to_string(Og));
+  return fastclip::conv_method_name(fastclip::choose_conv_method(P, K, Og));
+}
+
+}  // namespace
+
+void bind_conv(py::module_& m) {
+  m.def("conv_sq_norms", &conv_sq_norms, py::arg("input"), py::arg("grad_output"),
+        py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        py::arg("groups"), py::arg("method") = "auto", py::arg("bias") = false,
+        py::arg("num_threads") = 1,
+        "Per-example squared weight (and bias) gradient norms of a 1-D/2-D/3-D convolution.\n\n"
+        "input (B, C_in, *spatial) and grad_output (B, C_out, *out_spatial): float32/float64 arrays\n"
+        "with non-negative strides; grad_output contiguous over its spatial dims. kernel_size,\n"
+        "stride, dilation: d ints; padding: d ints (symmetric) or 2d ints (before, after per dim).\n"
+        "Returns (w_sq (B,), b_sq (B,) or None) in the input dtype.");
+  m.def("choose_conv_method", &choose_conv_method, py::arg("P"), py::arg("K"), py::arg("Og"),
+        "'ghost' or 'direct' for P output positions, K = C_in/groups * prod(kernel), Og = C_out/groups.");
+}
+
+}  // namespace fastclip_py
