@@ -86,5 +86,6 @@ inline int checked_threads(int num_threads) {
 void bind_linear(py::module_& m);
 void bind_noise(py::module_& m);
 void bind_conv(py::module_& m);
+void bind_embedding(py::module_& m);
 
 }  // namespace fastclip_py

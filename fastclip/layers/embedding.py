@@ -1,0 +1,132 @@
+"""nn.Embedding: native per-example norms by the unique-token method, clipped sums by one
+``index_add`` of rescaled output-gradient rows, and the cross term of a weight tied to an output
+projection (``lm_head.weight = embed.weight``) without any per-example V x d matrix (DESIGN.md).
+
+Example i's weight gradient has row v = sum of g_t over the positions t holding token v (none at
+padding_idx), so ||grad_i||^2 = sum over distinct tokens of ||sum_{t: x_t = v} g_t||^2.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from . import Entry, register, register_cross
+from .capture import FunctionalRule
+from .linear import LinearRule
+
+
+def _parse_embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
+                     scale_grad_by_freq=False, sparse=False):
+    return dict(input=input, weight=weight, padding_idx=padding_idx, max_norm=max_norm,
+                norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, sparse=sparse)
+
+
+def _refusal(max_norm, scale_grad_by_freq, sparse):
+    if max_norm is not None:
+        return (f"max_norm={max_norm} renormalises the looked-up rows of the weight in place during "
+                "the forward, which a private step cannot account for; construct it with "
+                "max_norm=None (normalise the looked-up vectors in the forward instead if needed)")
+    if scale_grad_by_freq:
+        return ("scale_grad_by_freq=True divides each row's gradient by its token's frequency in the "
+                "whole batch, so one example's gradient depends on the others and has no per-example "
+                "norm; construct it with scale_grad_by_freq=False")
+    if sparse:
+        return ("sparse=True asks for sparse gradients, but fastclip writes dense clipped gradient "
+                "sums; construct it with sparse=False")
+    return None
+
+
+def _flat_ids(ids: Tensor) -> Tensor:
+    """(B, *) ids -> (B, T); T spelled out so B = 0 reshapes too."""
+    if ids.dim() == 0:
+        raise ValueError("an embedding got 0-D ids; per-example gradients need the batch dimension first")
+    return ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))
+
+
+def _flat_grads(g: Tensor, ids: Tensor) -> Tensor:
+    return g.reshape(ids.shape[0], math.prod(ids.shape[1:]), g.shape[-1])
+
+
+def _pad(use) -> object:
+    pad = use.extra.get("padding_idx")
+    if pad is not None and pad < 0:
+        pad += use.module.weight.shape[0]
+    return pad
+
+
+def _stack(entries: Sequence[Entry]):
+    """The uses of one weight stacked along T (its per-example gradient is their sum):
+    ids (B, T), G (B, T, d) and the padding index, or None once padding is zeroed into G."""
+    ids = [_flat_ids(u.inputs) for _, _, u in entries]
+    gs = [_flat_grads(u.grads[0], u.inputs) for _, _, u in entries]
+    pads = [_pad(u) for _, _, u in entries]
+    if len(set(pads)) > 1:  # uses with different padding: zero their padding rows of G instead
+        gs = [g if p is None else g * (i != p).unsqueeze(-1).to(g.dtype)
+              for g, i, p in zip(gs, ids, pads)]
+        pads = [None]
+    if len(ids) == 1:
+        return ids[0], gs[0], pads[0]
+    return torch.cat(ids, 1), torch.cat(gs, 1), pads[0]
+
+
+def _masked(use):
+    ids, g = _flat_ids(use.inputs), _flat_grads(use.grads[0], use.inputs)
+    pad = _pad(use)
+    if pad is not None:
+        g = g * (ids != pad).unsqueeze(-1).to(g.dtype)
+    return ids, g
+
+
+@register(nn.Embedding)
+class EmbeddingRule(FunctionalRule):
+    """Native rule of nn.Embedding (and subclasses that keep its forward)."""
+
+    functions = {F.embedding: _parse_embedding}
+
+    def supports(self, module):
+        return type(module).forward is nn.Embedding.forward
+
+    def pre_forward(self, engine, module, args, kwargs):
+        why = _refusal(module.max_norm, module.scale_grad_by_freq, module.sparse)
+        if why is not None:
+            raise ValueError(f"fastclip cannot make {type(module).__name__} private: {why}")
+        return super().pre_forward(engine, module, args, kwargs)
+
+    def capture_call(self, engine, module, func, bound):
+        why = _refusal(bound.get("max_norm"), bound.get("scale_grad_by_freq"),
+                       bound.get("sparse"))
+        if why is not None:
+            raise ValueError(f"fastclip cannot make {type(module).__name__} private: {why}")
+        return super().capture_call(engine, module, func, bound)
+
+    def sq_norms(self, entries, method, cache):
+        ids, g, pad = _stack(entries)
+        V = entries[0][0].weight.shape[0]
+        return ops.embedding_sq_norms(ids, g, V, pad)
+
+    def per_example_grad(self, module, name, use, cache):
+        ids, g = _masked(use)
+        B, T, d = g.shape
+        out = g.new_zeros(B, module.weight.shape[0], d)
+        return out.scatter_add_(1, ids.long().unsqueeze(-1).expand(B, T, d), g)
+
+    def clipped_grad(self, module, name, use, c, cache):
+        ids, g = _masked(use)
+        B, T, d = g.shape
+        rows = (g * c.to(g.dtype).view(B, 1, 1)).reshape(B * T, d)
+        return g.new_zeros(module.weight.shape[0], d).index_add_(0, ids.reshape(-1), rows)
+
+
+@register_cross(EmbeddingRule, LinearRule)
+def embedding_linear_cross(emb_entries: Sequence[Entry], lin_entries: Sequence[Entry], method: str,
+                           cache: Dict) -> Tensor:
+    """<E_i, L_i> per example for a weight tied between Embedding uses (E_i) and Linear uses
+    (L_i = G_out_i^T H_i, the output projection of a language model), with no V x d matrix."""
+    ids, g, pad = _stack(emb_entries)
+    H, G = LinearRule._stack(lin_entries)
+    return ops.embedding_linear_cross(ids, g, H.to(g.dtype), G.to(g.dtype), pad)
