@@ -87,5 +87,6 @@ void bind_linear(py::module_& m);
 void bind_noise(py::module_& m);
 void bind_conv(py::module_& m);
 void bind_embedding(py::module_& m);
+void bind_norm(py::module_& m);
 
 }  // namespace fastclip_py

@@ -10,4 +10,5 @@ PYBIND11_MODULE(_C, m) {
   fastclip_py::bind_noise(m);
   fastclip_py::bind_conv(m);
   fastclip_py::bind_embedding(m);
+  fastclip_py::bind_norm(m);
 }

@@ -176,4 +176,4 @@ def supported_types() -> List[str]:
     return sorted(t.__name__ for t in _RULES)
 
 
-from . import linear, conv, embedding  # noqa: E402,F401  (registers the built-in rules)
+from . import linear, conv, embedding, norm  # noqa: E402,F401  (registers the built-in rules)

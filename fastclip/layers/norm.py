@@ -1,0 +1,112 @@
+"""Normalisation layers: nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.InstanceNorm1d/2d/3d.
+
+Their affine parameters have only C (or prod(normalized_shape)) entries, so the per-example
+gradients themselves are cheap to hold (B x C): one native pass per use (``ops.norm_affine_grads``)
+recomputes x_hat from the captured input with the layer's own statistics and forms the weight and
+bias gradients of every example. Norms, clipped sums and per-example gradients all come from that
+one pass, cached per use for the finalize call.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from .. import ops
+from . import register
+from .capture import FunctionalRule
+
+
+def _layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return dict(input=input, normalized_shape=normalized_shape, weight=weight, bias=bias, eps=eps)
+
+
+def _rms_norm(input, normalized_shape, weight=None, eps=None):
+    return dict(input=input, normalized_shape=normalized_shape, weight=weight, eps=eps)
+
+
+def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
+    return dict(input=input, num_groups=num_groups, weight=weight, bias=bias, eps=eps)
+
+
+def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
+                   use_input_stats=True, momentum=0.1, eps=1e-5):
+    return dict(input=input, running_mean=running_mean, running_var=running_var, weight=weight,
+                bias=bias, use_input_stats=use_input_stats, momentum=momentum, eps=eps)
+
+
+_BASE_FORWARD = {nn.LayerNorm: nn.LayerNorm.forward, nn.RMSNorm: nn.RMSNorm.forward,
+                 nn.GroupNorm: nn.GroupNorm.forward, _InstanceNorm: _InstanceNorm.forward}
+
+
+@register(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+          nn.InstanceNorm3d)
+class NormRule(FunctionalRule):
+    functions = {F.layer_norm: _layer_norm, F.rms_norm: _rms_norm, F.group_norm: _group_norm,
+                 F.instance_norm: _instance_norm}
+
+    def supports(self, module):
+        # A subclass with its own forward may compute something else: the generic rule covers it.
+        return any(isinstance(module, t) and type(module).forward is f
+                   for t, f in _BASE_FORWARD.items())
+
+    def capture_call(self, engine, module, func, bound):
+        x = bound["input"]
+        if func in (F.layer_norm, F.rms_norm):
+            shape = bound["normalized_shape"]
+            k = 1 if isinstance(shape, int) else len(shape)
+            if x.dim() <= k:
+                raise ValueError(
+                    f"{type(module).__name__} got a {x.dim()}-D input {tuple(x.shape)} with "
+                    f"normalized_shape {tuple(module.normalized_shape)}; per-example gradients "
+                    "need the batch dimension first")
+        elif x.dim() < 2:
+            raise ValueError(f"{type(module).__name__} got a {x.dim()}-D input {tuple(x.shape)}; "
+                             "per-example gradients need the batch dimension first")
+        if func is F.instance_norm and not bound["use_input_stats"]:
+            # Eval mode with running statistics: the call does not update them, so snapshot them
+            # for the backward (a change of the buffers in between must not change the norms).
+            bound = dict(bound)
+            for name in ("running_mean", "running_var"):
+                if bound[name] is not None:
+                    bound[name] = bound[name].detach().clone()
+        return super().capture_call(engine, module, func, bound)
+
+    def _grads(self, module: nn.Module, use, cache: Dict):
+        """(gw (B, K), gb (B, K) or None) of one use, computed once per finalize."""
+        key = ("norm", id(use))
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        opts, x, g = use.extra, use.inputs, use.grads[0]
+        func = opts["func"]
+        bias = getattr(module, "bias", None) is not None
+        g = g.to(x.dtype) if g.dtype != x.dtype else g
+        if func in (F.layer_norm, F.rms_norm):
+            shape = opts["normalized_shape"]
+            k = 1 if isinstance(shape, int) else len(shape)
+            kind = "layer_norm" if func is F.layer_norm else "rms_norm"
+            res = ops.norm_affine_grads(kind, x, g, eps=opts["eps"], normalized_ndim=k, bias=bias)
+        elif func is F.group_norm:
+            res = ops.norm_affine_grads("group_norm", x, g, eps=opts["eps"],
+                                        num_groups=int(opts["num_groups"]), bias=bias)
+        else:
+            stats = {} if opts["use_input_stats"] else dict(
+                running_mean=opts["running_mean"], running_var=opts["running_var"])
+            res = ops.norm_affine_grads("instance_norm", x, g, eps=opts["eps"], bias=bias, **stats)
+        cache[key] = res
+        return res
+
+    def per_example_grad(self, module, name, use, cache):
+        gw, gb = self._grads(module, use, cache)
+        out = gw if name == "weight" else gb
+        if out is None:
+            raise ValueError(f"{type(module).__name__}: parameter '{name}' was not used by the call")
+        return out.view((out.shape[0],) + tuple(getattr(module, name).shape))
+
+    def clipped_grad(self, module, name, use, c, cache):
+        G = self.per_example_grad(module, name, use, cache)
+        return torch.tensordot(c.to(G.dtype), G, dims=1)
