@@ -363,3 +363,60 @@ def test_ops_hostile(fn):
     # a negative padding_idx counts from the end, as in nn.Embedding
     ids = torch.randint(0, 5, (3, 4))
     assert_close(fn(ids, g, 5, -1), fn(ids, g, 5, 4), torch.float32)
+
+
+# -- other paths: the generic cross term, EmbeddingBag and subclasses --------------------------
+
+class TiedToCustom(nn.Module):
+    """An embedding weight shared with a leaf the generic rule covers: the engine's generic cross
+    path uses EmbeddingRule.per_example_grad."""
+
+    class Proj(nn.Module):
+        def __init__(self, V, d):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(V, d))
+
+        def forward(self, h):
+            return torch.sin(h @ self.w.t())
+
+    def __init__(self, V=7, d=4):
+        super().__init__()
+        self.emb = nn.Embedding(V, d, padding_idx=3)
+        self.proj = self.Proj(V, d)
+        self.proj.w = self.emb.weight
+
+    def forward(self, x):
+        return self.proj(torch.tanh(self.emb(x).mean(1)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tied_to_generic_rule(dtype):
+    m = TiedToCustom().to(dtype)
+    x = torch.randint(0, 7, (5, 6))
+    check(m, CE, x, torch.randint(0, 7, (5,)), dtype)
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag_is_exact_through_the_generic_rule(mode):
+    # Left to the generic rule (exact; memory B x V x d): see fastclip/layers/embedding.py.
+    m = nn.Sequential(nn.EmbeddingBag(7, 4, mode=mode, padding_idx=1), nn.Linear(4, 3)).double()
+    x = torch.randint(0, 7, (5, 6))
+    x[0, :2] = 1
+    check(m, CE, x, torch.randint(0, 3, (5,)), torch.float64)
+
+
+def test_embedding_subclass():
+    class Plain(nn.Embedding):
+        pass
+
+    class Scaled(nn.Embedding):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    from fastclip.layers import rule_for
+    from fastclip.layers.embedding import EmbeddingRule
+    assert isinstance(rule_for(Plain(3, 2)), EmbeddingRule)
+    assert rule_for(Scaled(3, 2)) is None  # its own forward: the generic rule covers it
+    for cls in (Plain, Scaled):
+        m = nn.Sequential(cls(6, 3), nn.Flatten(1), nn.Linear(12, 2)).double()
+        check(m, CE, torch.randint(0, 6, (4, 4)), torch.randint(0, 2, (4,)), torch.float64)

@@ -4,6 +4,10 @@ projection (``lm_head.weight = embed.weight``) without any per-example V x d mat
 
 Example i's weight gradient has row v = sum of g_t over the positions t holding token v (none at
 padding_idx), so ||grad_i||^2 = sum over distinct tokens of ||sum_{t: x_t = v} g_t||^2.
+
+nn.EmbeddingBag is left to the generic rule (exact, memory B x V x d): its (B, T) sum/mean form
+would fit this rule (g_t = scale_i * G_i), but offsets, 1-D input and per_sample_weights do not,
+and whether a call uses them is only known at call time, after the rule has been chosen.
 """
 from __future__ import annotations
 
