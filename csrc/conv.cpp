@@ -245,6 +245,7 @@ void conv_sq_norms(const ConvShape& s, const T* x, const T* g, ConvMethod method
   // Per-(example, group) partial sums; the reduction over groups runs in a fixed order, so the
   // result does not depend on the thread count.
   std::vector<double> wpart(size_t(items), 0.0), bpart(b_out ? size_t(items) : 0, 0.0);
+  const std::vector<T> ones(b_out ? size_t(P) : 0, T(1));
   parallel_for(items, threads, [&](int64_t begin, int64_t end) {
     Scratch<T> scratch;
     for (int64_t it = begin; it < end; ++it) {
@@ -258,11 +259,11 @@ void conv_sq_norms(const ConvShape& s, const T* x, const T* g, ConvMethod method
                                                         : direct_item(s, xi, c0, G, ldgr, Og, scratch);
       }
       if (b_out) {
+        // Row sums as dots with ones: the vectorised dot accumulates in double without the
+        // one-add-per-cycle latency chain of a scalar loop.
         double bsq = 0.0;
         for (int64_t o = 0; o < Og; ++o) {
-          const T* row = G + o * ldgr;
-          double acc = 0.0;
-          for (int64_t t = 0; t < P; ++t) acc += static_cast<double>(row[t]);
+          const double acc = dot(G + o * ldgr, ones.data(), P);
           bsq += acc * acc;
         }
         bpart[size_t(it)] = bsq;

@@ -85,6 +85,29 @@ def _mlp_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4) -> 
     return Workload(model, batches, description="MLP 784-512-512-10")
 
 
+def cnn() -> nn.Sequential:
+    """3 x (Conv2d 3x3 - GroupNorm(8) - ReLU - MaxPool2d(2)) with 32/64/128 channels, then
+    Linear(2048, 10), for 3 x 32 x 32 inputs."""
+    layers: List[nn.Module] = []
+    c_in = 3
+    for c in (32, 64, 128):
+        layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.GroupNorm(8, c), nn.ReLU(), nn.MaxPool2d(2)]
+        c_in = c
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(128 * 4 * 4, 10))
+
+
+@register_workload("cnn", default_batch_size=128)
+def _cnn_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4) -> Workload:
+    model = cnn()
+    batches = [
+        (torch.randn(batch_size, 3, 32, 32, generator=gen),
+         torch.randint(0, 10, (batch_size,), generator=gen))
+        for _ in range(n_batches)
+    ]
+    return Workload(model, batches, description="CNN 3x(Conv3x3-GN-ReLU-MaxPool) 32/64/128, "
+                                                 "Linear 2048-10, 3x32x32")
+
+
 # --------------------------------------------------------------------------------------------
 # methods: each prepares (a copy of) the model and returns a step(x, y) closure
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from . import Entry, register
+from . import Entry, register, scaled_rows
 from .capture import FunctionalRule
 
 _DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -140,6 +140,11 @@ class ConvRule(FunctionalRule):
             # torch's weight-gradient conv takes symmetric padding: pad the extra after by hand
             # (padding="same" with an even dilated kernel), as torch's own forward does.
             x = F.pad(x, [p for lo, hi in reversed(pads) for p in (0, hi - lo)])
-        gc = g * c.view(B, *([1] * (g.dim() - 1)))
-        return _WEIGHT_GRAD[d](x, tuple(weight.shape), gc, stride, tuple(lo for lo, _ in pads),
+        # sum_i c_i grad_W_i is the weight-gradient conv of (x, G) with either factor's examples
+        # rescaled by c: rescale the smaller one (usually x: fewer channels or more positions).
+        if x.numel() <= g.numel():
+            x = scaled_rows(x, c, cache)
+        else:
+            g = scaled_rows(g, c, cache)
+        return _WEIGHT_GRAD[d](x, tuple(weight.shape), g, stride, tuple(lo for lo, _ in pads),
                                dilation, groups)
