@@ -111,7 +111,12 @@ class Engine:
             if isinstance(p := own[0][1], nn.parameter.UninitializedParameter):
                 raise ValueError(f"module '{label}' has uninitialized (lazy) parameters; run one "
                                  "forward pass before making the model private")
-            self._rules[module] = rule_for(module) or GENERIC
+            rule = rule_for(module) or GENERIC
+            why = rule.check(module)
+            if why is not None:
+                raise ValueError(f"fastclip cannot make module '{label}' ({type(module).__name__}) "
+                                 f"private: {why}")
+            self._rules[module] = rule
             self._params[module] = own
 
     def _attach(self):

@@ -64,6 +64,11 @@ class Rule:
     def supports(self, module: nn.Module) -> bool:
         return True
 
+    def check(self, module: nn.Module) -> Optional[str]:
+        """Why this rule cannot make ``module`` private (an option it cannot honour), or None.
+        Called when the engine attaches, so the error comes before any training."""
+        return None
+
     def pre_forward(self, engine, module: nn.Module, args, kwargs):
         raise NotImplementedError
 

@@ -95,11 +95,8 @@ class EmbeddingRule(FunctionalRule):
     def supports(self, module):
         return type(module).forward is nn.Embedding.forward
 
-    def pre_forward(self, engine, module, args, kwargs):
-        why = _refusal(module.max_norm, module.scale_grad_by_freq, module.sparse)
-        if why is not None:
-            raise ValueError(f"fastclip cannot make {type(module).__name__} private: {why}")
-        return super().pre_forward(engine, module, args, kwargs)
+    def check(self, module):
+        return _refusal(module.max_norm, module.scale_grad_by_freq, module.sparse)
 
     def capture_call(self, engine, module, func, bound):
         why = _refusal(bound.get("max_norm"), bound.get("scale_grad_by_freq"),
