@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .. import ops
 from . import Entry, register, register_cross
 from .capture import FunctionalRule
-from .linear import LinearRule
+from .linear import LinearRule, stack_uses
 
 
 def _parse_embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
@@ -129,5 +129,5 @@ def embedding_linear_cross(emb_entries: Sequence[Entry], lin_entries: Sequence[E
     """<E_i, L_i> per example for a weight tied between Embedding uses (E_i) and Linear uses
     (L_i = G_out_i^T H_i, the output projection of a language model), with no V x d matrix."""
     ids, g, pad = _stack(emb_entries)
-    H, G = LinearRule._stack(lin_entries)
+    H, G = stack_uses(lin_entries)
     return ops.embedding_linear_cross(ids, g, H.to(g.dtype), G.to(g.dtype), pad)

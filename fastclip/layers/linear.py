@@ -64,6 +64,18 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
 
 
+def stack_uses(entries: Sequence[Entry]):
+    """(A, G) of a Linear weight's uses, stacked along T: (B, sum T, d), (B, sum T, p).
+
+    A weight used k times has one per-example gradient, the sum over uses: stacking the uses
+    along T before the norm makes it exact (DESIGN.md)."""
+    As = [_flat(u.inputs) for _, _, u in entries]
+    Gs = [_flat(u.grads[0]) for _, _, u in entries]
+    if len(As) == 1:
+        return As[0], Gs[0]
+    return torch.cat(As, 1), torch.cat(Gs, 1)
+
+
 @register(nn.Linear)
 class LinearRule(Rule):
     def supports(self, module):
@@ -79,22 +91,12 @@ class LinearRule(Rule):
         state.__exit__(None, None, None)
         return None
 
-    @staticmethod
-    def _stack(entries: Sequence[Entry]):
-        # A weight used k times has one per-example gradient, the sum over uses: stacking the
-        # uses along T before the norm makes it exact (DESIGN.md).
-        As = [_flat(u.inputs) for _, _, u in entries]
-        Gs = [_flat(u.grads[0]) for _, _, u in entries]
-        if len(As) == 1:
-            return As[0], Gs[0]
-        return torch.cat(As, 1), torch.cat(Gs, 1)
-
     def sq_norms(self, entries, method, cache):
         name = entries[0][1]
         key = ("linear-bias", tuple(id(u) for _, _, u in entries))
         if name == "bias" and key in cache:
             return cache.pop(key)
-        A, G = self._stack(entries)
+        A, G = stack_uses(entries)
         if name == "weight":
             # The bias of the same uses comes out of the same pass over G.
             with_bias = all(m.bias is not None and m.bias.requires_grad for m, _, _ in entries) and \
