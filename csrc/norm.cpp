@@ -9,7 +9,7 @@ namespace fastclip {
 namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
-#define FASTCLIP_NORM_MV __attribute__((target_clones("avx2,fma", "default")))
+#define FASTCLIP_NORM_MV __attribute__((target_clones("avx512f", "avx2,fma", "default")))
 #else
 #define FASTCLIP_NORM_MV
 #endif
@@ -67,17 +67,96 @@ inline void gsums_impl(const T* x, const T* g, int64_t n, double m, double* sw, 
   *sb = b;
 }
 
+// One pass over a channel: with d = x - x0 (x0 a value of the same group, so that the shifted
+// moments do not cancel for typical data), out = {sum d, sum d^2, sum g, sum g d}. The caller
+// checks the shift and falls back to the two-pass formulas when mean(d)^2 is large against var.
+template <class T>
+inline void moments_impl(const T* x, const T* g, int64_t n, double x0, double* out) {
+  double a1[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0}, a2[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double ag[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0}, agd[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      const double d = static_cast<double>(x[i + k]) - x0, gv = static_cast<double>(g[i + k]);
+      a1[k] += d;
+      a2[k] += d * d;
+      ag[k] += gv;
+      agd[k] += gv * d;
+    }
+  double s1 = 0.0, s2 = 0.0, sg = 0.0, sgd = 0.0;
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(x[i]) - x0, gv = static_cast<double>(g[i]);
+    s1 += d;
+    s2 += d * d;
+    sg += gv;
+    sgd += gv * d;
+  }
+  for (int k = 0; k < kLanes; ++k) {
+    s1 += a1[k];
+    s2 += a2[k];
+    sg += ag[k];
+    sgd += agd[k];
+  }
+  out[0] = s1;
+  out[1] = s2;
+  out[2] = sg;
+  out[3] = sgd;
+}
+
+// sum d and sum d^2 of a row, d = x - x0.
+template <class T>
+inline void row_moments_impl(const T* x, int64_t n, double x0, double* s1_out, double* s2_out) {
+  double a1[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0}, a2[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) {
+      const double d = static_cast<double>(x[i + k]) - x0;
+      a1[k] += d;
+      a2[k] += d * d;
+    }
+  double s1 = 0.0, s2 = 0.0;
+  for (; i < n; ++i) {
+    const double d = static_cast<double>(x[i]) - x0;
+    s1 += d;
+    s2 += d * d;
+  }
+  for (int k = 0; k < kLanes; ++k) {
+    s1 += a1[k];
+    s2 += a2[k];
+  }
+  *s1_out = s1;
+  *s2_out = s2;
+}
+
 // aw[k] += g[k] * (x[k] - m) * r; ab[k] += g[k] (ab may be null): elementwise, vectorises as is.
 template <class T>
 inline void row_update_impl(const T* x, const T* g, int64_t n, double m, double r, double* aw,
                             double* ab) {
-  for (int64_t k = 0; k < n; ++k)
-    aw[k] += static_cast<double>(g[k]) * ((static_cast<double>(x[k]) - m) * r);
-  if (ab)
-    for (int64_t k = 0; k < n; ++k) ab[k] += static_cast<double>(g[k]);
+  if (ab) {
+    for (int64_t k = 0; k < n; ++k) {
+      const double gv = static_cast<double>(g[k]);
+      aw[k] += gv * ((static_cast<double>(x[k]) - m) * r);
+      ab[k] += gv;
+    }
+  } else {
+    for (int64_t k = 0; k < n; ++k)
+      aw[k] += static_cast<double>(g[k]) * ((static_cast<double>(x[k]) - m) * r);
+  }
 }
 
 // Non-template entry points, one clone per ISA (target_clones does not apply to templates).
+FASTCLIP_NORM_MV void moments(const float* x, const float* g, int64_t n, double x0, double* out) {
+  moments_impl(x, g, n, x0, out);
+}
+FASTCLIP_NORM_MV void moments(const double* x, const double* g, int64_t n, double x0, double* out) {
+  moments_impl(x, g, n, x0, out);
+}
+FASTCLIP_NORM_MV void row_moments(const float* x, int64_t n, double x0, double* s1, double* s2) {
+  row_moments_impl(x, n, x0, s1, s2);
+}
+FASTCLIP_NORM_MV void row_moments(const double* x, int64_t n, double x0, double* s1, double* s2) {
+  row_moments_impl(x, n, x0, s1, s2);
+}
 FASTCLIP_NORM_MV double sum_of(const float* x, int64_t n) { return sum_impl(x, n, 0.0, false); }
 FASTCLIP_NORM_MV double sum_of(const double* x, int64_t n) { return sum_impl(x, n, 0.0, false); }
 FASTCLIP_NORM_MV double sum_sq_dev(const float* x, int64_t n, double m) { return sum_impl(x, n, m, true); }
@@ -96,6 +175,12 @@ FASTCLIP_NORM_MV void row_update(const double* x, const double* g, int64_t n, do
                                  double* aw, double* ab) {
   row_update_impl(x, g, n, m, r, aw, ab);
 }
+
+// One-pass moments shifted by x0 are used only while mean(d)^2 <= kShiftRatio * var: the relative
+// rounding error of var = E[d^2] - E[d]^2 then stays within (1 + kShiftRatio) * n * 2^-53, far
+// below float32 resolution and the float64 tests' 1e-10. Otherwise (x0 an outlier of its group,
+// or a mean far from zero against the spread) the exact two-pass formulas run instead.
+constexpr double kShiftRatio = 16.0;
 
 // Below this many elements the pool's wake-up costs more than the work.
 constexpr int64_t kSerialElements = int64_t(1) << 15;
@@ -147,8 +232,16 @@ void last_dims_affine_grads(const View3<T>& x, const View3<T>& g, bool rms, doub
         if (rms) {
           var = sum_sq_dev(xr, N, 0.0) * inv_n;  // mean of squares
         } else {
-          m = sum_of(xr, N) * inv_n;
-          var = sum_sq_dev(xr, N, m) * inv_n;  // biased, as torch
+          const double x0 = static_cast<double>(xr[0]);
+          double s1, s2;
+          row_moments(xr, N, x0, &s1, &s2);
+          const double md = s1 * inv_n;
+          var = s2 * inv_n - md * md;  // biased, as torch
+          m = x0 + md;
+          if (!(md * md <= kShiftRatio * var)) {  // cancellation (or NaN): exact two passes
+            m = sum_of(xr, N) * inv_n;
+            var = sum_sq_dev(xr, N, m) * inv_n;
+          }
         }
         row_update(xr, gr, N, m, 1.0 / std::sqrt(var + eps), aw, ab);
       }
@@ -192,10 +285,32 @@ void channel_affine_grads(const View3<T>& x, const View3<T>& g, int64_t groups, 
   // One item = one (example, group): its statistics and its channels' outputs are its own, so the
   // items need no reduction; B * groups items keep every thread busy even for B = 1.
   parallel_for(B * groups, num_threads, [&](int64_t begin, int64_t end) {
+    std::vector<double> mom(size_t(mean ? 0 : 4 * cpg));  // per channel: sum d, d^2, g, g d
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / groups, c0 = (item % groups) * cpg;
       double m = 0.0, r = 0.0;
       if (!mean && S > 0) {
+        // Fast path: one pass per channel gives the group's shifted moments and each channel's
+        // sum g and sum g (x - x0); gw = r * (sum g (x - x0) - (m - x0) sum g).
+        const double x0 = static_cast<double>(x.row(i, c0)[0]);
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t c = c0; c < c0 + cpg; ++c) {
+          double* mo = &mom[size_t(4 * (c - c0))];
+          moments(x.row(i, c), g.row(i, c), S, x0, mo);
+          s1 += mo[0];
+          s2 += mo[1];
+        }
+        const double md = s1 / n_group, var_fast = s2 / n_group - md * md;
+        if (md * md <= kShiftRatio * var_fast) {
+          r = 1.0 / std::sqrt(var_fast + eps);
+          for (int64_t c = c0; c < c0 + cpg; ++c) {
+            const double* mo = &mom[size_t(4 * (c - c0))];
+            gw[i * C + c] = static_cast<T>((mo[3] - md * mo[2]) * r);
+            if (gb) gb[i * C + c] = static_cast<T>(mo[2]);
+          }
+          continue;
+        }
+        // Cancellation (or NaN) in the shifted moments: exact two-pass statistics.
         double s = 0.0;
         for (int64_t c = c0; c < c0 + cpg; ++c) s += sum_of(x.row(i, c), S);
         m = s / n_group;

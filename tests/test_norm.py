@@ -493,3 +493,30 @@ def test_ops_arguments():
     # eps = 0 is legal in torch (nn.LayerNorm(eps=0)) and here
     gw, _ = ops.norm_affine_grads("layer_norm", x, x, eps=0.0)
     assert torch.isfinite(gw).all()
+
+
+@pytest.mark.parametrize("kind,shape,kw", [("layer_norm", (3, 4, 40), {}),
+                                           ("group_norm", (3, 6, 50), dict(num_groups=2))])
+@pytest.mark.parametrize("case", ["outlier_first", "large_mean", "constant"])
+def test_op_ill_conditioned_statistics(kind, shape, kw, case):
+    """The core's one-pass shifted moments hand over to exact two-pass statistics when they would
+    cancel: an outlier as the first value of a row/group, a mean far from zero against the
+    spread, a constant input (var = 0, x_hat = 0)."""
+    x = torch.randn(shape, dtype=torch.float64)
+    if case == "outlier_first":
+        x.view(shape[0], -1)[:, 0] = 1e6
+        if kind == "layer_norm":
+            x[..., 0] = 1e6
+    elif case == "large_mean":
+        x = x + 1e3  # condition |mean| / std = 1e3: float64 keeps ~1e-13 of x - mean
+    else:
+        x = torch.full(shape, 3.0, dtype=torch.float64)
+    g = torch.randn(shape, dtype=torch.float64)
+    k = dict(groups=kw["num_groups"]) if kw else {}
+    want = autograd_grads(kind, x, g, 1e-5, **k)
+    gw, gb = ops.norm_affine_grads(kind, x, g, **kw)
+    torch.testing.assert_close(gw, want[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gb, want[1], rtol=1e-12, atol=1e-12)
+    gw32, _ = ops.norm_affine_grads(kind, x.float(), g.float(), **kw)
+    want32 = autograd_grads(kind, x.float().double(), g.float().double(), 1e-5, **k)
+    torch.testing.assert_close(gw32.double(), want32[0], rtol=1e-4, atol=1e-4)
