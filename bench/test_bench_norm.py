@@ -76,15 +76,17 @@ def test_norm_affine_grads(benchmark, kind, shape, impl):
 
 @pytest.fixture(scope="module", autouse=True)
 def _opacus_ratios(request):
-    yield
-    lines = []
-    for group, r in sorted(_RESULTS.items()):
-        if {"native", "opacus"} <= r.keys():
-            lines.append(f"{group:40s} native {r['native'] * 1e3:8.3f} ms  opacus "
-                         f"{r['opacus'] * 1e3:8.3f} ms  ratio(min) {r['opacus'] / r['native']:6.2f}")
+    # Printed at unconfigure (after pytest-benchmark's tables), outside output capture.
     rep = request.config.pluginmanager.get_plugin("terminalreporter")
-    if lines and rep is not None:
-        rep.write_line("")
-        rep.write_line("opacus / native time ratios (> 1: native faster)")
-        for line in lines:
-            rep.write_line(line)
+
+    def report():
+        lines = [f"{group:34s} native {r['native'] * 1e3:8.3f} ms  opacus {r['opacus'] * 1e3:8.3f} ms"
+                 f"  ratio(min) {r['opacus'] / r['native']:6.2f}"
+                 for group, r in sorted(_RESULTS.items()) if {"native", "opacus"} <= r.keys()]
+        if lines and rep is not None:
+            rep.write_sep("-", "opacus / native time ratios (> 1: native faster)")
+            for line in lines:
+                rep.write_line(line)
+
+    request.config.add_cleanup(report)
+    yield
