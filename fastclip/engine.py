@@ -206,6 +206,7 @@ class Engine:
         """Called from a rule's backward once ``use.grads`` is set."""
         g0 = next((g for g in use.grads if g is not None), None)
         use.batch_size = g0.shape[0] if g0 is not None and g0.dim() > 0 else -1
+        self._rules[use.module].on_record(use)
         self._pending.append(use)
         if not self._queued:
             self._queued = True
