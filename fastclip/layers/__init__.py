@@ -69,6 +69,12 @@ class Rule:
         Called when the engine attaches, so the error comes before any training."""
         return None
 
+    def on_record(self, use: Use) -> None:
+        """Called in the backward as soon as ``use.grads`` is set. A rule whose per-example
+        gradients are small (a normalisation layer's (B, C)) can reduce the use here — store
+        them in ``use.extra`` and drop ``use.inputs`` / ``use.grads`` — so the activation-sized
+        tensors are freed during the backward instead of being held until its end."""
+
     def pre_forward(self, engine, module: nn.Module, args, kwargs):
         raise NotImplementedError
 
