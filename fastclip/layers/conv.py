@@ -100,7 +100,7 @@ class ConvRule(FunctionalRule):
         out = None
         for _, _, u in entries:
             g = u.grads[0]
-            s = g.reshape(g.shape[0], g.shape[1], -1).sum(2)
+            s = g.flatten(2).sum(2)
             out = s if out is None else out + s
         return out
 
@@ -122,7 +122,7 @@ class ConvRule(FunctionalRule):
         weight = getattr(module, name)
         if name == "bias":
             g = use.grads[0]
-            return g.reshape(g.shape[0], g.shape[1], -1).sum(2)
+            return g.flatten(2).sum(2)
         U, G = _grouped(use, weight.shape)
         grad = torch.einsum("bgop,bgkp->bgok", G, U)
         return grad.reshape(G.shape[0], *weight.shape)
@@ -132,7 +132,7 @@ class ConvRule(FunctionalRule):
         B = g.shape[0]
         c = c.to(g.dtype)
         if name == "bias":
-            return c.matmul(g.reshape(B, g.shape[1], -1).sum(2))
+            return c.matmul(g.flatten(2).sum(2))
         weight = getattr(module, name)
         d, kernel, stride, pads, dilation, groups = _opts(use, weight.shape)
         x = use.inputs

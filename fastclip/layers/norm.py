@@ -75,30 +75,34 @@ class NormRule(FunctionalRule):
                     bound[name] = bound[name].detach().clone()
         return super().capture_call(engine, module, func, bound)
 
-    def _grads(self, module: nn.Module, use, cache: Dict):
-        """(gw (B, K), gb (B, K) or None) of one use, computed once per finalize."""
-        key = ("norm", id(use))
-        hit = cache.get(key)
-        if hit is not None:
-            return hit
+    def on_record(self, use):
+        # The per-example gradients are only (B, C): form them now, in the backward, and drop the
+        # activation-sized input and output gradient instead of holding them to its end.
+        use.extra["grads"] = self._compute(use)
+        use.inputs = use.grads = None
+
+    @staticmethod
+    def _compute(use):
+        """(gw (B, K), gb (B, K) or None) of one use."""
         opts, x, g = use.extra, use.inputs, use.grads[0]
         func = opts["func"]
-        bias = getattr(module, "bias", None) is not None
+        bias = getattr(use.module, "bias", None) is not None
         g = g.to(x.dtype) if g.dtype != x.dtype else g
         if func in (F.layer_norm, F.rms_norm):
             shape = opts["normalized_shape"]
             k = 1 if isinstance(shape, int) else len(shape)
             kind = "layer_norm" if func is F.layer_norm else "rms_norm"
-            res = ops.norm_affine_grads(kind, x, g, eps=opts["eps"], normalized_ndim=k, bias=bias)
-        elif func is F.group_norm:
-            res = ops.norm_affine_grads("group_norm", x, g, eps=opts["eps"],
-                                        num_groups=int(opts["num_groups"]), bias=bias)
-        else:
-            stats = {} if opts["use_input_stats"] else dict(
-                running_mean=opts["running_mean"], running_var=opts["running_var"])
-            res = ops.norm_affine_grads("instance_norm", x, g, eps=opts["eps"], bias=bias, **stats)
-        cache[key] = res
-        return res
+            return ops.norm_affine_grads(kind, x, g, eps=opts["eps"], normalized_ndim=k, bias=bias)
+        if func is F.group_norm:
+            return ops.norm_affine_grads("group_norm", x, g, eps=opts["eps"],
+                                         num_groups=int(opts["num_groups"]), bias=bias)
+        stats = {} if opts["use_input_stats"] else dict(
+            running_mean=opts["running_mean"], running_var=opts["running_var"])
+        return ops.norm_affine_grads("instance_norm", x, g, eps=opts["eps"], bias=bias, **stats)
+
+    @staticmethod
+    def _grads(module: nn.Module, use, cache: Dict):
+        return use.extra["grads"]
 
     def per_example_grad(self, module, name, use, cache):
         gw, gb = self._grads(module, use, cache)
