@@ -48,20 +48,7 @@ py::array conv_array(const py::object& obj, const std::string& name) {
   if (a.ndim() < 3 || a.ndim() > 5)
     throw py::value_error(name + " must be 3-D, 4-D or 5-D (B, C, *spatial), got " +
                           std::to_string(a.ndim()) + "-D with shape " + shape_str(a));
-  if (a.size() == 0) return a;
-  const auto item = static_cast<py::ssize_t>(a.dtype().itemsize());
-  for (py::ssize_t k = 0; k < a.ndim(); ++k) {
-    if (a.shape(k) <= 1) continue;
-    if (a.strides(k) < 0)
-      throw py::value_error(name + " has a negative stride on dim " + std::to_string(k) +
-                            "; pass a copy with non-negative strides");
-    if (a.strides(k) % item != 0)
-      throw py::value_error(name + " stride on dim " + std::to_string(k) + " (" +
-                            std::to_string(a.strides(k)) + " bytes) is not a multiple of the item size " +
-                            std::to_string(item));
-  }
-  if (!(py::detail::array_proxy(a.ptr())->flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
-    throw py::value_error(name + " data is not aligned to its item size");
+  check_layout(a, name);
   return a;
 }
 

@@ -20,20 +20,7 @@ py::array checked_ids(const py::object& obj) {
     throw py::type_error("ids must be int64 or int32 (native byte order), got " + dtype_name(a));
   if (a.ndim() != 1 && a.ndim() != 2)
     throw py::value_error("ids must be 1-D (B,) or 2-D (B, T), got " + std::to_string(a.ndim()) + "-D");
-  if (a.size() == 0) return a;
-  const auto item = static_cast<py::ssize_t>(a.dtype().itemsize());
-  for (py::ssize_t k = 0; k < a.ndim(); ++k) {
-    if (a.shape(k) <= 1) continue;
-    const auto s = a.strides(k);
-    if (s < 0)
-      throw py::value_error("ids has a negative stride on dim " + std::to_string(k) + " (" +
-                            std::to_string(s) + " bytes); pass a copy with non-negative strides");
-    if (s % item != 0)
-      throw py::value_error("ids stride on dim " + std::to_string(k) + " (" + std::to_string(s) +
-                            " bytes) is not a multiple of the item size " + std::to_string(item));
-  }
-  if (!(py::detail::array_proxy(a.ptr())->flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
-    throw py::value_error("ids data is not aligned to its item size");
+  check_layout(a, "ids");
   return a;
 }
 

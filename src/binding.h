@@ -20,6 +20,26 @@ using fastclip::View3;
 inline std::string type_name(const py::handle& obj) { return py::str(py::type::of(obj).attr("__name__")); }
 inline std::string dtype_name(const py::array& a) { return py::str(a.dtype()); }
 
+// Every stride the core follows (dims of size > 1) is non-negative and a whole number of items,
+// and the data is aligned: what the kernels' plain pointer arithmetic assumes.
+inline void check_layout(const py::array& a, const std::string& name) {
+  if (a.size() == 0) return;  // nothing is read
+  const auto item = static_cast<py::ssize_t>(a.dtype().itemsize());
+  for (py::ssize_t k = 0; k < a.ndim(); ++k) {
+    const auto s = a.strides(k);
+    if (a.shape(k) <= 1) continue;  // a stride along a dim of size 0 or 1 is never followed
+    if (s < 0)
+      throw py::value_error(name + " has a negative stride on dim " + std::to_string(k) + " (" +
+                            std::to_string(s) + " bytes); pass a copy with non-negative strides");
+    if (s % item != 0)
+      throw py::value_error(name + " stride on dim " + std::to_string(k) + " (" +
+                            std::to_string(s) + " bytes) is not a multiple of the item size " +
+                            std::to_string(item));
+  }
+  if (!(py::detail::array_proxy(a.ptr())->flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+    throw py::value_error(name + " data is not aligned to its item size");
+}
+
 // A float32/float64 numpy array of rank 2 or 3 whose strides the core can use as they are.
 inline py::array checked_array(const py::object& obj, const std::string& name) {
   if (!py::isinstance<py::array>(obj))
@@ -34,24 +54,12 @@ inline py::array checked_array(const py::object& obj, const std::string& name) {
   if (a.ndim() != 2 && a.ndim() != 3)
     throw py::value_error(name + " must be 2-D or 3-D, got " + std::to_string(a.ndim()) + "-D");
   if (a.size() == 0) return a;  // nothing is read, so strides and alignment do not matter
+  check_layout(a, name);
   const auto item = static_cast<py::ssize_t>(dt.itemsize());
-  for (py::ssize_t k = 0; k < a.ndim(); ++k) {
-    const auto s = a.strides(k);
-    if (a.shape(k) <= 1) continue;  // a stride along a dim of size 0 or 1 is never followed
-    if (s < 0)
-      throw py::value_error(name + " has a negative stride on dim " + std::to_string(k) + " (" +
-                            std::to_string(s) + " bytes); pass a copy with non-negative strides");
-    if (s % item != 0)
-      throw py::value_error(name + " stride on dim " + std::to_string(k) + " (" +
-                            std::to_string(s) + " bytes) is not a multiple of the item size " +
-                            std::to_string(item));
-  }
   const auto last = a.ndim() - 1;
   if (a.shape(last) > 1 && a.strides(last) != item)
     throw py::value_error(name + " must have unit stride on its last dim, got " +
                           std::to_string(a.strides(last) / item) + " elements; make it contiguous");
-  if (!(py::detail::array_proxy(a.ptr())->flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
-    throw py::value_error(name + " data is not aligned to its item size");
   return a;
 }
 
@@ -88,5 +96,6 @@ void bind_noise(py::module_& m);
 void bind_conv(py::module_& m);
 void bind_embedding(py::module_& m);
 void bind_norm(py::module_& m);
+void bind_rnn(py::module_& m);
 
 }  // namespace fastclip_py
