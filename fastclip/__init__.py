@@ -6,8 +6,9 @@ Public API (see DESIGN.md): :func:`per_sample_grad_norms`, :func:`clipped_grad`,
 from .engine import Engine
 from .functional import clipped_grad, per_sample_grad_norms
 from .layers import Rule, register
-from .optim import DPOptimizer, make_private
+from .accounting import PrivacyAccountant
+from .optim import DPOptimizer, make_private, make_private_with_epsilon
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "DPOptimizer", "Rule", "clipped_grad", "make_private",
-           "per_sample_grad_norms", "register", "__version__"]
+__all__ = ["Engine", "DPOptimizer", "PrivacyAccountant", "Rule", "clipped_grad", "make_private",
+           "make_private_with_epsilon", "per_sample_grad_norms", "register", "__version__"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from typing import Optional, Tuple
 
@@ -11,43 +12,80 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from . import accounting, ops
-from .data import poisson_loader
+from .accounting import (PrivacyAccountant, check_accountant, check_noise_multiplier,
+                         check_sample_rate)
+from .data import PoissonBatchSampler, poisson_loader, poisson_source
 from .engine import Engine, check_clipping
 
 
+_KEY = "fastclip"   # the privacy entry of DPOptimizer.state_dict()
+
+
 class DPOptimizer(Optimizer):
-    """Wraps any torch optimizer: before its step, adds Gaussian noise of std ``sigma * C`` to the
-    clipped gradient sums the engine wrote into ``p.grad``, then divides by the batch size for
-    ``loss_reduction="mean"``.
+    """Wraps any torch optimizer: before its step, adds Gaussian noise of std
+    ``noise_multiplier * sensitivity`` (sensitivity = C for flat clipping) to the clipped
+    gradient sums the engine wrote into ``p.grad``, then divides by the batch size for
+    ``loss_reduction="mean"``; after it, records the step in its :class:`PrivacyAccountant`.
 
     The wrapped optimizer's ``param_groups``, ``state`` and ``defaults`` are shared (not copied),
-    so LR schedulers and state dicts work on either object.
+    so LR schedulers work on either object. :meth:`state_dict` holds, beside the wrapped
+    optimizer's state, everything a resumed run needs to continue exactly: the accountant's
+    history, the noise generator's state and the Poisson sampler's position and generator state.
 
     Args:
         optimizer: the torch optimizer over the model's parameters.
         engine: the attached :class:`fastclip.engine.Engine`.
-        noise_multiplier: sigma >= 0.
-        expected_batch_size: the divisor for "mean" (Poisson sampling); None uses the number of
-            examples actually seen since the last step.
-        generator: torch.Generator for the noise (reproducible runs); None uses torch's default.
-        sample_rate: the Poisson sampling rate q, for :meth:`epsilon`.
+        noise_multiplier: sigma >= 0; may be changed between steps (``opt.noise_multiplier =``),
+            the accountant composes the segments.
+        expected_batch_size: the divisor for "mean" under Poisson sampling (N q). None divides
+            by the number of examples actually seen since the last step, which is allowed only
+            while no sample rate is known (the actual batch size is not private).
+        generator: torch.Generator for the noise (reproducible runs); None seeds a private one
+            from torch's default generator.
+        sample_rate: the Poisson sampling rate q in (0, 1], for :meth:`epsilon`.
+        secure_mode: every step's noise seed comes from ``os.urandom`` (``generator`` must be
+            None); see :func:`make_private`.
+        sampler: the :class:`fastclip.data.PoissonBatchSampler` feeding the run, whose state the
+            optimizer's state_dict carries.
+        accountant: default accountant of :meth:`epsilon`, "rdp" or "pld".
     """
 
     def __init__(self, optimizer: Optimizer, engine: Engine, noise_multiplier: float,
                  expected_batch_size: Optional[float] = None,
-                 generator: Optional[torch.Generator] = None, sample_rate: Optional[float] = None):
+                 generator: Optional[torch.Generator] = None, sample_rate: Optional[float] = None,
+                 *, secure_mode: bool = False, sampler: Optional[PoissonBatchSampler] = None,
+                 accountant: str = "rdp"):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        noise_multiplier = float(noise_multiplier)
-        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+        if isinstance(optimizer, DPOptimizer):
+            raise TypeError("the optimizer is already private (a DPOptimizer); pass the original one")
+        sigma = check_noise_multiplier(noise_multiplier)
+        if sample_rate is not None:
+            sample_rate = check_sample_rate(sample_rate)
+        if expected_batch_size is not None:
+            expected_batch_size = float(expected_batch_size)
+            if not (expected_batch_size > 0 and math.isfinite(expected_batch_size)):
+                raise ValueError(f"expected_batch_size must be a finite number > 0, got {expected_batch_size}")
+        if (engine.loss_reduction == "mean" and sample_rate is not None
+                and expected_batch_size is None):
+            raise ValueError("loss_reduction='mean' with a known sample rate needs expected_batch_size "
+                             "(N * sample_rate): dividing by the actual batch size would release it")
+        if secure_mode and generator is not None:
+            raise ValueError("secure_mode draws every noise seed from os.urandom; do not pass a generator")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator is None and not secure_mode:
+            # A private generator (seeded from torch's default one) so its state can be saved.
+            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
         self.original_optimizer = optimizer
         self.engine = engine
-        self.noise_multiplier = noise_multiplier
+        self._noise_multiplier = sigma
         self.expected_batch_size = expected_batch_size
         self.generator = generator
         self.sample_rate = sample_rate
-        self.steps = 0
+        self.secure_mode = bool(secure_mode)
+        self.sampler = sampler
+        self.accountant = PrivacyAccountant(accountant)
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -60,6 +98,30 @@ class DPOptimizer(Optimizer):
                 if p.requires_grad and id(p) not in covered:
                     raise ValueError("the optimizer holds a trainable parameter that is not part of "
                                      "the private model; pass the model's own parameters")
+
+    @property
+    def noise_multiplier(self) -> float:
+        return self._noise_multiplier
+
+    @noise_multiplier.setter
+    def noise_multiplier(self, value: float):
+        self._noise_multiplier = check_noise_multiplier(value)
+
+    @property
+    def steps(self) -> int:
+        """Steps taken (all of them accounted)."""
+        return self.accountant.steps
+
+    @property
+    def sensitivity(self) -> float:
+        """L2 sensitivity of the summed clipped gradient to adding or removing one example; the
+        noise std is ``noise_multiplier * sensitivity``.
+
+        Flat clipping: C. This is the one place the noise scale is derived from the clipping:
+        per-layer clipping with bounds C_l must return ``sqrt(sum_l C_l^2)`` here (and the
+        engine must keep each example's contribution to layer l within C_l).
+        """
+        return self.engine.max_grad_norm
 
     # Shared with the wrapped optimizer, never copied.
     @property
@@ -93,17 +155,22 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.zero_grad(set_to_none)
         self.engine.examples = 0
 
+    def _step_seed(self) -> int:
+        if self.secure_mode:
+            return int.from_bytes(os.urandom(8), "little")
+        return int(torch.randint(0, 1 << 62, (1,), generator=self.generator).item())
+
     def add_noise_and_scale(self):
         """Turn the accumulated clipped sums into the private gradient, in place."""
-        C = self.engine.max_grad_norm
-        std = self.noise_multiplier * C
+        std = self.noise_multiplier * self.sensitivity
         if self.engine.loss_reduction == "mean":
             denom = self.expected_batch_size if self.expected_batch_size is not None \
                 else max(self.engine.examples, 1)
         else:
             denom = 1.0
-        # One seed per step from the user's generator (reproducible runs); one stream per tensor.
-        base = int(torch.randint(0, 1 << 62, (1,), generator=self.generator).item()) if std > 0 else 0
+        # One seed per step (from the generator, or os.urandom in secure mode); one stream per
+        # tensor.
+        base = self._step_seed() if std > 0 else 0
         k = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -126,41 +193,99 @@ class DPOptimizer(Optimizer):
         self.add_noise_and_scale()
         self.original_optimizer.step()
         self.engine.examples = 0
-        self.steps += 1
+        self.accountant.step(self.noise_multiplier, self.sample_rate)
         return loss
 
-    def state_dict(self):
-        return self.original_optimizer.state_dict()
+    def state_dict(self) -> dict:
+        """The wrapped optimizer's state dict (keys "state", "param_groups") plus a "fastclip"
+        entry: accountant history, noise multiplier, noise generator state, sampler state."""
+        sd = self.original_optimizer.state_dict()
+        sd[_KEY] = {
+            "version": 1,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "secure_mode": self.secure_mode,
+            "accountant": self.accountant.state_dict(),
+            "generator": None if self.generator is None else self.generator.get_state(),
+            "sampler": None if self.sampler is None else self.sampler.state_dict(),
+        }
+        return sd
 
-    def load_state_dict(self, state_dict):
-        self.original_optimizer.load_state_dict(state_dict)
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a state dict from :meth:`state_dict`: the run continues exactly (same noise,
+        same batches, same epsilon) when the model and loader are built as before.
 
-    def epsilon(self, delta: float, accountant: str = "rdp") -> float:
+        Raises:
+            ValueError: the state dict has no privacy state (it was saved from a non-private
+                optimizer: loading it would silently restart the accounting at 0 steps), or it
+                does not fit this run (another sample rate or dataset size for the sampler).
+        """
+        if _KEY not in state_dict:
+            raise ValueError("this state dict has no privacy state (accountant, noise generator, "
+                             "steps): it was saved from a non-private optimizer, and loading it would "
+                             "restart the privacy accounting at 0 steps. Load it into "
+                             "optimizer.original_optimizer if that is what you mean")
+        sd = dict(state_dict)
+        priv = sd.pop(_KEY)
+        accountant = PrivacyAccountant()
+        accountant.load_state_dict(priv["accountant"])      # validates before anything changes
+        sigma = check_noise_multiplier(priv["noise_multiplier"])
+        if self.sampler is not None and priv.get("sampler") is not None:
+            self.sampler.load_state_dict(priv["sampler"])
+        self.original_optimizer.load_state_dict(sd)
+        self.accountant = accountant
+        self._noise_multiplier = sigma
+        if self.generator is not None and priv.get("generator") is not None:
+            self.generator.set_state(priv["generator"])
+        self.engine.examples = 0
+
+    def epsilon(self, delta: float, accountant: Optional[str] = None) -> float:
         """Epsilon spent by the steps taken so far, at ``delta`` (Poisson sampling assumed).
+
+        Args:
+            delta: in (0, 1).
+            accountant: "rdp" or "pld"; None uses the optimizer's default (``make_private``'s
+                ``accountant``).
 
         Raises:
             ValueError: no sample rate is known (make_private was given no loader, or
-                poisson_sampling=False).
+                poisson_sampling=False), or delta is outside (0, 1).
         """
         if self.sample_rate is None:
             raise ValueError("epsilon needs the Poisson sampling rate: pass the DataLoader to "
                              "make_private with poisson_sampling=True")
-        return accounting.epsilon(self.noise_multiplier, self.sample_rate, self.steps, delta, accountant)
+        return self.accountant.epsilon(delta, accountant)
 
 
 def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLoader], *,
                  noise_multiplier: float, max_grad_norm: float, mode: str = "auto",
                  clipping: str = "flat", loss_reduction: str = "mean",
                  poisson_sampling: bool = True,
-                 generator: Optional[torch.Generator] = None) -> Tuple[nn.Module, DPOptimizer,
-                                                                       Optional[DataLoader]]:
+                 generator: Optional[torch.Generator] = None,
+                 sampling_generator: Optional[torch.Generator] = None,
+                 secure_mode: bool = False,
+                 accountant: str = "rdp") -> Tuple[nn.Module, DPOptimizer, Optional[DataLoader]]:
     """Make a model, its optimizer and (optionally) its loader differentially private.
 
     After this, the usual loop ``zero_grad(); loss_fn(model(x), y).mean().backward(); step()``
     performs DP-SGD: each example's gradient is clipped to ``max_grad_norm`` inside the single
     backward, Gaussian noise of std ``noise_multiplier * max_grad_norm`` is added to the clipped
     sum at each step, and the sum is divided by the batch size for ``loss_reduction="mean"``
-    (the expected batch size under Poisson sampling).
+    (the expected batch size under Poisson sampling). ``optimizer.epsilon(delta)`` reports the
+    privacy spent; ``optimizer.state_dict()`` checkpoints everything needed to resume exactly.
+
+    Randomness. By default (``secure_mode=False``) the noise of each step is seeded from
+    ``generator`` and the Poisson sampling draws from ``sampling_generator``: a seeded run is
+    reproducible bit for bit and resumes exactly from a checkpoint, which is what research and
+    debugging need. Anyone who knows the seeds can regenerate the noise and subtract it, so the
+    privacy guarantee then rests on the seeds staying secret. ``secure_mode=True`` is for
+    releasing a model: every step's noise seed comes from ``os.urandom`` (64 bits, fresh per
+    step, never stored) and every Poisson draw directly from ``os.urandom``. The price: runs are
+    not reproducible, and a resumed run continues with fresh randomness (the accounting still
+    resumes exactly). The noise itself is still generated by a counter-based Philox stream
+    with Box-Muller in floating point, which is not a discrete or cryptographically proven
+    Gaussian sampler; its known floating-point weaknesses (Mironov 2012) are a far smaller
+    concern for Gaussian noise on high-dimensional gradients than a known seed.
 
     Args:
         model: the model; hooks are attached to it (``optimizer.engine.detach()`` removes them).
@@ -171,23 +296,95 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
         mode: "auto", "ghost" or "direct" (all exact).
         clipping: "flat".
         loss_reduction: "mean" or "sum": how the training loss combines per-example losses.
-        poisson_sampling: replace the loader's sampling by Poisson sampling at rate 1/len(loader).
-        generator: torch.Generator for the noise.
+        poisson_sampling: replace the loader's sampling by Poisson sampling at rate 1/len(loader)
+            (the loader's dataset must be map-style, with a length).
+        generator: torch.Generator for the noise; None seeds one from torch's default generator.
+        sampling_generator: torch.Generator for the Poisson sampling; None derives one from
+            ``generator`` when given (one seed makes the whole run reproducible), else from
+            torch's default generator.
+        secure_mode: draw noise seeds and Poisson samples from ``os.urandom`` (see above);
+            ``generator`` and ``sampling_generator`` must then be None.
+        accountant: default accountant of ``optimizer.epsilon``: "rdp" or "pld".
 
     Returns:
-        (model, DPOptimizer, loader or None)
+        (model, DPOptimizer, loader or None); the loader is a
+        :class:`fastclip.data.PoissonDataLoader` when Poisson sampling is on.
+
+    Raises:
+        ValueError: noise_multiplier < 0, max_grad_norm <= 0, a loader Poisson sampling cannot
+            use (iterable-style or length-less dataset), generators passed with secure_mode.
     """
+    check_noise_multiplier(noise_multiplier)
+    check_accountant(accountant)
     check_clipping(clipping)
+    if secure_mode and (generator is not None or sampling_generator is not None):
+        raise ValueError("secure_mode draws all randomness from os.urandom; do not pass generator "
+                         "or sampling_generator")
+    if sampling_generator is not None and not isinstance(sampling_generator, torch.Generator):
+        raise TypeError(f"sampling_generator must be a torch.Generator, got "
+                        f"{type(sampling_generator).__name__}")
+    # torch.nn.RNN/GRU/LSTM are replaced in place by fastclip.nn's drop-ins holding the SAME
+    # Parameter objects (the optimizer keeps working); use the returned model.
+    from .nn.rnn import convert_recurrent
+    model = convert_recurrent(model)
     engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction)
     try:
-        expected = q = None
+        expected = q = sampler = None
         if loader is not None and poisson_sampling:
-            loader = poisson_loader(loader)
-            q = loader.batch_sampler.sample_rate
+            if sampling_generator is None and generator is not None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+                sampling_generator = torch.Generator().manual_seed(seed)
+            loader = poisson_loader(loader, sampling_generator, secure=secure_mode)
+            sampler = loader.batch_sampler
+            q = sampler.sample_rate
             if loss_reduction == "mean":
                 expected = len(loader.dataset) * q
-        dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier, expected, generator, q)
+        dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier, expected, generator, q,
+                                   secure_mode=secure_mode, sampler=sampler, accountant=accountant)
     except Exception:
         engine.detach()
         raise
     return model, dp_optimizer, loader
+
+
+def make_private_with_epsilon(model: nn.Module, optimizer: Optimizer, loader: DataLoader, *,
+                              target_epsilon: float, target_delta: float, epochs: int,
+                              max_grad_norm: float, accountant: str = "rdp",
+                              **kwargs) -> Tuple[nn.Module, DPOptimizer, DataLoader]:
+    """:func:`make_private` with the smallest noise multiplier that keeps ``epochs`` epochs of
+    Poisson-sampled training within ``(target_epsilon, target_delta)``.
+
+    The sampling rate is ``1 / len(loader)`` and the run has ``epochs * len(loader)`` steps;
+    the noise multiplier comes from :func:`fastclip.accounting.noise_multiplier_for` (within
+    1e-4, never over the budget) and is ``optimizer.noise_multiplier`` afterwards.
+
+    Args:
+        model, optimizer, loader: as :func:`make_private`; the loader is required.
+        target_epsilon: the budget, > 0.
+        target_delta: in (0, 1).
+        epochs: number of epochs the run will train, an integer > 0.
+        max_grad_norm: C > 0.
+        accountant: "rdp" or "pld", for the calibration and ``optimizer.epsilon``'s default.
+        **kwargs: any other option of :func:`make_private` (mode, clipping, loss_reduction,
+            generator, sampling_generator, secure_mode).
+
+    Raises:
+        ValueError: the target cannot be reached (with the epsilon the largest noise multiplier
+            tried reaches), no loader, poisson_sampling=False, or an argument outside its range.
+    """
+    if "noise_multiplier" in kwargs:
+        raise TypeError("make_private_with_epsilon chooses noise_multiplier itself; use make_private "
+                        "to set it")
+    if loader is None:
+        raise ValueError("make_private_with_epsilon needs the DataLoader: the sampling rate and the "
+                         "steps per epoch come from it")
+    if not kwargs.get("poisson_sampling", True):
+        raise ValueError("make_private_with_epsilon accounts for Poisson sampling; "
+                         "poisson_sampling=False cannot be calibrated")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
+        raise ValueError(f"epochs must be an integer > 0, got {epochs}")
+    _, num_batches = poisson_source(loader)
+    sigma = accounting.noise_multiplier_for(target_epsilon, target_delta, 1.0 / num_batches,
+                                            epochs * num_batches, accountant)
+    return make_private(model, optimizer, loader, noise_multiplier=sigma,
+                        max_grad_norm=max_grad_norm, accountant=accountant, **kwargs)
