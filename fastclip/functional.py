@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import Engine
+from .nn.rnn import converted
 
 
 def _as_tuple(inputs):
@@ -54,8 +55,9 @@ def per_sample_grad_norms(model: nn.Module, loss_fn: Callable, inputs, targets,
     Returns:
         Tensor (B,) float64: ||grad_theta loss_i||_2 for every example i.
     """
-    engine = Engine(model, mode=mode, max_grad_norm=None, loss_reduction="sum")
-    return _run(engine, model, loss_fn, inputs, targets)
+    with converted(model) as model:  # torch.nn RNN/GRU/LSTM -> fastclip.nn, put back after
+        engine = Engine(model, mode=mode, max_grad_norm=None, loss_reduction="sum")
+        return _run(engine, model, loss_fn, inputs, targets)
 
 
 def clipped_grad(model: nn.Module, loss_fn: Callable, inputs, targets, max_grad_norm: float,
@@ -74,11 +76,12 @@ def clipped_grad(model: nn.Module, loss_fn: Callable, inputs, targets, max_grad_
     """
     from .engine import check_clipping
     check_clipping(clipping)
-    engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction="sum")
-    params = [p for ps in engine._params.values() for _, p in ps]
-    for p in params:
-        p.grad = None
-    norms = _run(engine, model, loss_fn, inputs, targets)
+    with converted(model) as model:  # torch.nn RNN/GRU/LSTM -> fastclip.nn, put back after
+        engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction="sum")
+        params = [p for ps in engine._params.values() for _, p in ps]
+        for p in params:
+            p.grad = None
+        norms = _run(engine, model, loss_fn, inputs, targets)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)

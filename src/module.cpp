@@ -11,4 +11,5 @@ PYBIND11_MODULE(_C, m) {
   fastclip_py::bind_conv(m);
   fastclip_py::bind_embedding(m);
   fastclip_py::bind_norm(m);
+  fastclip_py::bind_rnn(m);
 }

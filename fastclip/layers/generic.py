@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import Rule, Use
+from . import Rule, Use, rule_for
 
 
 class _Tap(torch.autograd.Function):
@@ -157,7 +157,7 @@ def refusal(module: nn.Module):
     for t, why in _REFUSED.items():
         if isinstance(module, t):
             return why
-    if isinstance(module, nn.RNNBase) and not module.batch_first:
+    if isinstance(module, nn.RNNBase) and not module.batch_first and rule_for(module) is None:
         return ("the generic rule needs the batch dimension first; construct it with "
                 "batch_first=True (a native recurrent rule is planned)")
     return None

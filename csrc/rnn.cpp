@@ -1,0 +1,306 @@
+#include "rnn.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "blas.h"
+
+namespace fastclip {
+
+RnnCell parse_rnn_cell(const std::string& name) {
+  if (name == "lstm") return RnnCell::LSTM;
+  if (name == "gru") return RnnCell::GRU;
+  if (name == "rnn_tanh") return RnnCell::RnnTanh;
+  if (name == "rnn_relu") return RnnCell::RnnRelu;
+  throw ArgumentError("cell must be 'lstm', 'gru', 'rnn_tanh' or 'rnn_relu', got '" + name + "'");
+}
+
+int64_t rnn_gates(RnnCell cell) {
+  switch (cell) {
+    case RnnCell::LSTM: return 4;
+    case RnnCell::GRU: return 3;
+    default: return 1;
+  }
+}
+
+int64_t rnn_saved_width(RnnCell cell, int64_t h) {
+  return cell == RnnCell::RnnTanh || cell == RnnCell::RnnRelu ? h : 4 * h;
+}
+
+namespace {
+
+// exp-based forms: one exp per activation, saturating correctly at +-inf (exp overflow -> inf).
+template <class T>
+inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+template <class T>
+inline T tanh_(T x) { return T(1) - T(2) / (std::exp(T(2) * x) + T(1)); }
+
+// The batch is split into at most num_threads contiguous slices; each runs the whole time loop
+// (examples are independent), so threads never wait on each other between steps.
+template <class Fn>
+void over_slices(int64_t B, int num_threads, Fn&& fn) {
+  const int64_t n = std::min<int64_t>(std::max(num_threads, 1), B);
+  if (n <= 0) return;
+  parallel_for(n, static_cast<int>(n), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b0 = B * c / n, b1 = B * (c + 1) / n;
+      if (b1 > b0) fn(b0, b1);
+    }
+  });
+}
+
+inline int64_t length_of(const int64_t* lengths, int64_t i, int64_t T_) {
+  return lengths ? lengths[i] : T_;
+}
+
+// Time index of processing step s for an example of length L.
+inline int64_t time_of(bool reverse, int64_t L, int64_t s) { return reverse ? L - 1 - s : s; }
+
+template <class T>
+void zero_rows(T* base, int64_t width, int64_t from, int64_t to) {
+  if (base && to > from) std::memset(base + from * width, 0, sizeof(T) * (to - from) * width);
+}
+
+template <class T>
+void forward_slice(const RnnForwardArgs<T>& a, int64_t b0, int64_t b1) {
+  const int64_t R = b1 - b0, h = a.h, T_ = a.T_, d = a.d;
+  const int64_t Gh = rnn_gates(a.cell) * h, W = rnn_saved_width(a.cell, h);
+  const bool lstm = a.cell == RnnCell::LSTM;
+  std::vector<T> H(R * h, T(0)), C(lstm ? R * h : 0, T(0)), hw(R * Gh);
+  if (a.h0) std::memcpy(H.data(), a.h0 + b0 * h, sizeof(T) * R * h);
+  if (lstm && a.c0) std::memcpy(C.data(), a.c0 + b0 * h, sizeof(T) * R * h);
+  int64_t Tmax = 0;
+  for (int64_t i = b0; i < b1; ++i) {
+    const int64_t L = length_of(a.lengths, i, T_);
+    Tmax = std::max(Tmax, L);
+    // Input projection of all of the example's steps in one GEMM, into the first Gh columns of the
+    // saved rows (the activations overwrite them step by step).
+    if (L > 0 && d > 0) {
+      blas::gemm_nt<T>(L, Gh, d, a.x.row(i, 0), a.x.s1, a.w_ih, d, a.saved + i * T_ * W, W);
+    } else if (L > 0) {
+      for (int64_t t = 0; t < L; ++t) std::fill_n(a.saved + (i * T_ + t) * W, Gh, T(0));
+    }
+    // Padded steps: zero outputs and zero factors, so they add nothing to any norm or gradient.
+    zero_rows(a.out + i * T_ * h, h, L, T_);
+    zero_rows(a.saved + i * T_ * W, W, L, T_);
+    zero_rows(a.h_prev + i * T_ * h, h, L, T_);
+    if (lstm) {
+      zero_rows(a.c_prev + i * T_ * h, h, L, T_);
+      zero_rows(a.tanh_c + i * T_ * h, h, L, T_);
+    }
+  }
+  for (int64_t s = 0; s < Tmax; ++s) {
+    blas::gemm_nt<T>(R, Gh, h, H.data(), h, a.w_hh, h, hw.data(), Gh);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = b0 + r, L = length_of(a.lengths, i, T_);
+      if (s >= L) continue;  // this example has ended: its state stays as it was
+      const int64_t t = time_of(a.reverse, L, s), it = i * T_ + t;
+      T* g = a.saved + it * W;
+      const T* q = hw.data() + r * Gh;
+      T* hr = H.data() + r * h;
+      T* o = a.out + it * h;
+      std::memcpy(a.h_prev + it * h, hr, sizeof(T) * h);
+      const T* bi = a.b_ih;
+      const T* bh = a.b_hh;
+      switch (a.cell) {
+        case RnnCell::LSTM: {
+          T* cr = C.data() + r * h;
+          T* cp = a.c_prev + it * h;
+          T* tc = a.tanh_c + it * h;
+          std::memcpy(cp, cr, sizeof(T) * h);
+          for (int64_t j = 0; j < h; ++j) {
+            T pre[4];
+            for (int k = 0; k < 4; ++k) {
+              T v = g[k * h + j] + q[k * h + j];
+              if (bi) v += bi[k * h + j];
+              if (bh) v += bh[k * h + j];
+              pre[k] = v;
+            }
+            const T ig = sigmoid(pre[0]), fg = sigmoid(pre[1]), gg = tanh_(pre[2]),
+                    og = sigmoid(pre[3]);
+            const T c = fg * cr[j] + ig * gg;
+            const T th = tanh_(c);
+            g[j] = ig;
+            g[h + j] = fg;
+            g[2 * h + j] = gg;
+            g[3 * h + j] = og;
+            cr[j] = c;
+            tc[j] = th;
+            hr[j] = o[j] = og * th;
+          }
+          break;
+        }
+        case RnnCell::GRU: {
+          for (int64_t j = 0; j < h; ++j) {
+            T xr = g[j], xz = g[h + j], xn = g[2 * h + j];
+            T hr_ = q[j], hz = q[h + j], hn = q[2 * h + j];
+            if (bi) xr += bi[j], xz += bi[h + j], xn += bi[2 * h + j];
+            if (bh) hr_ += bh[j], hz += bh[h + j], hn += bh[2 * h + j];
+            const T rg = sigmoid(xr + hr_), zg = sigmoid(xz + hz);
+            const T ng = tanh_(xn + rg * hn);
+            g[j] = rg;
+            g[h + j] = zg;
+            g[2 * h + j] = ng;
+            g[3 * h + j] = hn;
+            hr[j] = o[j] = (T(1) - zg) * ng + zg * hr[j];
+          }
+          break;
+        }
+        default: {
+          const bool relu = a.cell == RnnCell::RnnRelu;
+          for (int64_t j = 0; j < h; ++j) {
+            T v = g[j] + q[j];
+            if (bi) v += bi[j];
+            if (bh) v += bh[j];
+            v = relu ? (v > T(0) ? v : T(0)) : tanh_(v);
+            g[j] = v;
+            hr[j] = o[j] = v;
+          }
+        }
+      }
+    }
+  }
+  std::memcpy(a.h_n + b0 * h, H.data(), sizeof(T) * R * h);
+  if (lstm && a.c_n) std::memcpy(a.c_n + b0 * h, C.data(), sizeof(T) * R * h);
+}
+
+template <class T>
+void backward_slice(const RnnBackwardArgs<T>& a, const std::vector<T>& w_hh_t,
+                    const std::vector<T>& w_ih_t, int64_t b0, int64_t b1) {
+  const int64_t R = b1 - b0, h = a.h, T_ = a.T_, d = a.d;
+  const int64_t Gh = rnn_gates(a.cell) * h, W = rnn_saved_width(a.cell, h);
+  const bool lstm = a.cell == RnnCell::LSTM, gru = a.cell == RnnCell::GRU;
+  std::vector<T> dH(R * h, T(0)), dC(lstm ? R * h : 0, T(0)), gstep(R * Gh, T(0)), dhw(R * h);
+  if (a.d_hn) std::memcpy(dH.data(), a.d_hn + b0 * h, sizeof(T) * R * h);
+  if (lstm && a.d_cn) std::memcpy(dC.data(), a.d_cn + b0 * h, sizeof(T) * R * h);
+  int64_t Tmax = 0;
+  for (int64_t i = b0; i < b1; ++i) {
+    const int64_t L = length_of(a.lengths, i, T_);
+    Tmax = std::max(Tmax, L);
+    zero_rows(a.g_ih + i * T_ * Gh, Gh, L, T_);
+    if (gru) zero_rows(a.g_hh + i * T_ * Gh, Gh, L, T_);
+  }
+  for (int64_t s = Tmax - 1; s >= 0; --s) {
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t i = b0 + r, L = length_of(a.lengths, i, T_);
+      T* gs = gstep.data() + r * Gh;  // the row that multiplies W_hh this step
+      if (s >= L) {
+        std::fill_n(gs, Gh, T(0));
+        continue;
+      }
+      const int64_t t = time_of(a.reverse, L, s), it = i * T_ + t;
+      const T* sv = a.saved + it * W;
+      const T* dout = a.d_out.row(i, t);
+      T* dh = dH.data() + r * h;
+      T* gi = a.g_ih + it * Gh;
+      switch (a.cell) {
+        case RnnCell::LSTM: {
+          T* dc = dC.data() + r * h;
+          const T* tc = a.tanh_c + it * h;
+          const T* cp = a.c_prev + it * h;
+          for (int64_t j = 0; j < h; ++j) {
+            const T ig = sv[j], fg = sv[h + j], gg = sv[2 * h + j], og = sv[3 * h + j];
+            const T dhj = dh[j] + dout[j], th = tc[j];
+            const T dcj = dc[j] + dhj * og * (T(1) - th * th);
+            gi[j] = dcj * gg * ig * (T(1) - ig);
+            gi[h + j] = dcj * cp[j] * fg * (T(1) - fg);
+            gi[2 * h + j] = dcj * ig * (T(1) - gg * gg);
+            gi[3 * h + j] = dhj * th * og * (T(1) - og);
+            dc[j] = dcj * fg;
+          }
+          std::memcpy(gs, gi, sizeof(T) * Gh);
+          break;
+        }
+        case RnnCell::GRU: {
+          const T* hp = a.h_prev + it * h;
+          T* gh = a.g_hh + it * Gh;
+          for (int64_t j = 0; j < h; ++j) {
+            const T rg = sv[j], zg = sv[h + j], ng = sv[2 * h + j], hn = sv[3 * h + j];
+            const T dhj = dh[j] + dout[j];
+            const T dnp = dhj * (T(1) - zg) * (T(1) - ng * ng);
+            const T drp = dnp * hn * rg * (T(1) - rg);
+            const T dzp = dhj * (hp[j] - ng) * zg * (T(1) - zg);
+            gi[j] = gh[j] = drp;
+            gi[h + j] = gh[h + j] = dzp;
+            gi[2 * h + j] = dnp;
+            gh[2 * h + j] = dnp * rg;
+            dh[j] = dhj * zg;  // the direct path h' = ... + z h; the W_hh path is added below
+          }
+          std::memcpy(gs, gh, sizeof(T) * Gh);
+          break;
+        }
+        default: {
+          const bool relu = a.cell == RnnCell::RnnRelu;
+          for (int64_t j = 0; j < h; ++j) {
+            const T v = sv[j], dhj = dh[j] + dout[j];
+            gi[j] = relu ? (v > T(0) ? dhj : T(0)) : dhj * (T(1) - v * v);
+          }
+          std::memcpy(gs, gi, sizeof(T) * Gh);
+        }
+      }
+    }
+    // dh_{t-1} = G_t W_hh: one GEMM for the slice (W_hh^T is passed as the "B^T" operand).
+    blas::gemm_nt<T>(R, h, Gh, gstep.data(), Gh, w_hh_t.data(), Gh, dhw.data(), h);
+    for (int64_t r = 0; r < R; ++r) {
+      if (s >= length_of(a.lengths, b0 + r, T_)) continue;  // passes its gradient through
+      T* dh = dH.data() + r * h;
+      const T* p = dhw.data() + r * h;
+      if (gru)
+        for (int64_t j = 0; j < h; ++j) dh[j] += p[j];
+      else
+        std::memcpy(dh, p, sizeof(T) * h);
+    }
+  }
+  // Steps with no gradient left (T_ == 0, or every example shorter) keep dH as given.
+  std::memcpy(a.d_h0 + b0 * h, dH.data(), sizeof(T) * R * h);
+  if (lstm && a.d_c0) std::memcpy(a.d_c0 + b0 * h, dC.data(), sizeof(T) * R * h);
+  if (a.d_x && d > 0 && T_ > 0)  // dx = G_ih W_ih for the slice's (R T_) rows at once
+    blas::gemm_nt<T>(R * T_, d, Gh, a.g_ih + b0 * T_ * Gh, Gh, w_ih_t.data(), Gh,
+                     a.d_x + b0 * T_ * d, d);
+}
+
+template <class T>
+std::vector<T> transposed(const T* w, int64_t rows, int64_t cols) {
+  std::vector<T> out(rows * cols);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[c * rows + r] = w[r * cols + c];
+  return out;
+}
+
+}  // namespace
+
+template <class T>
+void rnn_forward(const RnnForwardArgs<T>& a, int num_threads) {
+  check(a.B >= 0 && a.T_ >= 0 && a.d >= 0 && a.h >= 1, "invalid RNN sizes");
+  if (a.lengths)
+    for (int64_t i = 0; i < a.B; ++i)
+      check(a.lengths[i] >= 1 && a.lengths[i] <= a.T_,
+            "lengths[" + std::to_string(i) + "] = " + std::to_string(a.lengths[i]) +
+                " is outside [1, " + std::to_string(a.T_) + "]");
+  over_slices(a.B, num_threads, [&](int64_t b0, int64_t b1) { forward_slice(a, b0, b1); });
+}
+
+template <class T>
+void rnn_backward(const RnnBackwardArgs<T>& a, int num_threads) {
+  check(a.B >= 0 && a.T_ >= 0 && a.d >= 0 && a.h >= 1, "invalid RNN sizes");
+  if (a.lengths)
+    for (int64_t i = 0; i < a.B; ++i)
+      check(a.lengths[i] >= 1 && a.lengths[i] <= a.T_,
+            "lengths[" + std::to_string(i) + "] = " + std::to_string(a.lengths[i]) +
+                " is outside [1, " + std::to_string(a.T_) + "]");
+  if (a.B == 0) return;
+  const int64_t Gh = rnn_gates(a.cell) * a.h;
+  const std::vector<T> w_hh_t = transposed(a.w_hh, Gh, a.h);
+  const std::vector<T> w_ih_t = a.d_x ? transposed(a.w_ih, Gh, a.d) : std::vector<T>();
+  over_slices(a.B, num_threads,
+              [&](int64_t b0, int64_t b1) { backward_slice(a, w_hh_t, w_ih_t, b0, b1); });
+}
+
+template void rnn_forward<float>(const RnnForwardArgs<float>&, int);
+template void rnn_forward<double>(const RnnForwardArgs<double>&, int);
+template void rnn_backward<float>(const RnnBackwardArgs<float>&, int);
+template void rnn_backward<double>(const RnnBackwardArgs<double>&, int);
+
+}  // namespace fastclip
