@@ -322,6 +322,8 @@ def convert_recurrent(model: nn.Module) -> nn.Module:
     Returns:
         the model (or its converted replacement when the model itself is recurrent).
     """
+    if not isinstance(model, nn.Module):  # the engine raises the clear error
+        return model
     if type(model) in _CONVERSIONS:
         return _converted_copy(model)
     for parent, name, _, new in _swaps(model):
@@ -333,6 +335,9 @@ def convert_recurrent(model: nn.Module) -> nn.Module:
 def converted(model: nn.Module):
     """Context manager: ``convert_recurrent`` for the duration of the block, then the original
     modules are put back (the user's model is left as it was found). Yields the model to use."""
+    if not isinstance(model, nn.Module):  # the engine raises the clear error
+        yield model
+        return
     if type(model) in _CONVERSIONS:
         yield _converted_copy(model)
         return
