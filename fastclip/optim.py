@@ -160,6 +160,20 @@ class DPOptimizer(Optimizer):
             return int.from_bytes(os.urandom(8), "little")
         return int(torch.randint(0, 1 << 62, (1,), generator=self.generator).item())
 
+    def _check_finite(self):
+        """Refuse a non-finite clipped sum before anything is released: an example whose loss or
+        gradient is NaN poisons the sum whatever its clip factor, and NaN parameters would tell
+        every later observer that such an example was sampled."""
+        grads = [p.grad for g in self.param_groups for p in g["params"]
+                 if p.requires_grad and p.grad is not None]
+        if not grads:
+            return
+        norms = torch._foreach_norm(grads)
+        if not bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
+            raise RuntimeError("fastclip: the clipped gradient sum is not finite (an example in this "
+                               "batch has a NaN or infinite loss or gradient); the step is refused "
+                               "before noise is added and before the parameters change")
+
     def add_noise_and_scale(self):
         """Turn the accumulated clipped sums into the private gradient, in place."""
         std = self.noise_multiplier * self.sensitivity
@@ -190,6 +204,7 @@ class DPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_finite()
         self.add_noise_and_scale()
         self.original_optimizer.step()
         self.engine.examples = 0
