@@ -16,6 +16,7 @@ from .accounting import (PrivacyAccountant, check_accountant, check_noise_multip
                          check_sample_rate)
 from .data import PoissonBatchSampler, poisson_loader, poisson_source
 from .engine import Engine, check_clipping
+from .nn.rnn import convert_recurrent
 
 
 _KEY = "fastclip"   # the privacy entry of DPOptimizer.state_dict()
@@ -303,13 +304,16 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
     concern for Gaussian noise on high-dimensional gradients than a known seed.
 
     Args:
-        model: the model; hooks are attached to it (``optimizer.engine.detach()`` removes them).
+        model: the model; hooks are attached to it (``optimizer.engine.detach()`` removes them)
+            and its torch.nn RNN/GRU/LSTM modules are replaced by fastclip.nn's drop-ins holding
+            the same parameters (use the returned model).
         optimizer: any torch optimizer over the model's parameters.
         loader: a DataLoader, or None.
         noise_multiplier: sigma >= 0.
         max_grad_norm: C > 0.
         mode: "auto", "ghost" or "direct" (all exact).
-        clipping: "flat".
+        clipping: "flat". (Per-layer clipping is not available yet; when it is, the noise scale
+            follows ``DPOptimizer.sensitivity``.)
         loss_reduction: "mean" or "sum": how the training loss combines per-example losses.
         poisson_sampling: replace the loader's sampling by Poisson sampling at rate 1/len(loader)
             (the loader's dataset must be map-style, with a length).
@@ -338,11 +342,19 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
     if sampling_generator is not None and not isinstance(sampling_generator, torch.Generator):
         raise TypeError(f"sampling_generator must be a torch.Generator, got "
                         f"{type(sampling_generator).__name__}")
-    # torch.nn.RNN/GRU/LSTM are replaced in place by fastclip.nn's drop-ins holding the SAME
-    # Parameter objects (the optimizer keeps working); use the returned model.
-    from .nn.rnn import convert_recurrent
+    # torch.nn RNN/GRU/LSTM -> fastclip.nn drop-ins (same Parameter objects), for good: the
+    # returned model trains with them. Put back if anything below refuses the model.
+    recurrent = [(parent, name, child) for parent in model.modules()
+                 for name, child in parent._modules.items()
+                 if child is not None and type(child) in (nn.RNN, nn.GRU, nn.LSTM)] \
+        if isinstance(model, nn.Module) else []
     model = convert_recurrent(model)
-    engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction)
+    try:
+        engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction)
+    except Exception:
+        for parent, name, child in recurrent:
+            parent._modules[name] = child
+        raise
     try:
         expected = q = sampler = None
         if loader is not None and poisson_sampling:
@@ -358,6 +370,8 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
                                    secure_mode=secure_mode, sampler=sampler, accountant=accountant)
     except Exception:
         engine.detach()
+        for parent, name, child in recurrent:
+            parent._modules[name] = child
         raise
     return model, dp_optimizer, loader
 

@@ -535,3 +535,57 @@ def test_sampler_state_skips_prefetched_batches():
     got += [b[0].tolist() for b in fresh]           # the rest of the first epoch
     got += [b[0].tolist() for b in fresh]           # a whole second epoch
     assert got == want
+
+
+class Recurrent(nn.Module):
+    """torch.nn recurrent layers, converted to fastclip.nn's by make_private / clipped_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 4)
+        self.gru = nn.GRU(4, 5, batch_first=True)
+        self.lstm = nn.LSTM(5, 3, batch_first=True)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, tokens):
+        h, _ = self.gru(self.emb(tokens))
+        h, _ = self.lstm(h)
+        return self.head(h[:, -1])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sensitivity_with_recurrent_layers(mode):
+    torch.manual_seed(8)
+    m = Recurrent().double()
+    tokens = torch.randint(0, 9, (5, 6))
+    tokens[2] = 3
+    y = torch.randn(5, 2, dtype=torch.float64)
+    y[1], y[3] = 1e6, -1e4
+    C = 0.05
+    fastclip.clipped_grad(m, mse, tokens, y, max_grad_norm=C, mode=mode)
+    full = flat_grad(m)
+    for i in range(5):
+        keep = [j for j in range(5) if j != i]
+        fastclip.clipped_grad(m, mse, tokens[keep], y[keep], max_grad_norm=C, mode=mode)
+        assert (full - flat_grad(m)).norm().item() <= C * (1 + 1e-9)
+
+
+def test_make_private_converts_recurrent_layers_and_trains():
+    m = Recurrent()
+    ds = TensorDataset(torch.randint(0, 9, (20, 6)), torch.randn(20, 2))
+    m, opt, loader = fastclip.make_private(m, torch.optim.SGD(m.parameters(), lr=0.1),
+                                           DataLoader(ds, batch_size=5), noise_multiplier=1.0,
+                                           max_grad_norm=1.0, generator=torch.Generator().manual_seed(0))
+    assert type(m.gru).__module__.startswith("fastclip") and type(m.lstm).__module__.startswith("fastclip")
+    for x, y in loader:
+        opt.zero_grad()
+        mse(m(x), y).mean().backward()
+        opt.step()
+    assert opt.steps == 4 and all(torch.isfinite(p).all() for p in m.parameters())
+    # a refused model is left as it was found
+    bad = Recurrent()
+    bad.bn = nn.BatchNorm1d(3)
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        fastclip.make_private(bad, torch.optim.SGD(bad.parameters(), lr=0.1), None,
+                              noise_multiplier=1.0, max_grad_norm=1.0)
+    assert type(bad.gru) is nn.GRU and type(bad.lstm) is nn.LSTM
