@@ -247,8 +247,15 @@ class DPOptimizer(Optimizer):
         accountant.load_state_dict(priv["accountant"])      # validates before anything changes
         sigma = check_noise_multiplier(priv["noise_multiplier"])
         if self.sampler is not None and priv.get("sampler") is not None:
+            before = self.sampler.state_dict()
             self.sampler.load_state_dict(priv["sampler"])
-        self.original_optimizer.load_state_dict(sd)
+            try:
+                self.original_optimizer.load_state_dict(sd)
+            except Exception:
+                self.sampler.load_state_dict(before)
+                raise
+        else:
+            self.original_optimizer.load_state_dict(sd)
         self.accountant = accountant
         self._noise_multiplier = sigma
         if self.generator is not None and priv.get("generator") is not None:

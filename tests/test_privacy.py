@@ -589,3 +589,22 @@ def test_make_private_converts_recurrent_layers_and_trains():
         fastclip.make_private(bad, torch.optim.SGD(bad.parameters(), lr=0.1), None,
                               noise_multiplier=1.0, max_grad_norm=1.0)
     assert type(bad.gru) is nn.GRU and type(bad.lstm) is nn.LSTM
+
+
+def test_failed_load_leaves_the_sampler_as_it_was():
+    ds = TensorDataset(torch.randn(40, 5), torch.randint(0, 3, (40,)))
+    a, b = nn.Linear(5, 3), nn.Sequential(nn.Linear(5, 3), nn.Linear(3, 3))
+    _, opt_a, la = fastclip.make_private(a, torch.optim.SGD(a.parameters(), lr=0.1),
+                                         DataLoader(ds, batch_size=8), noise_multiplier=1.0,
+                                         max_grad_norm=1.0)
+    _, opt_b, lb = fastclip.make_private(b, torch.optim.SGD(b.parameters(), lr=0.1),
+                                         DataLoader(ds, batch_size=8), noise_multiplier=1.0,
+                                         max_grad_norm=1.0)
+    for _ in la:
+        break
+    before = lb.state_dict()
+    with pytest.raises(ValueError):      # parameter groups differ: torch refuses
+        opt_b.load_state_dict(opt_a.state_dict())
+    after = lb.state_dict()
+    assert after["consumed"] == before["consumed"] == 0
+    assert torch.equal(after["generator"], before["generator"])
