@@ -31,11 +31,131 @@ int64_t rnn_saved_width(RnnCell cell, int64_t h) {
 
 namespace {
 
-// exp-based forms: one exp per activation, saturating correctly at +-inf (exp overflow -> inf).
+// exp(x) by range reduction x = k ln2 + r, |r| <= ln2/2, a Taylor polynomial for exp(r) and 2^k
+// written into the exponent bits. Plain arithmetic and bit casts only, so the cell loops below
+// vectorise (libm's exp does not); error ~1 ulp (degree 7 for float, 13 for double). Inputs are
+// clamped to the finite range, so sigmoid/tanh saturate cleanly.
+inline float exp_v(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  const float kf = x * 1.44269504088896341f + magic;
+  const float k = kf - magic;
+  int32_t ki;
+  std::memcpy(&ki, &kf, 4);
+  ki -= 0x4B400000;
+  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (ki + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+inline double exp_v(double x) {
+  x = std::min(std::max(x, -708.0), 709.0);
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52
+  const double kf = x * 1.4426950408889634074 + magic;
+  const double k = kf - magic;
+  int64_t ki;
+  std::memcpy(&ki, &kf, 8);
+  ki -= 0x4338000000000000LL;
+  const double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+  double p = 1.0 / 6227020800.0;  // 1/13!
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  const int64_t bits = (ki + 1023) << 52;
+  double scale;
+  std::memcpy(&scale, &bits, 8);
+  return p * scale;
+}
+
 template <class T>
-inline T sigmoid(T x) { return T(1) / (T(1) + std::exp(-x)); }
+inline T sigmoid(T x) { return T(1) / (T(1) + exp_v(-x)); }
 template <class T>
-inline T tanh_(T x) { return T(1) - T(2) / (std::exp(T(2) * x) + T(1)); }
+inline T tanh_(T x) { return T(1) - T(2) / (exp_v(T(2) * x) + T(1)); }
+
+// The per-row cell updates: plain loops over the hidden units, compiled once per ISA (picked at
+// load time; target_clones needs non-template functions, hence the overload pairs).
+#define FASTCLIP_RNN_MV __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+
+// LSTM step for one row. g (4h): in = input projection, out = activations i, f, g, o.
+template <class T>
+inline __attribute__((always_inline)) void lstm_fwd_body(
+    int64_t h, T* __restrict g, const T* __restrict q, const T* __restrict b, T* __restrict c,
+    T* __restrict cp, T* __restrict tc, T* __restrict hs, T* __restrict out) {
+  for (int64_t j = 0; j < h; ++j) {
+    const T ig = sigmoid(g[j] + q[j] + b[j]);
+    const T fg = sigmoid(g[h + j] + q[h + j] + b[h + j]);
+    const T gg = tanh_(g[2 * h + j] + q[2 * h + j] + b[2 * h + j]);
+    const T og = sigmoid(g[3 * h + j] + q[3 * h + j] + b[3 * h + j]);
+    const T cj = c[j];
+    const T cn = fg * cj + ig * gg;
+    const T th = tanh_(cn);
+    cp[j] = cj;
+    c[j] = cn;
+    tc[j] = th;
+    g[j] = ig;
+    g[h + j] = fg;
+    g[2 * h + j] = gg;
+    g[3 * h + j] = og;
+    const T hn = og * th;
+    hs[j] = hn;
+    out[j] = hn;
+  }
+}
+FASTCLIP_RNN_MV void lstm_fwd_row(int64_t h, float* g, const float* q, const float* b, float* c,
+                                  float* cp, float* tc, float* hs, float* out) {
+  lstm_fwd_body(h, g, q, b, c, cp, tc, hs, out);
+}
+FASTCLIP_RNN_MV void lstm_fwd_row(int64_t h, double* g, const double* q, const double* b,
+                                  double* c, double* cp, double* tc, double* hs, double* out) {
+  lstm_fwd_body(h, g, q, b, c, cp, tc, hs, out);
+}
+
+// LSTM backward for one row: gi (4h) = gate pre-activation gradients; dh (in: gradient from the
+// later step) is consumed; dc is updated to the gradient w.r.t. c_{t-1}.
+template <class T>
+inline __attribute__((always_inline)) void lstm_bwd_body(
+    int64_t h, const T* __restrict sv, const T* __restrict tc, const T* __restrict cp,
+    const T* __restrict dout, const T* __restrict dh, T* __restrict dc, T* __restrict gi) {
+  for (int64_t j = 0; j < h; ++j) {
+    const T ig = sv[j], fg = sv[h + j], gg = sv[2 * h + j], og = sv[3 * h + j];
+    const T dhj = dh[j] + dout[j], th = tc[j];
+    const T dcj = dc[j] + dhj * og * (T(1) - th * th);
+    gi[j] = dcj * gg * ig * (T(1) - ig);
+    gi[h + j] = dcj * cp[j] * fg * (T(1) - fg);
+    gi[2 * h + j] = dcj * ig * (T(1) - gg * gg);
+    gi[3 * h + j] = dhj * th * og * (T(1) - og);
+    dc[j] = dcj * fg;
+  }
+}
+FASTCLIP_RNN_MV void lstm_bwd_row(int64_t h, const float* sv, const float* tc, const float* cp,
+                                  const float* dout, const float* dh, float* dc, float* gi) {
+  lstm_bwd_body(h, sv, tc, cp, dout, dh, dc, gi);
+}
+FASTCLIP_RNN_MV void lstm_bwd_row(int64_t h, const double* sv, const double* tc,
+                                  const double* cp, const double* dout, const double* dh,
+                                  double* dc, double* gi) {
+  lstm_bwd_body(h, sv, tc, cp, dout, dh, dc, gi);
+}
 
 // The batch is split into at most num_threads contiguous slices; each runs the whole time loop
 // (examples are independent), so threads never wait on each other between steps.
@@ -69,15 +189,24 @@ void forward_slice(const RnnForwardArgs<T>& a, int64_t b0, int64_t b1) {
   const int64_t Gh = rnn_gates(a.cell) * h, W = rnn_saved_width(a.cell, h);
   const bool lstm = a.cell == RnnCell::LSTM;
   std::vector<T> H(R * h, T(0)), C(lstm ? R * h : 0, T(0)), hw(R * Gh);
+  std::vector<T> bias(Gh, T(0));  // b_ih + b_hh, added once per gate pre-activation
+  for (int64_t k = 0; k < Gh; ++k) bias[k] = (a.b_ih ? a.b_ih[k] : T(0)) + (a.b_hh ? a.b_hh[k] : T(0));
   if (a.h0) std::memcpy(H.data(), a.h0 + b0 * h, sizeof(T) * R * h);
   if (lstm && a.c0) std::memcpy(C.data(), a.c0 + b0 * h, sizeof(T) * R * h);
   int64_t Tmax = 0;
+  // Input projection of every step at once, into the first Gh columns of the saved rows (the
+  // activations overwrite them step by step): one GEMM for the slice when its rows are evenly
+  // spaced, else one per example.
+  const bool one_gemm = !a.lengths && d > 0 && T_ > 0 && (R == 1 || a.x.s0 == T_ * a.x.s1);
+  if (one_gemm)
+    blas::gemm_nt<T>(R * T_, Gh, d, a.x.row(b0, 0), a.x.s1, a.w_ih, d, a.saved + b0 * T_ * W, W);
   for (int64_t i = b0; i < b1; ++i) {
     const int64_t L = length_of(a.lengths, i, T_);
     Tmax = std::max(Tmax, L);
     // Input projection of all of the example's steps in one GEMM, into the first Gh columns of the
     // saved rows (the activations overwrite them step by step).
-    if (L > 0 && d > 0) {
+    if (one_gemm) {
+    } else if (L > 0 && d > 0) {
       blas::gemm_nt<T>(L, Gh, d, a.x.row(i, 0), a.x.s1, a.w_ih, d, a.saved + i * T_ * W, W);
     } else if (L > 0) {
       for (int64_t t = 0; t < L; ++t) std::fill_n(a.saved + (i * T_ + t) * W, Gh, T(0));
@@ -105,33 +234,10 @@ void forward_slice(const RnnForwardArgs<T>& a, int64_t b0, int64_t b1) {
       const T* bi = a.b_ih;
       const T* bh = a.b_hh;
       switch (a.cell) {
-        case RnnCell::LSTM: {
-          T* cr = C.data() + r * h;
-          T* cp = a.c_prev + it * h;
-          T* tc = a.tanh_c + it * h;
-          std::memcpy(cp, cr, sizeof(T) * h);
-          for (int64_t j = 0; j < h; ++j) {
-            T pre[4];
-            for (int k = 0; k < 4; ++k) {
-              T v = g[k * h + j] + q[k * h + j];
-              if (bi) v += bi[k * h + j];
-              if (bh) v += bh[k * h + j];
-              pre[k] = v;
-            }
-            const T ig = sigmoid(pre[0]), fg = sigmoid(pre[1]), gg = tanh_(pre[2]),
-                    og = sigmoid(pre[3]);
-            const T c = fg * cr[j] + ig * gg;
-            const T th = tanh_(c);
-            g[j] = ig;
-            g[h + j] = fg;
-            g[2 * h + j] = gg;
-            g[3 * h + j] = og;
-            cr[j] = c;
-            tc[j] = th;
-            hr[j] = o[j] = og * th;
-          }
+        case RnnCell::LSTM:
+          lstm_fwd_row(h, g, q, bias.data(), C.data() + r * h, a.c_prev + it * h,
+                       a.tanh_c + it * h, hr, o);
           break;
-        }
         case RnnCell::GRU: {
           for (int64_t j = 0; j < h; ++j) {
             T xr = g[j], xz = g[h + j], xn = g[2 * h + j];
@@ -172,6 +278,7 @@ void backward_slice(const RnnBackwardArgs<T>& a, const std::vector<T>& w_hh_t,
   const int64_t R = b1 - b0, h = a.h, T_ = a.T_, d = a.d;
   const int64_t Gh = rnn_gates(a.cell) * h, W = rnn_saved_width(a.cell, h);
   const bool lstm = a.cell == RnnCell::LSTM, gru = a.cell == RnnCell::GRU;
+  const bool shared_t = a.lengths == nullptr;
   std::vector<T> dH(R * h, T(0)), dC(lstm ? R * h : 0, T(0)), gstep(R * Gh, T(0)), dhw(R * h);
   if (a.d_hn) std::memcpy(dH.data(), a.d_hn + b0 * h, sizeof(T) * R * h);
   if (lstm && a.d_cn) std::memcpy(dC.data(), a.d_cn + b0 * h, sizeof(T) * R * h);
@@ -196,23 +303,10 @@ void backward_slice(const RnnBackwardArgs<T>& a, const std::vector<T>& w_hh_t,
       T* dh = dH.data() + r * h;
       T* gi = a.g_ih + it * Gh;
       switch (a.cell) {
-        case RnnCell::LSTM: {
-          T* dc = dC.data() + r * h;
-          const T* tc = a.tanh_c + it * h;
-          const T* cp = a.c_prev + it * h;
-          for (int64_t j = 0; j < h; ++j) {
-            const T ig = sv[j], fg = sv[h + j], gg = sv[2 * h + j], og = sv[3 * h + j];
-            const T dhj = dh[j] + dout[j], th = tc[j];
-            const T dcj = dc[j] + dhj * og * (T(1) - th * th);
-            gi[j] = dcj * gg * ig * (T(1) - ig);
-            gi[h + j] = dcj * cp[j] * fg * (T(1) - fg);
-            gi[2 * h + j] = dcj * ig * (T(1) - gg * gg);
-            gi[3 * h + j] = dhj * th * og * (T(1) - og);
-            dc[j] = dcj * fg;
-          }
-          std::memcpy(gs, gi, sizeof(T) * Gh);
+        case RnnCell::LSTM:
+          lstm_bwd_row(h, sv, a.tanh_c + it * h, a.c_prev + it * h, dout, dh, dC.data() + r * h, gi);
+          if (!shared_t) std::memcpy(gs, gi, sizeof(T) * Gh);
           break;
-        }
         case RnnCell::GRU: {
           const T* hp = a.h_prev + it * h;
           T* gh = a.g_hh + it * Gh;
@@ -237,12 +331,17 @@ void backward_slice(const RnnBackwardArgs<T>& a, const std::vector<T>& w_hh_t,
             const T v = sv[j], dhj = dh[j] + dout[j];
             gi[j] = relu ? (v > T(0) ? dhj : T(0)) : dhj * (T(1) - v * v);
           }
-          std::memcpy(gs, gi, sizeof(T) * Gh);
+          if (!shared_t) std::memcpy(gs, gi, sizeof(T) * Gh);
         }
       }
     }
-    // dh_{t-1} = G_t W_hh: one GEMM for the slice (W_hh^T is passed as the "B^T" operand).
-    blas::gemm_nt<T>(R, h, Gh, gstep.data(), Gh, w_hh_t.data(), Gh, dhw.data(), h);
+    // dh_{t-1} = G_t W_hh: one GEMM for the slice (W_hh^T is passed as the "B^T" operand). With
+    // no lengths all rows are at the same t, so LSTM/RNN read G straight from g_ih (stride T Gh).
+    if (shared_t && !gru)
+      blas::gemm_nt<T>(R, h, Gh, a.g_ih + (b0 * T_ + time_of(a.reverse, T_, s)) * Gh, T_ * Gh,
+                       w_hh_t.data(), Gh, dhw.data(), h);
+    else
+      blas::gemm_nt<T>(R, h, Gh, gstep.data(), Gh, w_hh_t.data(), Gh, dhw.data(), h);
     for (int64_t r = 0; r < R; ++r) {
       if (s >= length_of(a.lengths, b0 + r, T_)) continue;  // passes its gradient through
       T* dh = dH.data() + r * h;

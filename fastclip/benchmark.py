@@ -108,6 +108,33 @@ def _cnn_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4) -> 
                                                  "Linear 2048-10, 3x32x32")
 
 
+class LSTMClassifier(nn.Module):
+    """Embedding(V, E) -> torch.nn.LSTM(E, H, batch_first) -> Linear(H, classes) on the last step.
+    The non-private baseline runs torch's LSTM; fastclip converts it to fastclip.nn.LSTM."""
+
+    def __init__(self, vocab: int = 10000, embed: int = 128, hidden: int = 256, classes: int = 2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
+        self.fc = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.lstm(self.emb(x))
+        return self.fc(out[:, -1])
+
+
+@register_workload("lstm", default_batch_size=64)
+def _lstm_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4, T: int = 64) -> Workload:
+    model = LSTMClassifier()
+    batches = [
+        (torch.randint(0, 10000, (batch_size, T), generator=gen),
+         torch.randint(0, 2, (batch_size,), generator=gen))
+        for _ in range(n_batches)
+    ]
+    return Workload(model, batches, description=f"Embedding(10000,128)-LSTM(128,256)-Linear(256,2) "
+                                                f"on the last step, T={T}")
+
+
 # --------------------------------------------------------------------------------------------
 # methods: each prepares (a copy of) the model and returns a step(x, y) closure
 # --------------------------------------------------------------------------------------------
