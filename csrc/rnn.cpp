@@ -288,6 +288,8 @@ void backward_slice(const RnnBackwardArgs<T>& a, const std::vector<T>& w_hh_t,
     Tmax = std::max(Tmax, L);
     zero_rows(a.g_ih + i * T_ * Gh, Gh, L, T_);
     if (gru) zero_rows(a.g_hh + i * T_ * Gh, Gh, L, T_);
+    if (a.g_sum) std::fill_n(a.g_sum + i * Gh, Gh, T(0));
+    if (a.g_hh_sum && gru) std::fill_n(a.g_hh_sum + i * Gh, Gh, T(0));
   }
   for (int64_t s = Tmax - 1; s >= 0; --s) {
     for (int64_t r = 0; r < R; ++r) {
@@ -333,6 +335,15 @@ void backward_slice(const RnnBackwardArgs<T>& a, const std::vector<T>& w_hh_t,
           }
           if (!shared_t) std::memcpy(gs, gi, sizeof(T) * Gh);
         }
+      }
+      if (a.g_sum) {  // the bias gradients, while the row is in cache
+        T* acc = a.g_sum + i * Gh;
+        for (int64_t j = 0; j < Gh; ++j) acc[j] += gi[j];
+      }
+      if (a.g_hh_sum && gru) {
+        T* acc = a.g_hh_sum + i * Gh;
+        const T* gh = a.g_hh + it * Gh;
+        for (int64_t j = 0; j < Gh; ++j) acc[j] += gh[j];
       }
     }
     // dh_{t-1} = G_t W_hh: one GEMM for the slice (W_hh^T is passed as the "B^T" operand). With
@@ -397,6 +408,49 @@ void rnn_backward(const RnnBackwardArgs<T>& a, int num_threads) {
               [&](int64_t b0, int64_t b1) { backward_slice(a, w_hh_t, w_ih_t, b0, b1); });
 }
 
+namespace {
+// sum over the full symmetric matrices of P .* Q, from their upper triangles (incl. diagonal).
+template <class T>
+double sym_inner(const T* P, const T* Q, int64_t n) {
+  double s = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    s += double(P[r * n + r]) * double(Q[r * n + r]);
+    if (r + 1 < n) s += 2 * dot(P + r * n + r + 1, Q + r * n + r + 1, n - r - 1);
+  }
+  return s;
+}
+}  // namespace
+
+template <class T>
+void rnn_ghost_sq_norms(const View3<T>& x, const View3<T>& h_prev, const View3<T>& g_ih,
+                        const View3<T>* g_hh, T* w_ih_out, T* w_hh_out, int num_threads) {
+  const int64_t B = g_ih.n0, T_ = g_ih.n1;
+  check(x.n0 == B && h_prev.n0 == B && x.n1 == T_ && h_prev.n1 == T_ &&
+            (!g_hh || (g_hh->n0 == B && g_hh->n1 == T_ && g_hh->n2 == g_ih.n2)),
+        "inconsistent shapes of the recurrent factors");
+  parallel_for(B, num_threads, [&](int64_t b0, int64_t b1) {
+    std::vector<T> gg(T_ * T_), ga(T_ * T_);
+    for (int64_t i = b0; i < b1; ++i) {
+      if (T_ == 0) {
+        w_ih_out[i] = w_hh_out[i] = T(0);
+        continue;
+      }
+      blas::syrk_upper<T>(T_, g_ih.n2, g_ih.slab(i), g_ih.s1, gg.data(), T_);
+      blas::syrk_upper<T>(T_, x.n2, x.slab(i), x.s1, ga.data(), T_);
+      w_ih_out[i] = static_cast<T>(sym_inner(ga.data(), gg.data(), T_));
+      if (g_hh) blas::syrk_upper<T>(T_, g_hh->n2, g_hh->slab(i), g_hh->s1, gg.data(), T_);
+      blas::syrk_upper<T>(T_, h_prev.n2, h_prev.slab(i), h_prev.s1, ga.data(), T_);
+      w_hh_out[i] = static_cast<T>(sym_inner(ga.data(), gg.data(), T_));
+    }
+  });
+}
+
+template void rnn_ghost_sq_norms<float>(const View3<float>&, const View3<float>&,
+                                        const View3<float>&, const View3<float>*, float*, float*,
+                                        int);
+template void rnn_ghost_sq_norms<double>(const View3<double>&, const View3<double>&,
+                                         const View3<double>&, const View3<double>*, double*,
+                                         double*, int);
 template void rnn_forward<float>(const RnnForwardArgs<float>&, int);
 template void rnn_forward<double>(const RnnForwardArgs<double>&, int);
 template void rnn_backward<float>(const RnnBackwardArgs<float>&, int);

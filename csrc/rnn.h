@@ -72,9 +72,20 @@ struct RnnBackwardArgs {
   T* d_x = nullptr;   // (B, T_, d) or null
   T* d_h0 = nullptr;  // (B, h)
   T* d_c0 = nullptr;  // (B, h) LSTM
+  T* g_sum = nullptr;     // (B, gates h): sum over t of g_ih (the bias_ih gradient), or null
+  T* g_hh_sum = nullptr;  // (B, gates h): sum over t of g_hh (GRU only), or null
 };
 
 template <class T>
 void rnn_backward(const RnnBackwardArgs<T>& a, int num_threads);
+
+// Per-example squared norms of both weight gradients of one layer/direction by the ghost identity
+// ||G_i^T A_i||^2 = <A_i A_i^T, G_i G_i^T>: the (T x T) Gram of G is formed once and serves
+// weight_ih (A = x) and weight_hh (A = h_prev), so the pair costs T^2 (gates h + d + h) per example
+// instead of T^2 (2 gates h + d + h). g_hh null means g_hh = g_ih (LSTM, RNN); GRU's differs and
+// gets its own Gram. Sums accumulate in double.
+template <class T>
+void rnn_ghost_sq_norms(const View3<T>& x, const View3<T>& h_prev, const View3<T>& g_ih,
+                        const View3<T>* g_hh, T* w_ih_out, T* w_hh_out, int num_threads);
 
 }  // namespace fastclip

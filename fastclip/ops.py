@@ -900,7 +900,7 @@ def rnn_backward_torch(cell, d_out, d_hn, d_cn, w_ih, w_hh, saved, h_prev, c_pre
             g_ih[rows, t] = G
             dH[rows] = G @ w_hh
     d_x = g_ih @ w_ih if need_input_grad else None
-    return g_ih, g_hh, d_x, dH, dC
+    return g_ih, g_hh, d_x, dH, dC, g_ih.sum(1), (g_hh.sum(1) if g_hh is not None else None)
 
 
 def rnn_backward(cell: str, d_out: Tensor, d_hn, d_cn, w_ih: Tensor, w_hh: Tensor, saved: Tensor,
@@ -914,7 +914,9 @@ def rnn_backward(cell: str, d_out: Tensor, d_hn, d_cn, w_ih: Tensor, w_hh: Tenso
 
     Returns:
         (g_ih (B, T, gates h), g_hh (B, T, gates h) for GRU else None, d_x (B, T, d) or None,
-        d_h0 (B, h), d_c0 (B, h) or None). ``g_ih`` is the gradient at ``x W_ih^T + b_ih`` and
+        d_h0 (B, h), d_c0 (B, h) or None, g_sum (B, gates h), g_hh_sum (B, gates h) for GRU else
+        None): the sums over t are the per-example bias gradients. ``g_ih`` is the gradient at
+        ``x W_ih^T + b_ih`` and
         ``g_hh`` at ``h W_hh^T + b_hh`` (the same for LSTM and RNN), so the weight gradients are
         ``g_ih^T x`` and ``g_hh^T h_prev`` summed over time: the engine's (A, G) factors.
     """
@@ -931,3 +933,40 @@ def rnn_backward(cell: str, d_out: Tensor, d_hn, d_cn, w_ih: Tensor, w_hh: Tenso
                           None if lengths is None else lengths.numpy(), bool(reverse),
                           bool(need_input_grad), torch.get_num_threads())
     return tuple(None if r is None else torch.from_numpy(r) for r in res)
+
+
+def rnn_ghost_sq_norms_torch(x: Tensor, h_prev: Tensor, g_ih: Tensor, g_hh=None):
+    """Plain-torch :func:`rnn_ghost_sq_norms`."""
+    g_hh = g_ih if g_hh is None else g_hh
+    gram = lambda t: torch.bmm(t, t.transpose(1, 2))
+    gi = gram(g_ih)
+    gh = gi if g_hh is g_ih else gram(g_hh)
+    return (gram(x) * gi).sum((1, 2)), (gram(h_prev) * gh).sum((1, 2))
+
+
+def rnn_ghost_sq_norms(x: Tensor, h_prev: Tensor, g_ih: Tensor, g_hh=None):
+    """Per-example squared norms of one recurrent layer's weight_ih and weight_hh gradients,
+    ``||g_ih_i^T x_i||^2`` and ``||g_hh_i^T h_prev_i||^2``, by the ghost identity with the (T x T)
+    Gram of G formed once for both (``g_hh=None``: the same G, as in LSTM and RNN).
+
+    Args:
+        x: layer inputs (B, T, d); h_prev: previous states (B, T, h); g_ih, g_hh: (B, T, gates h).
+            Strided views with a contiguous last dim are used in place.
+
+    Returns:
+        (w_ih_sq (B,), w_hh_sq (B,)) in the inputs' dtype.
+    """
+    ts = [x, h_prev, g_ih] + ([g_hh] if g_hh is not None else [])
+    for name, t in zip(("x", "h_prev", "g_ih", "g_hh"), ts):
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D floating-point tensor (B, T, n)")
+        if t.shape[:2] != x.shape[:2]:
+            raise ValueError(f"{name} {tuple(t.shape)} does not match x {tuple(x.shape)} in (B, T)")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} differs from x's {x.dtype}")
+    if _C is None or x.device.type != "cpu" or x.dtype not in _NATIVE_DTYPES:
+        return rnn_ghost_sq_norms_torch(x, h_prev, g_ih, g_hh)
+    w_ih, w_hh = _C.rnn_ghost_sq_norms(_numpy_view(x), _numpy_view(h_prev), _numpy_view(g_ih),
+                                       None if g_hh is None else _numpy_view(g_hh),
+                                       torch.get_num_threads())
+    return torch.from_numpy(w_ih), torch.from_numpy(w_hh)

@@ -153,8 +153,8 @@ py::tuple backward_impl(const Sizes& s, const py::array& d_out, const py::object
                         const std::vector<int64_t>& lengths, bool reverse, bool need_dx,
                         int threads) {
   const bool lstm = s.cell == RnnCell::LSTM, gru = s.cell == RnnCell::GRU;
-  py::array_t<T> g_ih({s.B, s.T_, s.Gh}), d_h0({s.B, s.h});
-  py::object g_hh = py::none(), d_x = py::none(), d_c0 = py::none();
+  py::array_t<T> g_ih({s.B, s.T_, s.Gh}), d_h0({s.B, s.h}), g_sum({s.B, s.Gh});
+  py::object g_hh = py::none(), d_x = py::none(), d_c0 = py::none(), g_hh_sum = py::none();
   fastclip::RnnBackwardArgs<T> a;
   a.cell = s.cell, a.B = s.B, a.T_ = s.T_, a.d = s.d, a.h = s.h, a.reverse = reverse;
   a.lengths = lengths.empty() ? nullptr : lengths.data();
@@ -163,11 +163,13 @@ py::tuple backward_impl(const Sizes& s, const py::array& d_out, const py::object
   a.w_ih = ptr<T>(w_ih), a.w_hh = ptr<T>(w_hh);
   a.saved = ptr<T>(saved), a.h_prev = ptr<T>(h_prev), a.c_prev = ptr<T>(c_prev),
   a.tanh_c = ptr<T>(tanh_c);
-  a.g_ih = g_ih.mutable_data(), a.d_h0 = d_h0.mutable_data();
+  a.g_ih = g_ih.mutable_data(), a.d_h0 = d_h0.mutable_data(), a.g_sum = g_sum.mutable_data();
   if (gru) {
-    py::array_t<T> gh({s.B, s.T_, s.Gh});
+    py::array_t<T> gh({s.B, s.T_, s.Gh}), ghs({s.B, s.Gh});
     a.g_hh = gh.mutable_data();
+    a.g_hh_sum = ghs.mutable_data();
     g_hh = gh;
+    g_hh_sum = ghs;
   }
   if (need_dx) {
     py::array_t<T> dx({s.B, s.T_, s.d});
@@ -183,7 +185,7 @@ py::tuple backward_impl(const Sizes& s, const py::array& d_out, const py::object
     py::gil_scoped_release release;
     fastclip::rnn_backward<T>(a, threads);
   }
-  return py::make_tuple(g_ih, g_hh, d_x, d_h0, d_c0);
+  return py::make_tuple(g_ih, g_hh, d_x, d_h0, d_c0, g_sum, g_hh_sum);
 }
 
 py::tuple rnn_backward(const std::string& cell, const py::object& d_out_obj,
@@ -229,9 +231,55 @@ py::tuple rnn_backward(const std::string& cell, const py::object& d_out_obj,
                                lengths, reverse, need_dx, threads);
 }
 
+template <class T>
+py::tuple ghost_impl(const py::array& x, const py::array& hp, const py::array& gi,
+                     const py::object& gh, int threads) {
+  const View3<T> xv = view_of<T>(x), hv = view_of<T>(hp), gv = view_of<T>(gi);
+  View3<T> hh;
+  if (!gh.is_none()) hh = view_of<T>(py::reinterpret_borrow<py::array>(gh));
+  py::array_t<T> w_ih(xv.n0), w_hh(xv.n0);
+  T* pi = w_ih.mutable_data();
+  T* ph = w_hh.mutable_data();
+  {
+    py::gil_scoped_release release;
+    fastclip::rnn_ghost_sq_norms<T>(xv, hv, gv, gh.is_none() ? nullptr : &hh, pi, ph, threads);
+  }
+  return py::make_tuple(w_ih, w_hh);
+}
+
+py::tuple rnn_ghost_sq_norms(const py::object& x_obj, const py::object& hp_obj,
+                             const py::object& gi_obj, const py::object& gh_obj, int num_threads) {
+  const py::array x = checked_array(x_obj, "inputs");
+  const py::array hp = checked_array(hp_obj, "h_prev");
+  const py::array gi = checked_array(gi_obj, "g_ih");
+  py::object gh = py::none();
+  if (!gh_obj.is_none()) gh = checked_array(gh_obj, "g_hh");
+  std::vector<std::pair<std::string, py::array>> all = {{"inputs", x}, {"h_prev", hp}, {"g_ih", gi}};
+  if (!gh.is_none()) all.emplace_back("g_hh", py::reinterpret_borrow<py::array>(gh));
+  for (auto& [name, a] : all) {
+    if (a.ndim() != 3) throw py::value_error(name + " must be 3-D (B, T, n), got " + shape_str(a));
+    if (a.dtype().itemsize() != x.dtype().itemsize())
+      throw py::type_error(name + " dtype " + dtype_name(a) + " differs from the inputs' " +
+                           dtype_name(x));
+    if (a.shape(0) != x.shape(0) || a.shape(1) != x.shape(1))
+      throw py::value_error(name + " " + shape_str(a) + " does not match inputs " + shape_str(x) +
+                            " in (B, T)");
+  }
+  if (!gh.is_none() && py::reinterpret_borrow<py::array>(gh).shape(2) != gi.shape(2))
+    throw py::value_error("g_hh and g_ih widths differ");
+  const int threads = checked_threads(num_threads);
+  if (x.dtype().itemsize() == 4) return ghost_impl<float>(x, hp, gi, gh, threads);
+  return ghost_impl<double>(x, hp, gi, gh, threads);
+}
+
 }  // namespace
 
 void bind_rnn(py::module_& m) {
+  m.def("rnn_ghost_sq_norms", &rnn_ghost_sq_norms, py::arg("inputs"), py::arg("h_prev"),
+        py::arg("g_ih"), py::arg("g_hh") = py::none(), py::arg("num_threads") = 1,
+        "Per-example squared norms of weight_ih and weight_hh gradients of one recurrent layer,\n"
+        "ghost identity with one Gram of G shared by both (g_hh None: the same G). Returns\n"
+        "(w_ih_sq (B,), w_hh_sq (B,)) in the input dtype.");
   m.def("rnn_forward", &rnn_forward, py::arg("cell"), py::arg("input"), py::arg("w_ih"),
         py::arg("w_hh"), py::arg("b_ih") = py::none(), py::arg("b_hh") = py::none(),
         py::arg("h0") = py::none(), py::arg("c0") = py::none(), py::arg("lengths") = py::none(),
@@ -246,7 +294,8 @@ void bind_rnn(py::module_& m) {
         py::arg("tanh_c") = py::none(), py::arg("lengths") = py::none(),
         py::arg("reverse") = false, py::arg("need_input_grad") = true,
         py::arg("num_threads") = 1,
-        "Backward through time of rnn_forward. Returns (g_ih, g_hh, d_input, d_h0, d_c0):\n"
+        "Backward through time of rnn_forward. Returns (g_ih, g_hh, d_input, d_h0, d_c0, g_sum,\n"
+        "g_hh_sum): g_sum (B, gates*h) the sum over t of g_ih (g_hh_sum: GRU only);\n"
         "g_ih (B, T, gates*h) the gradient at the input projection's pre-activations, g_hh the one\n"
         "at W_hh h + b_hh (GRU only, else None), d_input (B, T, d) or None.");
 }

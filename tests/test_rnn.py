@@ -332,3 +332,22 @@ def test_binding_hostile():
         _C.rnn_forward("lstm", x.astype(np.int64), w_ih, w_hh)
     out = _C.rnn_forward("lstm", np.zeros((0, 3, 5)), w_ih, w_hh)
     assert out[0].shape == (0, 3, 4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("B,T", [(0, 4), (1, 1), (5, 7)])
+def test_ghost_sq_norms_op(dtype, shared, B, T):
+    x = torch.randn(B, T, 3, dtype=dtype)
+    hp = torch.randn(B, 2 * T, 5, dtype=dtype)[:, ::2]  # strided along T
+    gi = torch.randn(B, T, 8, dtype=dtype)
+    gh = None if shared else torch.randn(B, T, 8, dtype=dtype)
+    w_ih, w_hh = ops.rnn_ghost_sq_norms(x, hp, gi, gh)
+    ref_ih = torch.einsum("btp,btd->bpd", gi.double(), x.double()).flatten(1).square().sum(1)
+    g2 = (gi if gh is None else gh).double()
+    ref_hh = torch.einsum("btp,btd->bpd", g2, hp.double()).flatten(1).square().sum(1)
+    assert_close(w_ih, ref_ih, dtype)
+    assert_close(w_hh, ref_hh, dtype)
+    t_ih, t_hh = ops.rnn_ghost_sq_norms_torch(x, hp, gi, gh)
+    assert_close(t_ih, ref_ih, dtype)
+    assert_close(t_hh, ref_hh, dtype)

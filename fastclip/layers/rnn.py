@@ -53,18 +53,27 @@ class RecurrentRule(Rule):
         B = uses[0].batch_size
         if not parts:  # no gradient reached this layer/direction: its gradient is zero
             return torch.zeros(max(B, 0), dtype=torch.float64)
-        ck = ("rnn-bias", tuple(id(u) for u in uses), key, which)
-        if kind == "bias":
-            if ck in cache:
-                return cache.pop(ck)
-            G = sum(_factors(p, which)[1].sum(1) for p in parts)
-            return G.square().sum(-1)
-        fs = [_factors(p, which) for p in parts]
-        A = fs[0][0] if len(fs) == 1 else torch.cat([a for a, _ in fs], 1)
-        G = fs[0][1] if len(fs) == 1 else torch.cat([g for _, g in fs], 1)
-        w, b = ops.linear_sq_norms(A, G, method=method, bias=True)
-        cache[ck] = b  # the bias of the same G, from the same pass
-        return w
+        if kind == "bias":  # ||sum over uses and steps of g_t||^2, from the backward's sums
+            g = sum(p.g_sum if which == "ih" else p.g_hh_sum for p in parts)
+            return g.square().sum(-1)
+        ck = ("rnn-weight-hh", tuple(id(u) for u in uses), key)
+        if which == "hh" and ck in cache:
+            return cache.pop(ck)
+        cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts, 1)
+        x, hp, gi = cat([p.x for p in parts]), cat([p.h_prev for p in parts]), cat([p.g_ih for p in parts])
+        shared = all(p.shared_g for p in parts)
+        gh = gi if shared else cat([p.g_hh for p in parts])
+        T, p_ = gi.shape[1], gi.shape[2]
+        ghost = method == "ghost" or (method == "auto" and T > 1 and
+                                      ops.choose_linear_method(T, x.shape[2], p_) == "ghost" and
+                                      ops.choose_linear_method(T, hp.shape[2], p_) == "ghost")
+        if which == "ih" and ghost:
+            # Both weights at once: the Gram of G serves weight_ih and weight_hh.
+            w_ih, w_hh = ops.rnn_ghost_sq_norms(x, hp, gi, None if shared else gh)
+            cache[ck] = w_hh
+            return w_ih
+        A, G = (x, gi) if which == "ih" else (hp, gh)
+        return ops.linear_sq_norms(A, G, method=method)[0]
 
     def per_example_grad(self, module, name, use, cache):
         kind, which, key = _parse(name)
@@ -75,7 +84,7 @@ class RecurrentRule(Rule):
                                device=p.device)
         A, G = _factors(part, which)
         if kind == "bias":
-            return G.sum(1)
+            return part.g_sum if which == "ih" else part.g_hh_sum
         return torch.einsum("btp,btd->bpd", G, A)
 
     def clipped_grad(self, module, name, use, c, cache):
@@ -88,7 +97,7 @@ class RecurrentRule(Rule):
         B, T, p = G.shape
         c = c.to(G.dtype)
         if kind == "bias":
-            return c.matmul(G.sum(1))
+            return c.matmul(part.g_sum if which == "ih" else part.g_hh_sum)
         d = A.shape[-1]
         # G^T diag(c) A over all (example, step) rows: rescale the smaller factor, then one GEMM.
         if p <= d:

@@ -54,10 +54,17 @@ def pop_capture(module: nn.Module) -> None:
 class RecurrentPart:
     """One layer and direction's factors from one call, for the engine (see module docstring)."""
 
-    __slots__ = ("x", "h_prev", "g_ih", "g_hh")
+    __slots__ = ("x", "h_prev", "g_ih", "g_hh", "g_sum", "g_hh_sum")
 
-    def __init__(self, x: Tensor, h_prev: Tensor, g_ih: Tensor, g_hh: Tensor):
+    def __init__(self, x: Tensor, h_prev: Tensor, g_ih: Tensor, g_hh: Tensor, g_sum: Tensor,
+                 g_hh_sum: Tensor):
         self.x, self.h_prev, self.g_ih, self.g_hh = x, h_prev, g_ih, g_hh
+        self.g_sum, self.g_hh_sum = g_sum, g_hh_sum  # (B, gates h): sums over t (bias gradients)
+
+    @property
+    def shared_g(self) -> bool:
+        """weight_hh's G is weight_ih's (LSTM, RNN; not GRU)."""
+        return self.g_hh is self.g_ih
 
 
 class _RecurrentFn(torch.autograd.Function):
@@ -79,16 +86,16 @@ class _RecurrentFn(torch.autograd.Function):
         x, w_ih, w_hh = ctx.saved_tensors
         saved, h_prev, c_prev, tanh_c = ctx.inner
         need = ctx.needs_input_grad
-        g_ih, g_hh, d_x, d_h0, d_c0 = ops.rnn_backward(
+        g_ih, g_hh, d_x, d_h0, d_c0, g_sum, g_hh_sum = ops.rnn_backward(
             ctx.cell, d_out, d_hn, d_cn, w_ih, w_hh, saved, h_prev, c_prev, tanh_c, ctx.lengths,
             ctx.reverse, need_input_grad=need[4])
         if g_hh is None:
-            g_hh = g_ih
+            g_hh, g_hh_sum = g_ih, g_sum
         ctx.inner = None
         gw_ih = gw_hh = gb_ih = gb_hh = None
         if ctx.capture is not None:
             engine, use, key = ctx.capture
-            use.extra[key] = RecurrentPart(x.detach(), h_prev, g_ih, g_hh)
+            use.extra[key] = RecurrentPart(x.detach(), h_prev, g_ih, g_hh, g_sum, g_hh_sum)
             if use.grads is None:  # one record per call; finalize runs after every layer's backward
                 use.grads = (g_ih,)
                 engine.record(use)
@@ -100,9 +107,9 @@ class _RecurrentFn(torch.autograd.Function):
             if need[8]:
                 gw_hh = Gh.t().mm(h_prev.reshape(B * T, -1))
             if need[9]:
-                gb_ih = G.sum(0)
+                gb_ih = g_sum.sum(0)
             if need[10]:
-                gb_hh = Gh.sum(0)
+                gb_hh = g_hh_sum.sum(0)
         return (None, None, None, None, d_x if need[4] else None,
                 d_h0 if need[5] else None, d_c0 if need[6] else None, gw_ih, gw_hh, gb_ih, gb_hh)
 
