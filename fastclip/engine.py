@@ -260,6 +260,14 @@ class Engine:
             return
         C = self.max_grad_norm
         c = torch.where(norms > C, C / norms, torch.ones_like(norms)) * scale
+        bad = ~torch.isfinite(norms)
+        if bad.any():
+            # An example whose gradient is not finite (an overflow in its forward) must not
+            # poison the sum, nor show in it: it contributes nothing, like an absent example.
+            c = torch.where(bad, torch.zeros_like(c), c)
+            for u in uses:
+                self._rules[u.module].zero_examples(u, bad)
+            cache = {"scratch": self._scratch}   # per-example results cached from the bad rows
         for p, ents in entries.items():
             grad = None
             for m, n, u in ents:

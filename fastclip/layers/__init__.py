@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 
 class Use:
@@ -75,6 +76,13 @@ class Rule:
         them in ``use.extra`` and drop ``use.inputs`` / ``use.grads`` — so the activation-sized
         tensors are freed during the backward instead of being held until its end."""
 
+    def zero_examples(self, use: Use, bad: Tensor) -> None:
+        """Zero the rows of the examples ``bad`` (B,) bool in everything the finalize reads of
+        ``use``, so they contribute nothing to the clipped sum (0 * NaN is NaN in a product, so a
+        zero clip factor alone is not enough). Copies, never writes into autograd's tensors."""
+        use.inputs = zero_rows(use.inputs, bad)
+        use.grads = zero_rows(use.grads, bad)
+
     def pre_forward(self, engine, module: nn.Module, args, kwargs):
         raise NotImplementedError
 
@@ -93,6 +101,20 @@ class Rule:
     def clipped_grad(self, module: nn.Module, name: str, use: Use, c: Tensor, cache: Dict) -> Tensor:
         """sum_i c_i * grad_i of parameter ``name`` from one use, shaped like the parameter."""
         raise NotImplementedError
+
+
+def zero_rows(tree, bad: Tensor):
+    """Copy of ``tree`` in which every tensor with leading dimension B = len(bad) has its rows
+    ``bad`` set to 0; other leaves are kept."""
+    B = bad.shape[0]
+
+    def fix(t):
+        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B:
+            t = t.clone()
+            t[bad.to(t.device)] = 0
+        return t
+
+    return tree_map(fix, tree)
 
 
 def scaled_rows(t: Tensor, c: Tensor, cache: Dict) -> Tensor:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .. import ops
-from . import register
+from . import register, zero_rows
 from .capture import FunctionalRule
 
 
@@ -80,6 +80,9 @@ class NormRule(FunctionalRule):
         # activation-sized input and output gradient instead of holding them to its end.
         use.extra["grads"] = self._compute(use)
         use.inputs = use.grads = None
+
+    def zero_examples(self, use, bad):
+        use.extra["grads"] = zero_rows(use.extra["grads"], bad)
 
     @staticmethod
     def _compute(use):
