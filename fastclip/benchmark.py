@@ -176,6 +176,21 @@ def setup_fastclip(wl: Workload, model: nn.Module, batch_size: int) -> StepFn:
     return _plain_loop(model, optimizer, wl.loss_fn)
 
 
+def _opacus_replace_lstm(model: nn.Module) -> None:
+    """Opacus refuses torch.nn.LSTM and asks for its DPLSTM (same state dict): swap it in place,
+    with the same weights, so the Opacus columns run the same function."""
+    from opacus.layers import DPLSTM
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.LSTM:
+                new = DPLSTM(child.input_size, child.hidden_size, num_layers=child.num_layers,
+                             bias=child.bias, batch_first=child.batch_first,
+                             dropout=child.dropout, bidirectional=child.bidirectional)
+                new.load_state_dict(child.state_dict())
+                setattr(parent, name, new)
+
+
 def _opacus_setup(wl: Workload, model: nn.Module, batch_size: int, grad_sample_mode: str):
     try:
         from opacus import PrivacyEngine
@@ -183,6 +198,7 @@ def _opacus_setup(wl: Workload, model: nn.Module, batch_size: int, grad_sample_m
         raise NotInstalled(str(e)) from e
     from torch.utils.data import DataLoader, TensorDataset
 
+    _opacus_replace_lstm(model)
     x0, y0 = wl.batches[0]
     # Opacus derives the sample rate / expected batch size from the loader; with
     # poisson_sampling=False it leaves the loader alone and we feed our own batches.
