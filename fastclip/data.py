@@ -48,13 +48,26 @@ class PoissonBatchSampler(Sampler[List[int]]):
         generator: torch.Generator for reproducible sampling; None seeds a private one from
             torch's default generator (so ``torch.manual_seed`` makes runs reproducible).
         secure: draw from ``os.urandom`` instead of a generator (``generator`` must be None).
+        rank, world_size: distributed sampling (:mod:`fastclip.distributed`): this process yields
+            only the sampled indices ``i`` with ``i % world_size == rank`` (disjoint shards whose
+            union is the whole dataset), each still with probability ``sample_rate``, so the
+            union of the ranks' batches is one Poisson batch of the whole dataset. With the same
+            generator state on every rank it is exactly the batch a single process would draw
+            (each rank draws the full mask, N uniforms, and keeps its shard); in secure mode
+            each rank draws ``os.urandom`` for its own shard only.
 
     An epoch is batches ``[k * num_batches, (k + 1) * num_batches)`` of the run: after a resume
     (or a ``break``) in the middle of an epoch, the next iteration yields the rest of that epoch.
     """
 
     def __init__(self, num_samples: int, sample_rate: float, num_batches: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, secure: bool = False):
+                 generator: Optional[torch.Generator] = None, secure: bool = False, *,
+                 rank: int = 0, world_size: int = 1):
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
+            raise ValueError(f"world_size must be an integer > 0, got {world_size}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank}")
+        self.rank, self.world_size = rank, world_size
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             raise ValueError(f"num_samples must be an integer > 0, got {num_samples}")
         self.sample_rate = check_sample_rate(sample_rate)
@@ -91,15 +104,16 @@ class PoissonBatchSampler(Sampler[List[int]]):
 
     def _batches(self, count: int) -> Iterator[List[int]]:
         for _ in range(count):
+            r, w = self.rank, self.world_size
             if self.secure:
-                mask = _urandom_mask(self.num_samples, self.sample_rate)
+                mask = _urandom_mask(len(range(r, self.num_samples, w)), self.sample_rate)
             else:
                 if self._tracked:
                     self._pending.append(self.generator.get_state())
-                mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+                mask = (torch.rand(self.num_samples, generator=self.generator) < self.sample_rate)[r::w]
             if not self._tracked:
                 self.consumed += 1
-            yield mask.nonzero().flatten().tolist()
+            yield (mask.nonzero().flatten() * w + r).tolist()
 
     def _mark_consumed(self) -> None:
         if self._pending:
@@ -201,7 +215,7 @@ def poisson_source(loader: DataLoader):
 
 
 def poisson_loader(loader: DataLoader, generator: Optional[torch.Generator] = None,
-                   secure: bool = False) -> PoissonDataLoader:
+                   secure: bool = False, *, rank: int = 0, world_size: int = 1) -> PoissonDataLoader:
     """A DataLoader over ``loader``'s dataset with Poisson sampling at rate 1/len(loader).
 
     The expected batch size is ``len(dataset) / len(loader)`` (``loader.batch_size`` up to
@@ -212,6 +226,8 @@ def poisson_loader(loader: DataLoader, generator: Optional[torch.Generator] = No
         loader: a DataLoader over a map-style dataset (indexable, with a length).
         generator: torch.Generator for the sampling; see :class:`PoissonBatchSampler`.
         secure: sample from ``os.urandom`` (see :func:`fastclip.make_private`'s ``secure_mode``).
+        rank, world_size: this process's shard of a distributed run (see
+            :class:`PoissonBatchSampler`); the sample rate stays global, ``1/len(loader)``.
 
     Raises:
         TypeError: ``loader`` is not a DataLoader.
@@ -219,7 +235,8 @@ def poisson_loader(loader: DataLoader, generator: Optional[torch.Generator] = No
     """
     n, num_batches = poisson_source(loader)
     dataset = loader.dataset
-    sampler = PoissonBatchSampler(n, 1.0 / num_batches, num_batches, generator, secure)
+    sampler = PoissonBatchSampler(n, 1.0 / num_batches, num_batches, generator, secure,
+                                  rank=rank, world_size=world_size)
     kwargs = {}
     if loader.num_workers > 0:
         kwargs = dict(prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,

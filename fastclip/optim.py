@@ -11,7 +11,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from . import accounting, ops
+from . import accounting, distributed as _dist, ops
 from .accounting import (PrivacyAccountant, check_accountant, check_noise_multiplier,
                          check_sample_rate)
 from .data import PoissonBatchSampler, poisson_loader, poisson_source
@@ -49,13 +49,16 @@ class DPOptimizer(Optimizer):
         sampler: the :class:`fastclip.data.PoissonBatchSampler` feeding the run, whose state the
             optimizer's state_dict carries.
         accountant: default accountant of :meth:`epsilon`, "rdp" or "pld".
+        reducer: a :class:`fastclip.distributed.GradReducer` for a multi-process run: ``step``
+            all-reduces the clipped sums first, and each step's noise seed is rank 0's (see
+            :mod:`fastclip.distributed`). None: this process alone.
     """
 
     def __init__(self, optimizer: Optimizer, engine: Engine, noise_multiplier: float,
                  expected_batch_size: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, sample_rate: Optional[float] = None,
                  *, secure_mode: bool = False, sampler: Optional[PoissonBatchSampler] = None,
-                 accountant: str = "rdp"):
+                 accountant: str = "rdp", reducer: Optional["_dist.GradReducer"] = None):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DPOptimizer):
@@ -87,6 +90,7 @@ class DPOptimizer(Optimizer):
         self.secure_mode = bool(secure_mode)
         self.sampler = sampler
         self.accountant = PrivacyAccountant(accountant)
+        self.reducer = reducer
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -158,8 +162,11 @@ class DPOptimizer(Optimizer):
 
     def _step_seed(self) -> int:
         if self.secure_mode:
-            return int.from_bytes(os.urandom(8), "little")
-        return int(torch.randint(0, 1 << 62, (1,), generator=self.generator).item())
+            seed = int.from_bytes(os.urandom(8), "little")
+        else:
+            seed = int(torch.randint(0, 1 << 62, (1,), generator=self.generator).item())
+        # Distributed: every rank adds the same noise to the same reduced sum, from rank 0's seed.
+        return seed if self.reducer is None else _dist.agree_seed(seed)
 
     def _check_finite(self):
         """Refuse a non-finite clipped sum before anything is released: an example whose loss or
@@ -205,6 +212,9 @@ class DPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.reducer is not None:
+            self.reducer.reduce([p for g in self.param_groups for p in g["params"]
+                                 if p.requires_grad], self.engine)
         self._check_finite()
         self.add_noise_and_scale()
         self.original_optimizer.step()
@@ -287,7 +297,8 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
                  generator: Optional[torch.Generator] = None,
                  sampling_generator: Optional[torch.Generator] = None,
                  secure_mode: bool = False,
-                 accountant: str = "rdp") -> Tuple[nn.Module, DPOptimizer, Optional[DataLoader]]:
+                 accountant: str = "rdp",
+                 distributed: Optional[bool] = None) -> Tuple[nn.Module, DPOptimizer, Optional[DataLoader]]:
     """Make a model, its optimizer and (optionally) its loader differentially private.
 
     After this, the usual loop ``zero_grad(); loss_fn(model(x), y).mean().backward(); step()``
@@ -331,6 +342,13 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
         secure_mode: draw noise seeds and Poisson samples from ``os.urandom`` (see above);
             ``generator`` and ``sampling_generator`` must then be None.
         accountant: default accountant of ``optimizer.epsilon``: "rdp" or "pld".
+        distributed: multi-process training on ``torch.distributed`` (see
+            :mod:`fastclip.distributed`): None (default) turns it on when a process group with
+            more than one process is initialised, True forces it, False keeps this process on
+            its own. Each rank Poisson-samples its shard of the dataset at the global rate, the
+            clipped sums are all-reduced at ``step``, noise of std ``noise_multiplier *
+            max_grad_norm`` is added once, and every rank takes the same step. The model must
+            not be wrapped in DistributedDataParallel (refused).
 
     Returns:
         (model, DPOptimizer, loader or None); the loader is a
@@ -343,6 +361,11 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
     check_noise_multiplier(noise_multiplier)
     check_accountant(accountant)
     check_clipping(clipping)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError("make_private takes the model itself, not a DistributedDataParallel wrapper: "
+                        "DDP would all-reduce unclipped gradients; in a torch.distributed run "
+                        "fastclip's optimizer all-reduces the clipped sums (pass model.module)")
+    ranks = _dist.resolve(distributed)
     if secure_mode and (generator is not None or sampling_generator is not None):
         raise ValueError("secure_mode draws all randomness from os.urandom; do not pass generator "
                          "or sampling_generator")
@@ -365,16 +388,26 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
     try:
         expected = q = sampler = None
         if loader is not None and poisson_sampling:
+            derive = sampling_generator is None and not secure_mode
             if sampling_generator is None and generator is not None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
                 sampling_generator = torch.Generator().manual_seed(seed)
-            loader = poisson_loader(loader, sampling_generator, secure=secure_mode)
+            rank, world = ranks if ranks is not None else (0, 1)
+            if ranks is not None and derive:
+                # Rank 0's sampling seed everywhere: the ranks' shards of one global mask, the
+                # batch one process would draw.
+                seed = (int(torch.randint(0, 2**62, (1,), generator=generator).item())
+                        if sampling_generator is None else sampling_generator.initial_seed())
+                sampling_generator = torch.Generator().manual_seed(_dist.agree_seed(seed))
+            loader = poisson_loader(loader, sampling_generator, secure=secure_mode,
+                                    rank=rank, world_size=world)
             sampler = loader.batch_sampler
             q = sampler.sample_rate
             if loss_reduction == "mean":
                 expected = len(loader.dataset) * q
         dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier, expected, generator, q,
-                                   secure_mode=secure_mode, sampler=sampler, accountant=accountant)
+                                   secure_mode=secure_mode, sampler=sampler, accountant=accountant,
+                                   reducer=None if ranks is None else _dist.GradReducer())
     except Exception:
         engine.detach()
         for parent, name, child in recurrent:
