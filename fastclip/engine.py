@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .layers import Rule, Use, cross_inner, rule_for
+from .layers.direct import DIRECT
 from .layers.generic import GENERIC, refusal
 
 MODES = ("auto", "ghost", "direct", "nanobatch")
@@ -101,17 +102,14 @@ class Engine:
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
-            if next(module.children(), None) is not None:
-                names = ", ".join(n for n, _ in own)
-                raise ValueError(
-                    f"module '{label}' ({type(module).__name__}) uses trainable parameters of its "
-                    f"own ({names}) beside its submodules; fastclip covers parameters through the "
-                    "leaf module that uses them. Move them into a leaf module (e.g. an nn.Linear or "
-                    "a small nn.Module holding only them) or freeze them (requires_grad_(False))")
             if isinstance(p := own[0][1], nn.parameter.UninitializedParameter):
                 raise ValueError(f"module '{label}' has uninitialized (lazy) parameters; run one "
                                  "forward pass before making the model private")
-            rule = rule_for(module) or GENERIC
+            rule = rule_for(module)
+            if rule is None:
+                # Parameters used in the module's own forward beside submodules (a position
+                # table, a class token): exact through the ops that use them (layers/direct.py).
+                rule = DIRECT if next(module.children(), None) is not None else GENERIC
             why = rule.check(module)
             if why is not None:
                 raise ValueError(f"fastclip cannot make module '{label}' ({type(module).__name__}) "

@@ -254,7 +254,7 @@ def test_batchnorm_is_refused_with_path_and_fix():
         fastclip.per_sample_grad_norms(m, CE, torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
 
 
-def test_parameter_outside_leaf_module_is_refused():
+def test_parameter_outside_leaf_module_is_exact():
     class Outer(nn.Module):
         def __init__(self):
             super().__init__()
@@ -264,7 +264,21 @@ def test_parameter_outside_leaf_module_is_refused():
         def forward(self, x):
             return self.lin(x) + self.cls
 
-    with pytest.raises(ValueError, match="cls"):
+    m, x, y = Outer().double(), torch.randn(2, 3, dtype=torch.float64), torch.zeros(2, dtype=torch.long)
+    assert_close(fastclip.per_sample_grad_norms(m, CE, x, y), R.norms(m, CE, x, y), torch.float64)
+
+
+def test_parameter_outside_leaf_module_reaching_the_loss_alone_is_refused():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.cls = nn.Parameter(torch.randn(3))
+
+        def forward(self, x):
+            return self.cls.expand(x.shape[0], 3)  # never combined with the batch's data
+
+    with pytest.raises(RuntimeError, match="cls"):
         fastclip.per_sample_grad_norms(Outer(), CE, torch.randn(2, 3), torch.zeros(2, dtype=torch.long))
 
 

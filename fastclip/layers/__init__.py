@@ -211,3 +211,4 @@ def supported_types() -> List[str]:
 
 from . import linear, conv, embedding, norm  # noqa: E402,F401  (registers the built-in rules)
 from . import rnn  # noqa: E402,F401  (fastclip.nn.RNN / GRU / LSTM)
+from . import attention  # noqa: E402,F401  (fastclip.nn.MultiheadAttention)

@@ -287,7 +287,10 @@ class LSTM(_RecurrentMixin, nn.LSTM):
         return self._forward_impl(input, hx, lstm=True)
 
 
-_CONVERSIONS = {nn.RNN: RNN, nn.GRU: GRU, nn.LSTM: LSTM}
+from .attention import MultiheadAttention  # noqa: E402
+
+# Exact torch types -> drop-ins (a subclass may override forward: not converted).
+_CONVERSIONS = {nn.RNN: RNN, nn.GRU: GRU, nn.LSTM: LSTM, nn.MultiheadAttention: MultiheadAttention}
 
 
 def _converted_copy(m: nn.Module) -> nn.Module:
@@ -317,7 +320,8 @@ def _swaps(model: nn.Module):
 
 
 def convert_recurrent(model: nn.Module) -> nn.Module:
-    """Replace every torch.nn.RNN / GRU / LSTM in ``model`` by its fastclip.nn drop-in, in place.
+    """Replace every torch.nn.RNN / GRU / LSTM / MultiheadAttention in ``model`` by its
+    fastclip.nn drop-in, in place.
 
     The new modules hold the same Parameter objects (an optimizer over the model's parameters
     keeps working) and compute the same function. Only exact torch types are converted (a

@@ -1,0 +1,106 @@
+"""fastclip.nn.MultiheadAttention: per-example norms and clipped sums of its own parameters from
+the (A, G) each input projection records (fastclip.nn.attention). A projection is a linear map on
+a block of rows of its weight, so a weight's per-example norm is the sum over its row blocks of
+the block norms, each block's uses (calls of the module) stacked along T (exact, DESIGN.md).
+bias_k / bias_v: their per-example gradients, recorded whole. ``out_proj`` is a child Linear."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..nn.attention import MultiheadAttention, pop_capture, push_capture
+from . import Rule, Use, register, scaled_rows, zero_rows
+from .linear import _flat
+
+
+def _blocks(entries, name):
+    """{rows: (A stacked over uses, G stacked over uses)} of parameter ``name``'s projections."""
+    by_rows: Dict = {}
+    for _, _, u in entries:
+        for part in u.extra.get("proj", ()):
+            if part.weight == name or part.bias == name:
+                by_rows.setdefault(part.rows, []).append(part)
+    out = {}
+    for rows, parts in by_rows.items():
+        A = torch.cat([_flat(p.A) for p in parts], 1)
+        G = torch.cat([_flat(p.G) for p in parts], 1)
+        out[rows] = (A, G)
+    return out
+
+
+@register(MultiheadAttention)
+class AttentionRule(Rule):
+    def pre_forward(self, engine, module, args, kwargs):
+        use = Use(module, extra={})
+        push_capture(module, engine, use)
+        return use
+
+    def post_forward(self, engine, module, state, args, kwargs, output):
+        pop_capture(module)
+        return None
+
+    def zero_examples(self, use, bad):
+        for part in use.extra.get("proj", ()):
+            part.A, part.G = zero_rows(part.A, bad), zero_rows(part.G, bad)
+        use.extra["token"] = [(n, zero_rows(g, bad)) for n, g in use.extra.get("token", ())]
+        use.grads = zero_rows(use.grads, bad)
+
+    def sq_norms(self, entries, method, cache):
+        name = entries[0][1]
+        B = entries[0][2].batch_size
+        sq = torch.zeros(max(B, 0), dtype=torch.float64)
+        if name in ("bias_k", "bias_v"):
+            return self.per_example_grad(None, name, None, cache, entries).flatten(1).square().sum(1)
+        for rows, (A, G) in _blocks(entries, name).items():
+            if name.endswith("weight"):
+                w, _ = ops.linear_sq_norms(A, G, method=method, bias=False)
+                sq = sq + w.to(torch.float64)
+            else:
+                sq = sq + G.sum(1).square().sum(-1).to(torch.float64)
+        return sq
+
+    def per_example_grad(self, module, name, use, cache, entries=None):
+        uses = [use] if entries is None else [u for _, _, u in entries]
+        u0 = uses[0]
+        m = u0.module
+        p = getattr(m, name)
+        B = max(u0.batch_size, 0)
+        if name in ("bias_k", "bias_v"):
+            g = p.new_zeros((B, p.shape[-1]), dtype=p.dtype)
+            for u in uses:
+                for n, t in u.extra.get("token", ()):
+                    if n == name:
+                        g = g + t.to(g.dtype)
+            return g.view((B,) + p.shape)
+        out = p.new_zeros((B,) + p.shape)
+        for (r0, r1), (A, G) in _blocks([(m, name, u) for u in uses], name).items():
+            if name.endswith("weight"):
+                if name == "in_proj_weight":
+                    out[:, r0:r1] += torch.einsum("btp,btd->bpd", G, A)
+                else:
+                    out += torch.einsum("btp,btd->bpd", G, A)
+            else:
+                out[:, r0:r1] += G.sum(1)
+        return out
+
+    def clipped_grad(self, module, name, use, c, cache):
+        p = getattr(module, name)
+        if name in ("bias_k", "bias_v"):
+            return torch.tensordot(c.to(p.dtype), self.per_example_grad(module, name, use, cache),
+                                   dims=1)
+        out = torch.zeros_like(p)
+        for (r0, r1), (A, G) in _blocks([(module, name, use)], name).items():
+            B, T, rows = G.shape
+            Gc = G * c.to(G.dtype).view(-1, 1, 1)
+            if name.endswith("weight"):
+                g = Gc.reshape(B * T, rows).t().mm(A.reshape(B * T, A.shape[-1]))
+                if name == "in_proj_weight":
+                    out[r0:r1] += g
+                else:
+                    out += g
+            else:
+                out[r0:r1] += Gc.sum((0, 1))
+        return out

@@ -1,0 +1,205 @@
+"""Parameters a module uses directly in its own forward, beside submodules (a learned position
+table or a class token held as an nn.Parameter by the model itself): exact per-example gradients
+from the ops that use them.
+
+Capture: during the module's forward each such parameter is replaced by a fresh leaf ``q``
+(``p.detach().requires_grad_()``) and a TorchFunctionMode follows it. An op that takes a followed
+tensor and no batched data (``q[:T]``, ``q.expand(B, -1, -1)``, ``q * 2``) is run on the private
+sub-graph of ``q`` and its result is followed too. The first op that combines a followed tensor
+with data whose leading dimension is the batch size B (``x + pos``, ``torch.cat([cls, x], 1)``)
+is the *mixing* op: it runs inside ``_Mix``, whose forward keeps the op's sub-graph from ``q``
+and whose backward records the gradient G at its output and returns the data inputs' gradients
+only. Row i of that output belongs to example i (batch dimension first), so example i's gradient
+of the parameter is the VJP of the sub-graph with G restricted to row i:
+
+    grad_i = d out / d q  applied to  (G * e_i)      (one batched VJP, ``is_grads_batched``)
+
+exact for any op, at a cost of B x |out| memory for the batched cotangent. A followed tensor that
+reaches the loss any other way (returned as is, used by a child's captured op, an in-place write
+into data) would give ``q`` an autograd gradient: a hook on ``q`` makes that an error, so nothing
+is ever left out silently.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from . import Rule, Use
+
+
+class _Mix(torch.autograd.Function):
+    """The mixing op. Inputs: the data tensors that require grad, then the followed leaves (so
+    the outputs require grad even when the data does not; they get no gradient from here)."""
+
+    @staticmethod
+    def forward(ctx, engine, use, run, n_data, *tensors):
+        data = tensors[:n_data]
+        with torch.enable_grad():
+            subs = [t.detach().requires_grad_() for t in data]
+            outs = run(subs)
+        ctx.engine, ctx.use, ctx.subs = engine, use, subs
+        use.extra["outs"] = outs
+        return tuple(o.detach() for o in outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        use = ctx.use
+        outs = use.extra["outs"]
+        use.grads = tuple(grads)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        gd = [None] * len(ctx.subs)
+        if pairs and ctx.subs:
+            got = torch.autograd.grad([o for o, _ in pairs], ctx.subs, [g for _, g in pairs],
+                                      retain_graph=True, allow_unused=True)
+            gd = list(got)
+        ctx.subs = None
+        ctx.engine.record(use)
+        return (None, None, None, None) + tuple(gd) + (None,) * (
+            len(ctx.needs_input_grad) - 4 - len(gd))
+
+
+class _Follow(TorchFunctionMode):
+    def __init__(self, engine, module, leaves: Dict[str, Tensor]):
+        super().__init__()
+        self.engine, self.module = engine, module
+        self.leaves = leaves                       # parameter name -> fresh leaf q
+        self.followed: Dict[int, Tensor] = {id(q): q for q in leaves.values()}
+
+    def _is_followed(self, t) -> bool:
+        return isinstance(t, Tensor) and self.followed.get(id(t)) is t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves, _ = tree_flatten((args, kwargs))
+        if not any(self._is_followed(t) for t in leaves):
+            return func(*args, **kwargs)
+        B = self.engine._batches[-1] if self.engine._batches else None
+        data = [t for t in leaves if isinstance(t, Tensor) and not self._is_followed(t)]
+        mixing = B is not None and any(t.dim() > 0 and t.shape[0] == B for t in data)
+        if not mixing:
+            out = func(*args, **kwargs)
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, Tensor):
+                    self.followed[id(t)] = t
+            return out
+        name = getattr(func, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            raise ValueError(f"fastclip: the in-place op {name} uses parameter(s) of "
+                             f"{type(self.module).__name__} directly; write it out of place")
+        needs = [t for t in data if t.requires_grad]
+        idx = {id(t): i for i, t in enumerate(needs)}
+        out_spec = {}
+
+        def run(subs):
+            def swap(t):
+                if isinstance(t, Tensor) and not self._is_followed(t) and id(t) in idx:
+                    return subs[idx[id(t)]]
+                return t
+
+            a, k = tree_map(swap, (args, kwargs))
+            out = func(*a, **k)
+            flat, spec = tree_flatten(out)
+            out_spec["spec"], out_spec["flat"] = spec, flat
+            return [t for t in flat if isinstance(t, Tensor) and t.is_floating_point()]
+
+        use = Use(self.module, extra={"leaves": dict(self.leaves), "B": B})
+        res = _Mix.apply(self.engine, use, run, len(needs), *needs, *self.leaves.values())
+        flat = list(out_spec["flat"])
+        it = iter(res)
+        for i, t in enumerate(flat):
+            if isinstance(t, Tensor) and t.is_floating_point():
+                flat[i] = next(it)
+        from torch.utils._pytree import tree_unflatten
+        return tree_unflatten(flat, out_spec["spec"])
+
+
+class DirectRule(Rule):
+    """Exact rule for the trainable parameters a module with submodules uses in its own forward."""
+
+    def check(self, module):
+        if type(module) is nn.MultiheadAttention:
+            return ("torch.nn.MultiheadAttention uses its projection weights in a functional call; "
+                    "use fastclip.nn.MultiheadAttention (fastclip.nn.convert_modules(model), done "
+                    "automatically by make_private / per_sample_grad_norms / clipped_grad)")
+        return None
+
+    def pre_forward(self, engine, module, args, kwargs):
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        leaves = {}
+        for n, p in own:
+            q = p.detach().requires_grad_()
+            q.register_hook(_guard(engine, module, n))
+            leaves[n] = q
+            module._parameters[n] = q
+        mode = _Follow(engine, module, leaves)
+        mode.__enter__()
+        return own, mode
+
+    def post_forward(self, engine, module, state, args, kwargs, output):
+        own, mode = state
+        mode.__exit__(None, None, None)
+        for n, p in own:
+            module._parameters[n] = p
+        return None
+
+    def zero_examples(self, use, bad):
+        use.grads = tuple(None if g is None else _zero(g, bad) for g in use.grads)
+
+    def _per_example(self, use: Use, cache: Dict) -> Dict[str, Tensor]:
+        key = ("direct", id(use))
+        if key in cache:
+            return cache[key]
+        outs, leaves, B = use.extra["outs"], use.extra["leaves"], use.batch_size
+        names = list(leaves)
+        pairs = [(o, g) for o, g in zip(outs, use.grads) if g is not None and o.requires_grad]
+        result = {n: leaves[n].new_zeros((max(B, 0),) + leaves[n].shape) for n in names}
+        if pairs and B > 0:
+            eye = torch.eye(B, dtype=pairs[0][1].dtype, device=pairs[0][1].device)
+            batched = [eye.view((B, B) + (1,) * (g.dim() - 1)) * g.unsqueeze(0) for _, g in pairs]
+            inputs = [leaves[n] for n in names]
+            try:
+                got = torch.autograd.grad([o for o, _ in pairs], inputs, batched, retain_graph=True,
+                                          allow_unused=True, is_grads_batched=True)
+            except (RuntimeError, NotImplementedError):
+                rows = [torch.autograd.grad([o for o, _ in pairs], inputs, [b[i] for b in batched],
+                                            retain_graph=True, allow_unused=True) for i in range(B)]
+                got = [None if rows[0][j] is None else torch.stack([r[j] for r in rows])
+                       for j in range(len(inputs))]
+            for n, g in zip(names, got):
+                if g is not None:
+                    result[n] = g
+        cache[key] = result
+        return result
+
+    def per_example_grad(self, module, name, use, cache):
+        return self._per_example(use, cache)[name]
+
+    def clipped_grad(self, module, name, use, c, cache):
+        g = self._per_example(use, cache)[name]
+        return torch.tensordot(c.to(g.dtype), g, dims=1)
+
+
+def _zero(t: Tensor, bad: Tensor) -> Tensor:
+    t = t.clone()
+    t[bad.to(t.device)] = 0
+    return t
+
+
+def _guard(engine, module, name):
+    def hook(grad):
+        if grad is not None and not engine._finalizing:
+            raise RuntimeError(
+                f"fastclip: parameter '{name}' of {type(module).__name__}, used directly in its "
+                "forward, reached the loss without passing through an op that combines it with "
+                "the batch (returned as is, used inside a submodule's captured op, or written in "
+                "place into data); its per-example gradient cannot be formed, so the step is "
+                "refused")
+        return grad
+    return hook
+
+
+DIRECT = DirectRule()

@@ -1,0 +1,326 @@
+"""Attention and transformers: fastclip.nn.MultiheadAttention, parameters used directly by a
+parent module, custom leaves from other libraries, against tests/reference.py (float64)."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastclip
+import fastclip.nn as fnn
+import reference as R
+from conftest import tol
+
+CE = nn.CrossEntropyLoss(reduction="none")
+D64 = torch.float64
+
+
+def assert_close(a, b, dtype=D64):
+    rtol, atol = tol(dtype)
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
+
+
+def check(model, x, y, C=0.3, dtype=D64, loss=CE):
+    """Norms and clipped sums equal the reference; the model is left as found."""
+    xs = x if isinstance(x, tuple) else (x,)
+    B = xs[0].shape[0]
+    mods = [type(m) for m in model.modules()]
+    n = fastclip.per_sample_grad_norms(model, loss, x, y)
+    assert n.shape == (B,)
+    fastclip.clipped_grad(model, loss, x, y, max_grad_norm=C)
+    assert [type(m) for m in model.modules()] == mods
+    if B == 0:
+        for p in model.parameters():
+            assert p.grad is not None and not p.grad.any()
+        return
+    assert_close(n, R.norms(model, loss, x, y), dtype)
+    ref = R.clipped_sum(model, loss, x, y, C)
+    for k, p in model.named_parameters():
+        assert_close(p.grad, ref[k], dtype)
+
+
+# -- MultiheadAttention drop-in -------------------------------------------------------------------
+
+MHA_OPTS = [
+    dict(),
+    dict(bias=False),
+    dict(add_bias_kv=True),
+    dict(add_zero_attn=True),
+    dict(add_bias_kv=True, add_zero_attn=True, kdim=5, vdim=7),
+    dict(kdim=5, vdim=7),
+]
+
+
+@pytest.mark.parametrize("opts", MHA_OPTS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_mha_equals_torch_and_state_dicts_load_both_ways(opts, batch_first):
+    ref = nn.MultiheadAttention(8, 2, batch_first=batch_first, **opts).double()
+    ours = fnn.MultiheadAttention(8, 2, batch_first=batch_first, **opts).double()
+    ours.load_state_dict(ref.state_dict())
+    ref.load_state_dict(ours.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    B, L, S = 3, 4, 6
+    kd, vd = opts.get("kdim", 8), opts.get("vdim", 8)
+    shape = (lambda T, d: (B, T, d)) if batch_first else (lambda T, d: (T, B, d))
+    q = torch.randn(shape(L, 8), dtype=D64)
+    k = torch.randn(shape(S, kd), dtype=D64)
+    v = torch.randn(shape(S, vd), dtype=D64)
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[0, -2:] = True
+    am = torch.randn(L, S, dtype=D64)
+    for kw in (dict(), dict(key_padding_mask=kpm, attn_mask=am), dict(average_attn_weights=False),
+               dict(need_weights=False)):
+        a, wa = ref(q, k, v, **kw)
+        b, wb = ours(q, k, v, **kw)
+        assert_close(b, a)
+        if wa is not None:
+            assert_close(wb, wa)
+    if kd == 8 and vd == 8:  # self-attention, causal, unbatched
+        x = q
+        mask = nn.Transformer.generate_square_subsequent_mask(L, dtype=D64)
+        assert_close(ours(x, x, x, attn_mask=mask, is_causal=True)[0],
+                     ref(x, x, x, attn_mask=mask, is_causal=True)[0])
+        assert_close(ours(x[:, 0] if not batch_first else x[0], x[:, 0] if not batch_first else x[0],
+                          x[:, 0] if not batch_first else x[0])[0],
+                     ref(x[:, 0] if not batch_first else x[0], x[:, 0] if not batch_first else x[0],
+                         x[:, 0] if not batch_first else x[0])[0])
+
+
+class Attn(nn.Module):
+    def __init__(self, self_attn=True, **opts):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True, **opts)
+        self.kproj = nn.Linear(8, opts.get("kdim", 8))
+        self.vproj = nn.Linear(8, opts.get("vdim", 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.self_attn:
+            h, _ = self.mha(x, x, x)
+        else:
+            h, _ = self.mha(x, self.kproj(x), self.vproj(x))
+        h2, _ = self.mha(h, h, h) if self.self_attn else (h, None)  # a second call: uses stacked
+        return self.head(torch.tanh(h2).mean(1))
+
+
+@pytest.mark.parametrize("opts", MHA_OPTS)
+@pytest.mark.parametrize("B", [0, 1, 3])
+def test_mha_norms_and_clipped_sums(opts, B):
+    self_attn = "kdim" not in opts
+    m = Attn(self_attn, **opts).double()
+    x = torch.randn(B, 5, 8, dtype=D64)
+    check(m, x, torch.randint(0, 3, (B,)))
+
+
+def test_mha_float32_and_modes():
+    m = Attn(True, add_bias_kv=True)
+    x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
+    ref = R.norms(m, CE, x, y)
+    for mode in ("auto", "ghost", "direct"):
+        assert_close(fastclip.per_sample_grad_norms(m, CE, x, y, mode=mode), ref, torch.float32)
+
+
+def test_torch_mha_is_refused_by_a_bare_engine():
+    with pytest.raises(ValueError, match="fastclip.nn.MultiheadAttention"):
+        fastclip.Engine(Attn())
+
+
+# -- transformers ---------------------------------------------------------------------------------
+
+class DecoderLM(nn.Module):
+    """Decoder-only LM: tied embeddings, learned positions as a Parameter of the model itself,
+    causal mask, pre-LayerNorm blocks; per-example loss = mean token cross-entropy."""
+
+    def __init__(self, vocab=11, d=8, heads=2, T=6, layers=2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(T, d) * 0.1)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, heads, 16, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, tok):
+        T = tok.shape[1]
+        h = self.emb(tok) + self.pos[:T]
+        mask = nn.Transformer.generate_square_subsequent_mask(T, dtype=h.dtype)
+        for blk in self.blocks:
+            h = blk(h, src_mask=mask, is_causal=True)
+        return self.out(self.norm(h))
+
+
+def lm_loss(logits, tok):
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), tok[:, 1:], reduction="none").mean(1)
+
+
+@pytest.mark.parametrize("B", [0, 1, 3])
+def test_decoder_only_transformer(B):
+    m = DecoderLM().double()
+    tok = torch.randint(0, 11, (B, 6))
+    check(m, tok, tok, loss=lm_loss)
+
+
+def test_decoder_only_transformer_outputs_equal_torch():
+    m = DecoderLM().double()
+    tok = torch.randint(0, 11, (2, 6))
+    want = m(tok)
+    with fnn.converted(m) as c:
+        assert any(isinstance(x, fnn.MultiheadAttention) for x in c.modules())
+        assert_close(c(tok), want)
+    assert not any(isinstance(x, fnn.MultiheadAttention) for x in m.modules())
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self, d=8, cls_token=True):
+        super().__init__()
+        self.inp = nn.Linear(4, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.1)
+        layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x, pad):
+        h = self.inp(x)
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], 1)
+        pad = torch.cat([torch.zeros_like(pad[:, :1]), pad], 1)
+        h = self.enc(h, src_key_padding_mask=pad)
+        return self.head(h[:, 0])
+
+
+@pytest.mark.parametrize("B", [0, 1, 4])
+def test_encoder_classifier(B):
+    m = EncoderClassifier().double()
+    x = torch.randn(B, 5, 4, dtype=D64)
+    pad = torch.zeros(B, 5, dtype=torch.bool)
+    if B:
+        pad[0, -2:] = True
+    check(m, (x, pad), torch.randint(0, 2, (B,)))
+
+
+def test_decoder_layer_cross_attention():
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.src = nn.Linear(3, 8)
+            self.tgt = nn.Linear(3, 8)
+            self.dec = nn.TransformerDecoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, s, t):
+            return self.head(self.dec(self.tgt(t), self.src(s)).mean(1))
+
+    m = Seq2Seq().double()
+    s, t = torch.randn(3, 5, 3, dtype=D64), torch.randn(3, 4, 3, dtype=D64)
+    check(m, (s, t), torch.randint(0, 2, (3,)))
+
+
+def test_attention_mixed_with_lstm():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(13, 8)
+            self.lstm = nn.LSTM(8, 8, batch_first=True)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, tok):
+            h, _ = self.lstm(self.emb(tok))
+            a, _ = self.attn(h, h, h)
+            return self.head((a + h).mean(1))
+
+    m = M().double()
+    tok = torch.randint(0, 13, (3, 7))
+    check(m, tok, torch.randint(0, 2, (3,)))
+
+
+def test_make_private_transformer_step_is_clipped_mean():
+    m = DecoderLM().double()
+    ref_model = copy.deepcopy(m)
+    tok = torch.randint(0, 11, (3, 6))
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    pm, popt, _ = fastclip.make_private(m, opt, None, noise_multiplier=0.0, max_grad_norm=0.2,
+                                        poisson_sampling=False)
+    assert any(isinstance(x, fnn.MultiheadAttention) for x in pm.modules())
+    before = {k: p.detach().clone() for k, p in pm.named_parameters()}
+    popt.zero_grad()
+    lm_loss(pm(tok), tok).mean().backward()
+    popt.step()
+    ref = R.clipped_sum(ref_model, lm_loss, tok, tok, 0.2)
+    for k, p in pm.named_parameters():
+        assert_close(before[k] - p.detach(), ref[k] / 3)
+
+
+# -- custom leaves from other libraries: the generic rule ------------------------------------------
+
+class Conv1D(nn.Module):
+    """GPT-2's linear layer: weight stored (in, out), y = x W + b."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(
+            x.shape[:-1] + (self.weight.shape[1],))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d) + 0.1 * torch.randn(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: no parameters, cos/sin tables as buffers."""
+
+    def __init__(self, d, T=16):
+        super().__init__()
+        inv = 1.0 / (10000 ** (torch.arange(0, d, 2).double() / d))
+        ang = torch.arange(T).double()[:, None] * inv[None]
+        self.register_buffer("cos", ang.cos(), persistent=False)
+        self.register_buffer("sin", ang.sin(), persistent=False)
+
+    def forward(self, x):
+        T = x.shape[1]
+        x1, x2 = x[..., ::2], x[..., 1::2]
+        c, s = self.cos[:T].to(x.dtype), self.sin[:T].to(x.dtype)
+        return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2)
+
+
+class GPT2ish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.norm = RMSNorm(8)
+        self.rot = Rotary(8)
+        self.c_attn = Conv1D(24, 8)
+        self.c_proj = Conv1D(8, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, tok):
+        h = self.norm(self.emb(tok))
+        q, k, v = self.c_attn(h).split(8, -1)
+        q, k = self.rot(q), self.rot(k)
+        a = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
+                                           is_causal=True).squeeze(1)
+        return self.head(self.c_proj(a).mean(1))
+
+
+@pytest.mark.parametrize("B", [0, 1, 3])
+def test_custom_library_leaves_use_the_generic_rule(B):
+    m = GPT2ish().double()
+    e = fastclip.Engine(m)
+    rules = dict(e.covered())
+    e.detach()
+    assert rules["c_attn.weight"] == "GenericRule" and rules["norm.weight"] == "GenericRule"
+    check(m, torch.randint(0, 10, (B, 6)), torch.randint(0, 2, (B,)))
