@@ -157,6 +157,53 @@ FASTCLIP_RNN_MV void lstm_bwd_row(int64_t h, const double* sv, const double* tc,
   lstm_bwd_body(h, sv, tc, cp, dout, dh, dc, gi);
 }
 
+// C (m x n) = A (m x k, leading dim lda) times P (k x n, leading dim ldp): the per-step product
+// of a slice's few rows with a recurrent weight. BLAS repacks the whole weight on every call,
+// which costs as much as the product when m is a few dozen rows; here the weight is laid out once
+// per call of the layer (P = W^T, or W itself in the backward) and a register-blocked kernel
+// (RB rows x NB columns of accumulators) streams it directly.
+template <class T, int RB, int NB>
+inline __attribute__((always_inline)) void step_gemm_body(int64_t m, int64_t n, int64_t k,
+                                                          const T* __restrict A, int64_t lda,
+                                                          const T* __restrict P, int64_t ldp,
+                                                          T* __restrict C, int64_t ldc) {
+  for (int64_t n0 = 0; n0 < n; n0 += NB) {
+    const int64_t nb = std::min<int64_t>(NB, n - n0);
+    for (int64_t r0 = 0; r0 < m; r0 += RB) {
+      const int64_t rb = std::min<int64_t>(RB, m - r0);
+      T acc[RB][NB] = {};
+      const T* a = A + r0 * lda;
+      if (rb == RB && nb == NB) {
+        for (int64_t q = 0; q < k; ++q) {
+          const T* w = P + q * ldp + n0;
+          for (int rr = 0; rr < RB; ++rr) {
+            const T av = a[rr * lda + q];
+            for (int c = 0; c < NB; ++c) acc[rr][c] += av * w[c];
+          }
+        }
+      } else {
+        for (int64_t q = 0; q < k; ++q) {
+          const T* w = P + q * ldp + n0;
+          for (int rr = 0; rr < rb; ++rr) {
+            const T av = a[rr * lda + q];
+            for (int c = 0; c < nb; ++c) acc[rr][c] += av * w[c];
+          }
+        }
+      }
+      for (int rr = 0; rr < rb; ++rr)
+        for (int c = 0; c < nb; ++c) C[(r0 + rr) * ldc + n0 + c] = acc[rr][c];
+    }
+  }
+}
+FASTCLIP_RNN_MV void step_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
+                               const float* P, int64_t ldp, float* C, int64_t ldc) {
+  step_gemm_body<float, 4, 32>(m, n, k, A, lda, P, ldp, C, ldc);
+}
+FASTCLIP_RNN_MV void step_gemm(int64_t m, int64_t n, int64_t k, const double* A, int64_t lda,
+                               const double* P, int64_t ldp, double* C, int64_t ldc) {
+  step_gemm_body<double, 4, 16>(m, n, k, A, lda, P, ldp, C, ldc);
+}
+
 // The batch is split into at most num_threads contiguous slices; each runs the whole time loop
 // (examples are independent), so threads never wait on each other between steps.
 template <class Fn>
@@ -184,7 +231,8 @@ void zero_rows(T* base, int64_t width, int64_t from, int64_t to) {
 }
 
 template <class T>
-void forward_slice(const RnnForwardArgs<T>& a, int64_t b0, int64_t b1) {
+void forward_slice(const RnnForwardArgs<T>& a, const std::vector<T>& w_hh_t, int64_t b0,
+                   int64_t b1) {
   const int64_t R = b1 - b0, h = a.h, T_ = a.T_, d = a.d;
   const int64_t Gh = rnn_gates(a.cell) * h, W = rnn_saved_width(a.cell, h);
   const bool lstm = a.cell == RnnCell::LSTM;
@@ -221,6 +269,7 @@ void forward_slice(const RnnForwardArgs<T>& a, int64_t b0, int64_t b1) {
     }
   }
   for (int64_t s = 0; s < Tmax; ++s) {
+    // (BLAS measured faster than step_gemm for this shape: k = h is short, n = gates h wide.)
     blas::gemm_nt<T>(R, Gh, h, H.data(), h, a.w_hh, h, hw.data(), Gh);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t i = b0 + r, L = length_of(a.lengths, i, T_);
@@ -349,10 +398,10 @@ void backward_slice(const RnnBackwardArgs<T>& a, const std::vector<T>& w_hh_t,
     // dh_{t-1} = G_t W_hh: one GEMM for the slice (W_hh^T is passed as the "B^T" operand). With
     // no lengths all rows are at the same t, so LSTM/RNN read G straight from g_ih (stride T Gh).
     if (shared_t && !gru)
-      blas::gemm_nt<T>(R, h, Gh, a.g_ih + (b0 * T_ + time_of(a.reverse, T_, s)) * Gh, T_ * Gh,
-                       w_hh_t.data(), Gh, dhw.data(), h);
+      step_gemm(R, h, Gh, a.g_ih + (b0 * T_ + time_of(a.reverse, T_, s)) * Gh, T_ * Gh,
+                a.w_hh, h, dhw.data(), h);
     else
-      blas::gemm_nt<T>(R, h, Gh, gstep.data(), Gh, w_hh_t.data(), Gh, dhw.data(), h);
+      step_gemm(R, h, Gh, gstep.data(), Gh, a.w_hh, h, dhw.data(), h);
     for (int64_t r = 0; r < R; ++r) {
       if (s >= length_of(a.lengths, b0 + r, T_)) continue;  // passes its gradient through
       T* dh = dH.data() + r * h;
@@ -389,7 +438,10 @@ void rnn_forward(const RnnForwardArgs<T>& a, int num_threads) {
       check(a.lengths[i] >= 1 && a.lengths[i] <= a.T_,
             "lengths[" + std::to_string(i) + "] = " + std::to_string(a.lengths[i]) +
                 " is outside [1, " + std::to_string(a.T_) + "]");
-  over_slices(a.B, num_threads, [&](int64_t b0, int64_t b1) { forward_slice(a, b0, b1); });
+  if (a.B == 0) return;
+  const std::vector<T> w_hh_t;  // unused: the forward's step product is a BLAS call
+  over_slices(a.B, num_threads,
+              [&](int64_t b0, int64_t b1) { forward_slice(a, w_hh_t, b0, b1); });
 }
 
 template <class T>
@@ -402,7 +454,7 @@ void rnn_backward(const RnnBackwardArgs<T>& a, int num_threads) {
                 " is outside [1, " + std::to_string(a.T_) + "]");
   if (a.B == 0) return;
   const int64_t Gh = rnn_gates(a.cell) * a.h;
-  const std::vector<T> w_hh_t = transposed(a.w_hh, Gh, a.h);
+  const std::vector<T> w_hh_t;  // unused: step_gemm reads W_hh as laid out
   const std::vector<T> w_ih_t = a.d_x ? transposed(a.w_ih, Gh, a.d) : std::vector<T>();
   over_slices(a.B, num_threads,
               [&](int64_t b0, int64_t b1) { backward_slice(a, w_hh_t, w_ih_t, b0, b1); });
