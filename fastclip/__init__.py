@@ -8,7 +8,9 @@ from .functional import clipped_grad, per_sample_grad_norms
 from .layers import Rule, register
 from .accounting import PrivacyAccountant
 from .optim import DPOptimizer, make_private, make_private_with_epsilon
+from .validate import validate
 
 __version__ = "0.1.0"
 __all__ = ["Engine", "DPOptimizer", "PrivacyAccountant", "Rule", "clipped_grad", "make_private",
-           "make_private_with_epsilon", "per_sample_grad_norms", "register", "__version__"]
+           "make_private_with_epsilon", "per_sample_grad_norms", "register", "validate",
+           "__version__"]
