@@ -51,7 +51,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 try:
     import torch.distributed as dist

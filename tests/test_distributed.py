@@ -4,7 +4,6 @@ stay identical on every rank, handle an empty local batch, and account the same 
 
 The 2-process runs are spawned once for the module (each scenario in the same pair of
 processes, bounded by a timeout); the tests check their results against one process here."""
-import copy
 import math
 import os
 import socket
@@ -93,6 +92,7 @@ def _worker(rank, port, outdir):
         out["secure"] = _train(SIGMA, None, steps=2, secure=True)
         out["uneven"] = _uneven(True, rank)
         out["examples"] = _examples_seen(rank)
+        out["resumed"] = _resumed()
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -106,6 +106,33 @@ def _examples_seen(rank):
     nn.functional.cross_entropy(m(x), y, reduction="sum").backward()
     opt.reducer.reduce([p for p in m.parameters()], opt.engine)
     return opt.engine.examples
+
+
+def _resumed():
+    """2 noisy steps, rank 0's checkpoint loaded by every rank into a fresh run, 1 more step."""
+    def build(seed):
+        m = _model()
+        return (m, *fastclip.make_private(m, torch.optim.SGD(m.parameters(), lr=LR),
+                                          DataLoader(_data(), batch_size=8), noise_multiplier=SIGMA,
+                                          max_grad_norm=C, generator=torch.Generator().manual_seed(seed))[1:])
+
+    def steps(m, opt, loader, k):
+        it = iter(loader)
+        for _ in range(k):
+            x, y = next(it)
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+
+    m, opt, loader = build(7)
+    steps(m, opt, loader, 2)
+    ckpt = [(m.state_dict(), opt.state_dict())]
+    dist.broadcast_object_list(ckpt, 0)
+    m, opt, loader = build(99)          # other seeds: everything must come from the checkpoint
+    m.load_state_dict(ckpt[0][0])
+    opt.load_state_dict(ckpt[0][1])
+    steps(m, opt, loader, 1)
+    return _flat(m), opt.steps
 
 
 def _free_port():
@@ -169,6 +196,13 @@ def test_an_empty_local_batch_works(ranks):
     single = _uneven(False)
     for r in range(WORLD):
         torch.testing.assert_close(ranks[r]["uneven"], single, rtol=1e-12, atol=1e-14)
+
+
+def test_rank_0_checkpoint_resumes_every_rank_exactly(ranks):
+    single, _, _, _ = _train(SIGMA, False, steps=3)
+    assert torch.equal(ranks[0]["resumed"][0], ranks[1]["resumed"][0])
+    assert ranks[0]["resumed"][1] == 3
+    torch.testing.assert_close(ranks[0]["resumed"][0], single, rtol=1e-10, atol=1e-10)
 
 
 def test_epsilon_is_global_and_the_same_on_every_rank(ranks):
