@@ -135,6 +135,44 @@ def _lstm_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4, T:
                                                 f"on the last step, T={T}")
 
 
+class TransformerClassifier(nn.Module):
+    """Token + learned position embeddings -> pre-LayerNorm torch.nn.TransformerEncoderLayer
+    blocks (GELU FFN) -> LayerNorm -> mean over positions -> Linear(d, classes). fastclip
+    converts the blocks' torch.nn.MultiheadAttention to fastclip.nn.MultiheadAttention."""
+
+    def __init__(self, vocab: int = 10000, d: int = 256, heads: int = 4, ffn: int = 1024,
+                 layers: int = 2, T: int = 128, classes: int = 2):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(T, d)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, heads, ffn, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pos = torch.arange(x.shape[1], device=x.device).unsqueeze(0)
+        h = self.emb(x) + self.pos(pos)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.fc(self.norm(h).mean(1))
+
+
+@register_workload("transformer", default_batch_size=32)
+def _transformer_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4,
+                          T: int = 128) -> Workload:
+    model = TransformerClassifier(T=T)
+    batches = [
+        (torch.randint(0, 10000, (batch_size, T), generator=gen),
+         torch.randint(0, 2, (batch_size,), generator=gen))
+        for _ in range(n_batches)
+    ]
+    return Workload(model, batches, description=f"Embedding(10000,256)+positions, 2 pre-LN blocks "
+                                                f"(4 heads, FFN 1024 GELU), mean-pool, Linear(256,2), "
+                                                f"T={T}")
+
+
 # --------------------------------------------------------------------------------------------
 # methods: each prepares (a copy of) the model and returns a step(x, y) closure
 # --------------------------------------------------------------------------------------------
