@@ -102,7 +102,7 @@ class Engine:
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not own:
                 continue
-            if isinstance(p := own[0][1], nn.parameter.UninitializedParameter):
+            if any(isinstance(p, nn.parameter.UninitializedParameter) for _, p in own):
                 raise ValueError(f"module '{label}' has uninitialized (lazy) parameters; run one "
                                  "forward pass before making the model private")
             rule = rule_for(module)
