@@ -467,6 +467,66 @@ def format_table(results: List[Result], memory: bool) -> str:
     return "\n".join(out)
 
 
+def _import_pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or an ImportError saying how to get it."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("--plot needs matplotlib, which is optional: "
+                          "pip install torch==2.13.0 \".[plot]\" (or pip install matplotlib)") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_slowdown(results: List[Result], path: str, title: Optional[str] = None) -> None:
+    """Bar chart of each private method's slowdown (step time / non-private step time) per
+    workload, on a log axis with the non-private baseline at 1x; written to ``path`` (PNG, SVG,
+    PDF: by extension). Methods that did not run are labelled instead of drawn."""
+    plt = _import_pyplot()
+    methods = [m.name for m in METHODS if m.name != "non-private"]
+    by_wl: Dict[str, Dict[str, Result]] = {}
+    for r in results:
+        by_wl.setdefault(r.workload, {})[r.method] = r
+    workloads = list(by_wl)
+    colors = ["#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"]
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(workloads) * max(len(methods), 1) / 2 + 2), 4.5))
+    ratios = [r.ratio for rs in by_wl.values() for r in rs.values() if r.ratio]
+    top = max(ratios + [2.0]) * 2.5
+    for j, m in enumerate(methods):
+        for i, wl in enumerate(workloads):
+            r = by_wl[wl].get(m)
+            x = i + (j - (len(methods) - 1) / 2) * width
+            if r is not None and r.status == "ok" and r.ratio:
+                ax.bar(x, r.ratio, width * 0.92, color=colors[j % len(colors)],
+                       label=m if i == 0 or not ax.get_legend_handles_labels()[1].count(m) else None)
+                ax.text(x, r.ratio * 1.08, f"{r.ratio:.1f}x" if r.ratio < 10 else f"{r.ratio:.0f}x",
+                        ha="center", va="bottom", fontsize=8)
+            else:
+                ax.bar(x, 0, width * 0.92, color=colors[j % len(colors)],
+                       label=m if not ax.get_legend_handles_labels()[1].count(m) else None)
+                ax.text(x, 1.05, "n/a" if r is None else r.status, ha="center", va="bottom",
+                        fontsize=7, rotation=90, color="0.4")
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label="non-private (1x)")
+    ax.set_yscale("log")
+    ax.set_ylim(0.8, top)
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if t <= top]
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([f"{t}x" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xticks(range(len(workloads)))
+    ax.set_xticklabels([f"{wl}\n(batch {next(iter(by_wl[wl].values())).batch_size})" for wl in workloads])
+    ax.set_ylabel("step time / non-private step time (log scale)")
+    ax.set_title(title or "DP-SGD step slowdown vs non-private training (lower is better)", fontsize=10)
+    ax.legend(loc="upper left", fontsize=9, frameon=False, ncol=2)
+    ax.grid(axis="y", which="both", alpha=0.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 class _OtherLoad:
     """CPU time used by *other* processes while we run (Linux: /proc/stat minus our own times)."""
 
@@ -533,7 +593,7 @@ def environment() -> Dict[str, object]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--workloads", default="mlp",
+    p.add_argument("--workloads", default="all",
                    help=f"comma-separated workload names (available: {', '.join(WORKLOADS)}) or 'all'")
     p.add_argument("--steps", type=int, default=20, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps per method")
@@ -546,6 +606,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="time each method's steps in one block instead of round-robin across methods")
     p.add_argument("--no-memory", action="store_true", help="skip the per-step peak memory measurement")
     p.add_argument("--json", metavar="OUT.json", default=None, help="also write all results as JSON")
+    p.add_argument("--plot", metavar="OUT.png", default=None,
+                   help="also draw each method's slowdown vs non-private per workload as a bar chart "
+                        "(needs matplotlib: the 'plot' extra)")
     return p
 
 
@@ -566,6 +629,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"--threads must be >= 1, got {args.threads}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
+    if getattr(args, "plot", None):
+        try:  # before the run, not after minutes of measuring
+            _import_pyplot()
+        except ImportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     device = torch.device(args.device)
     memory = not args.no_memory
     env = environment()
@@ -597,6 +666,11 @@ def run(args: argparse.Namespace) -> int:
             json.dump({"environment": env, "args": args_json,
                        "results": [r.__dict__ for r in results]}, f, indent=2)
         print(f"wrote {args.json}")
+    if getattr(args, "plot", None):
+        plot_slowdown(results, args.plot,
+                      title=f"DP-SGD step slowdown vs non-private, lower is better\n(torch {env['torch']}, "
+                            f"{env['threads']} threads{'; machine was loaded, timings noisy' if others is not None and others > 0.25 else ''})")
+        print(f"wrote {args.plot}")
     # fastclip or the baseline failing is a failure; a broken optional Opacus column is not
     return 1 if any(r.method in ("non-private", "fastclip") for r in errors) else 0
 
