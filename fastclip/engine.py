@@ -175,7 +175,8 @@ class Engine:
     def _pre(self, module, args, kwargs):
         state = new = None
         if torch.is_grad_enabled() and not self._finalizing:
-            new = self._expand_broadcast(args, kwargs)
+            rule = self._rules[module]
+            new = self._expand_broadcast(args, kwargs) if rule.expand_broadcast else None
             if new is not None:
                 args, kwargs = new
             state = (self._rules[module].pre_forward(self, module, args, kwargs),)

@@ -62,6 +62,11 @@ class Rule:
     dict private to one finalize call, for work shared between the parameters of one use.
     """
 
+    # Inputs with leading dimension 1 while the batch is B are expanded to B before the module
+    # runs (engine._expand_broadcast): right for batch-first inputs, wrong for modules whose
+    # inputs have other leading dims (time-major sequences, (layers, B, h) states, (L, S) masks).
+    expand_broadcast = True
+
     def supports(self, module: nn.Module) -> bool:
         return True
 

@@ -33,6 +33,8 @@ def _blocks(entries, name):
 
 @register(MultiheadAttention)
 class AttentionRule(Rule):
+    expand_broadcast = False  # leading dims are not all batch (see Rule)
+
     def pre_forward(self, engine, module, args, kwargs):
         use = Use(module, extra={})
         push_capture(module, engine, use)

@@ -32,6 +32,8 @@ def _factors(part, which: str):
 
 @register(RNN, GRU, LSTM)
 class RecurrentRule(Rule):
+    expand_broadcast = False  # leading dims are not all batch (see Rule)
+
     def check(self, module):
         if getattr(module, "proj_size", 0):
             return "proj_size > 0 is not supported"

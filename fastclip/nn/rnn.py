@@ -158,8 +158,6 @@ class _RecurrentMixin:
             if input.dim() not in (2, 3):
                 raise RecurrentInputError(f"{name}: Expected input to be 2D or 3D, got "
                                           f"{input.dim()}D instead")
-            if capture is not None and not self.batch_first:
-                input = _undo_batch_expand(input, capture[0])
             batched = input.dim() == 3
             if not batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)
@@ -181,8 +179,6 @@ class _RecurrentMixin:
             for sname, s in zip(("h_0", "c_0"), states):
                 if not isinstance(s, Tensor):
                     raise TypeError(f"{name}: {sname} must be a Tensor, got {type(s).__name__}")
-                if capture is not None and s.dim() == 3 and s.shape[0] != L * D:
-                    s = _undo_batch_expand(s, capture[0], force=True)
                 want = (L * D, B, h) if batched else (L * D, h)
                 if tuple(s.shape) != want:
                     raise RecurrentInputError(f"{name}: Expected hidden size {want} for {sname}, "
@@ -230,16 +226,6 @@ class _RecurrentMixin:
                 h_n = h_n.squeeze(1)
                 c_n = c_n.squeeze(1) if lstm else None
         return output, ((h_n, c_n) if lstm else h_n)
-
-
-def _undo_batch_expand(t: Tensor, engine, force: bool = False) -> Tensor:
-    """The engine expands a leaf input with leading dim 1 to the batch (stride 0) when it thinks
-    dim 0 is the batch; for a time-major input or a state (layers, B, h) it is not, so undo it."""
-    batches = getattr(engine, "_batches", None)
-    B = batches[-1] if batches else None
-    if t.dim() > 0 and t.shape[0] > 1 and t.stride(0) == 0 and (force or t.shape[0] == B):
-        return t[:1]
-    return t
 
 
 class RNN(_RecurrentMixin, nn.RNN):
