@@ -5,20 +5,18 @@ the block norms, each block's uses (calls of the module) stacked along T (exact,
 bias_k / bias_v: their per-example gradients, recorded whole. ``out_proj`` is a child Linear."""
 from __future__ import annotations
 
-from typing import Dict
-
 import torch
-from torch import Tensor
 
 from .. import ops
-from ..nn.attention import MultiheadAttention, pop_capture, push_capture
-from . import Rule, Use, register, scaled_rows, zero_rows
+from ..nn.attention import MultiheadAttention
+from .capture import ModuleCaptureRule
+from . import register, zero_rows
 from .linear import _flat
 
 
 def _blocks(entries, name):
     """{rows: (A stacked over uses, G stacked over uses)} of parameter ``name``'s projections."""
-    by_rows: Dict = {}
+    by_rows: dict = {}
     for _, _, u in entries:
         for part in u.extra.get("proj", ()):
             if part.weight == name or part.bias == name:
@@ -32,18 +30,7 @@ def _blocks(entries, name):
 
 
 @register(MultiheadAttention)
-class AttentionRule(Rule):
-    expand_broadcast = False  # leading dims are not all batch (see Rule)
-
-    def pre_forward(self, engine, module, args, kwargs):
-        use = Use(module, extra={})
-        push_capture(module, engine, use)
-        return use
-
-    def post_forward(self, engine, module, state, args, kwargs, output):
-        pop_capture(module)
-        return None
-
+class AttentionRule(ModuleCaptureRule):
     def zero_examples(self, use, bad):
         for part in use.extra.get("proj", ()):
             part.A, part.G = zero_rows(part.A, bad), zero_rows(part.G, bad)

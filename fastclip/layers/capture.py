@@ -8,12 +8,13 @@ parameter-gradient product is skipped) and records the input A and the output gr
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from ..nn.capture import pop_capture, push_capture
 from . import Rule, Use
 
 
@@ -90,3 +91,21 @@ class FunctionalRule(Rule):
             return func(**{**bound, **new})
 
         return _FnCapture.apply(engine, use, call, x, w, b)
+
+
+class ModuleCaptureRule(Rule):
+    """A rule for a fastclip.nn module that records its own factors while captured (RNN/GRU/LSTM,
+    MultiheadAttention): the rule only marks the call as captured (fastclip.nn.capture)."""
+
+    # Their inputs are not all batch-first (time-major sequences, (layers, B, h) states,
+    # (L, S) masks): no batch expansion of leading-dim-1 inputs (see Rule.expand_broadcast).
+    expand_broadcast = False
+
+    def pre_forward(self, engine, module, args, kwargs):
+        use = Use(module, extra={})
+        push_capture(module, engine, use)
+        return use
+
+    def post_forward(self, engine, module, state, args, kwargs, output):
+        pop_capture(module)
+        return None

@@ -6,14 +6,12 @@ and are separate parameters: each gets its own norm, ||sum_t g_t||^2."""
 from __future__ import annotations
 
 import re
-from typing import Dict
-
 import torch
-from torch import Tensor
 
 from .. import ops
-from ..nn.rnn import GRU, LSTM, RNN, pop_capture, push_capture
-from . import Rule, Use, register, scaled_rows
+from ..nn.rnn import GRU, LSTM, RNN
+from .capture import ModuleCaptureRule
+from . import register, scaled_rows
 
 _NAME = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
 
@@ -31,21 +29,10 @@ def _factors(part, which: str):
 
 
 @register(RNN, GRU, LSTM)
-class RecurrentRule(Rule):
-    expand_broadcast = False  # leading dims are not all batch (see Rule)
-
+class RecurrentRule(ModuleCaptureRule):
     def check(self, module):
         if getattr(module, "proj_size", 0):
             return "proj_size > 0 is not supported"
-        return None
-
-    def pre_forward(self, engine, module, args, kwargs):
-        use = Use(module, extra={})
-        push_capture(module, engine, use)
-        return use
-
-    def post_forward(self, engine, module, state, args, kwargs, output):
-        pop_capture(module)
         return None
 
     def sq_norms(self, entries, method, cache):

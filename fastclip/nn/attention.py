@@ -13,26 +13,13 @@ nn.Linear, covered by the Linear rule.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# module -> stack of (engine, use) for the calls the engine is capturing (fastclip.layers.attention)
-_CAPTURED: Dict[nn.Module, List] = {}
-
-
-def push_capture(module, engine, use):
-    _CAPTURED.setdefault(module, []).append((engine, use))
-
-
-def pop_capture(module):
-    stack = _CAPTURED.get(module)
-    if stack:
-        stack.pop()
-        if not stack:
-            del _CAPTURED[module]
+from .capture import current_capture
 
 
 class ProjPart:
@@ -126,16 +113,16 @@ class MultiheadAttention(nn.MultiheadAttention):
     """
 
     def _proj(self, x: Tensor, w: Tensor, b: Optional[Tensor], info) -> Tensor:
-        stack = _CAPTURED.get(self)
-        if stack and torch.is_grad_enabled():
-            engine, use = stack[-1]
+        cap = current_capture(self)
+        if cap is not None and torch.is_grad_enabled():
+            engine, use = cap
             return _ProjFn.apply(engine, use, info, x, w, b)
         return F.linear(x, w, b)
 
     def _token(self, name: str, p: Tensor, B: int) -> Tensor:
-        stack = _CAPTURED.get(self)
-        if stack and torch.is_grad_enabled() and p.requires_grad:
-            engine, use = stack[-1]
+        cap = current_capture(self)
+        if cap is not None and torch.is_grad_enabled() and p.requires_grad:
+            engine, use = cap
             return _TokenFn.apply(engine, use, name, p, B)
         return p.reshape(1, 1, -1).expand(B, 1, p.shape[-1])
 

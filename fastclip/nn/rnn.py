@@ -20,7 +20,7 @@ the same Parameter objects.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,27 +28,12 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .. import ops
+from .capture import current_capture
 
 
 class RecurrentInputError(ValueError, RuntimeError):
     """Wrong input or state for a recurrent module (a ValueError, and a RuntimeError as
     torch.nn's recurrent modules raise for the same mistakes)."""
-
-
-# module -> stack of (engine, use) for the calls the engine is capturing (fastclip.layers.rnn).
-_CAPTURED: Dict[nn.Module, List] = {}
-
-
-def push_capture(module: nn.Module, engine, use) -> None:
-    _CAPTURED.setdefault(module, []).append((engine, use))
-
-
-def pop_capture(module: nn.Module) -> None:
-    stack = _CAPTURED.get(module)
-    if stack:
-        stack.pop()
-        if not stack:
-            del _CAPTURED[module]
 
 
 class RecurrentPart:
@@ -143,8 +128,7 @@ class _RecurrentMixin:
         name = type(self).__name__
         D = 2 if self.bidirectional else 1
         L, h = self.num_layers, self.hidden_size
-        capture = _CAPTURED.get(self)
-        capture = capture[-1] if capture else None
+        capture = current_capture(self)
         packed = isinstance(input, PackedSequence)
         if packed:
             batch_sizes, sorted_indices = input.batch_sizes, input.sorted_indices
