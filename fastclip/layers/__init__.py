@@ -108,6 +108,27 @@ class Rule:
         raise NotImplementedError
 
 
+# A kernel that reads G for a weight's norms can give the bias's norms in the same pass; the
+# bias's own sq_norms call then takes them from the finalize cache instead of reading G again.
+def _bias_key(entries: Sequence[Entry]):
+    return ("bias-of-uses", tuple(id(u) for _, _, u in entries))
+
+
+def bias_in_same_pass(entries: Sequence[Entry]) -> bool:
+    """Whether all of a weight's uses share one trainable ``bias`` (whose uses are then the same)."""
+    return (all(m.bias is not None and m.bias.requires_grad for m, _, _ in entries)
+            and len({id(m.bias) for m, _, _ in entries}) == 1)
+
+
+def keep_bias(entries: Sequence[Entry], cache: Dict, b: Tensor) -> None:
+    cache[_bias_key(entries)] = b
+
+
+def take_bias(entries: Sequence[Entry], cache: Dict) -> Optional[Tensor]:
+    """The bias norms kept by the weight's pass over the same uses, or None."""
+    return cache.pop(_bias_key(entries), None)
+
+
 def zero_rows(tree, bad: Tensor):
     """Copy of ``tree`` in which every tensor with leading dimension B = len(bad) has its rows
     ``bad`` set to 0; other leaves are kept."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from . import Entry, register, scaled_rows
+from . import Entry, bias_in_same_pass, keep_bias, register, scaled_rows, take_bias
 from .capture import FunctionalRule
 
 _DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -75,14 +75,11 @@ class ConvRule(FunctionalRule):
 
     def sq_norms(self, entries: Sequence[Entry], method: str, cache: Dict) -> Tensor:
         module, name, _ = entries[0]
-        key = ("conv-bias", tuple(id(u) for _, _, u in entries))
-        if name == "bias" and key in cache:
-            return cache.pop(key)
         if name == "bias":
-            return self._bias_sum(entries).square().sum(1)
+            b = take_bias(entries, cache)
+            return b if b is not None else self._bias_sum(entries).square().sum(1)
         weight = getattr(module, name)
-        with_bias = all(m.bias is not None and m.bias.requires_grad for m, _, _ in entries) and \
-            len({id(m.bias) for m, _, _ in entries}) == 1
+        with_bias = bias_in_same_pass(entries)
         if len(entries) == 1:
             use = entries[0][2]
             _, kernel, stride, pads, dilation, groups = _opts(use, weight.shape)
@@ -92,7 +89,7 @@ class ConvRule(FunctionalRule):
             w = self._stacked_sq_norms(entries, weight.shape, method)
             b = self._bias_sum(entries).square().sum(1) if with_bias else None
         if with_bias:
-            cache[key] = b
+            keep_bias(entries, cache, b)
         return w
 
     @staticmethod
@@ -129,7 +126,6 @@ class ConvRule(FunctionalRule):
 
     def clipped_grad(self, module, name, use, c, cache):
         g = use.grads[0]
-        B = g.shape[0]
         c = c.to(g.dtype)
         if name == "bias":
             return c.matmul(g.flatten(2).sum(2))

@@ -93,7 +93,7 @@ class GenericRule(Rule):
         # Tensors whose leading dimension is B are split per example; the rest (shapes broadcast
         # over the batch, non-tensors) are passed whole to every example.
         batched = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B for t in in_leaves]
-        grads = tuple(g if g is not None else None for g in use.grads)
+        grads = tuple(use.grads)
         params = {n: p.detach() for n, p in _trainable(module)}
         buffers = dict(module.named_buffers(recurse=False))
 

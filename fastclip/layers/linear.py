@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .. import ops
-from . import Entry, Rule, Use, register, scaled_rows
+from . import Entry, Rule, Use, bias_in_same_pass, keep_bias, register, scaled_rows, take_bias
 
 
 class _LinearFn(torch.autograd.Function):
@@ -93,17 +93,16 @@ class LinearRule(Rule):
 
     def sq_norms(self, entries, method, cache):
         name = entries[0][1]
-        key = ("linear-bias", tuple(id(u) for _, _, u in entries))
-        if name == "bias" and key in cache:
-            return cache.pop(key)
+        if name == "bias":
+            b = take_bias(entries, cache)
+            if b is not None:
+                return b
         A, G = stack_uses(entries)
         if name == "weight":
-            # The bias of the same uses comes out of the same pass over G.
-            with_bias = all(m.bias is not None and m.bias.requires_grad for m, _, _ in entries) and \
-                len({id(m.bias) for m, _, _ in entries}) == 1
+            with_bias = bias_in_same_pass(entries)
             w, b = ops.linear_sq_norms(A, G, method=method, bias=with_bias)
             if with_bias:
-                cache[key] = b
+                keep_bias(entries, cache, b)
             return w
         return G.sum(1).square().sum(-1)
 
