@@ -12,7 +12,6 @@ The engine owns all of its state (dicts keyed by module or parameter) and hook h
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from typing import Dict, List, Optional
 
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .clipping import Bound, check_clipping, group_layers, resolve_bounds
 from .layers import Rule, Use, cross_inner, rule_for
 from .layers.direct import DIRECT
 from .layers.generic import GENERIC, refusal
@@ -31,18 +31,7 @@ LOSS_REDUCTIONS = ("mean", "sum")
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "nanobatch":
-        raise NotImplementedError(
-            "mode='nanobatch' is not available yet; use mode='auto' (exact for every model)")
     return mode
-
-
-def check_clipping(clipping: str) -> str:
-    if clipping == "flat":
-        return clipping
-    if clipping == "per_layer":
-        raise NotImplementedError("clipping='per_layer' is not available yet; use clipping='flat'")
-    raise ValueError(f"clipping must be 'flat' or 'per_layer', got {clipping!r}")
 
 
 class Engine:
@@ -51,25 +40,36 @@ class Engine:
     Args:
         model: the model; every trainable parameter must be covered (a native rule, the generic
             rule, or a clear error at attach time).
-        mode: "auto", "ghost" or "direct": how native rules compute norms (all exact).
-        max_grad_norm: C, or None to compute norms only (no gradients are written).
+        mode: "auto", "ghost" or "direct": how native rules compute norms (all exact);
+            "nanobatch": per-example gradients of the whole model, ``nanobatch_size`` examples
+            at a time (``fastclip/nanobatch.py``), exact for any model.
+        max_grad_norm: C, or None to compute norms only (no gradients are written). With
+            ``clipping="per_layer"`` also a sequence of one bound per layer
+            (:mod:`fastclip.clipping`).
         loss_reduction: "sum" if the backward's loss is the sum of per-example losses, "mean"
             if it is their mean (gradients are scaled back by the batch size B).
+        clipping: "flat" (one bound over all parameters) or "per_layer" (one per layer).
+        nanobatch_size: examples per nanobatch in mode "nanobatch" (default 1).
+        num_threads: CPU threads the nanobatches are spread over in mode "nanobatch" (default
+            ``torch.get_num_threads()``).
+
+    Attributes:
+        layers: the clipping layers (:class:`fastclip.clipping.Layer`), in bound-list order.
+        bounds: per-layer bounds (per_layer clipping) or None.
+        sensitivity: L2 sensitivity of one backward's clipped sum to one example (C flat,
+            sqrt(sum C_l^2) per layer), or None without max_grad_norm.
     """
 
-    def __init__(self, model: nn.Module, mode: str = "auto", max_grad_norm: Optional[float] = None,
-                 loss_reduction: str = "mean"):
+    def __init__(self, model: nn.Module, mode: str = "auto", max_grad_norm: Optional[Bound] = None,
+                 loss_reduction: str = "mean", clipping: str = "flat", nanobatch_size: int = 1,
+                 num_threads: Optional[int] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.mode = check_mode(mode)
-        if max_grad_norm is not None:
-            max_grad_norm = float(max_grad_norm)
-            if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
-                raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm}")
+        self.clipping = check_clipping(clipping)
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.model = model
-        self.max_grad_norm = max_grad_norm
         self.loss_reduction = loss_reduction
         self.write_grads = max_grad_norm is not None
 
@@ -86,7 +86,16 @@ class Engine:
         self.norms_log: List[Tensor] = []   # per backward: per-example norms (B,), when kept
         self.keep_norms = False
         self.examples = 0                    # examples seen since reset_count()
+        self._paths: Dict[nn.Module, str] = {}
+        self._nano = None
+        if self.mode == "nanobatch":
+            from .nanobatch import NanoBatch  # here: it needs the engine's plan, not the reverse
+            self._nano = NanoBatch(self, nanobatch_size, num_threads)
         self._plan()
+        self.layers = group_layers(self._params, self._paths)
+        self.bounds, self.sensitivity = resolve_bounds(max_grad_norm, clipping, self.layers)
+        # Flat clipping's C (the total bound) for the finalize; per-layer uses self.bounds.
+        self.max_grad_norm = self.sensitivity if self.bounds is None else None
         self._attach()
 
     # -- planning ---------------------------------------------------------------------------
@@ -105,6 +114,10 @@ class Engine:
             if any(isinstance(p, nn.parameter.UninitializedParameter) for _, p in own):
                 raise ValueError(f"module '{label}' has uninitialized (lazy) parameters; run one "
                                  "forward pass before making the model private")
+            self._paths[module] = label
+            self._params[module] = own
+            if self._nano is not None:
+                continue  # the whole model's gradient per example: no per-module rule
             rule = rule_for(module)
             if rule is None:
                 # Parameters used in the module's own forward beside submodules (a position
@@ -115,9 +128,12 @@ class Engine:
                 raise ValueError(f"fastclip cannot make module '{label}' ({type(module).__name__}) "
                                  f"private: {why}")
             self._rules[module] = rule
-            self._params[module] = own
 
     def _attach(self):
+        if self._nano is not None:
+            self._nano.attach()
+            self._attach_param_hooks()
+            return
         # The model's own call tells the batch size B, for leaves fed inputs broadcast over it.
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
@@ -125,6 +141,9 @@ class Engine:
             self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post, with_kwargs=True,
                                                               always_call=True))
+        self._attach_param_hooks()
+
+    def _attach_param_hooks(self):
         seen = set()
         for params in self._params.values():
             for _, p in params:
@@ -138,13 +157,16 @@ class Engine:
             h.remove()
         self._handles.clear()
         self._pending.clear()
+        if self._nano is not None:
+            self._nano.detach()
 
     def covered(self):
         """[(qualified parameter name, rule name)] for every trainable parameter."""
         out = []
         for module, params in self._params.items():
             for _, p in params:
-                out.append((self._names[p], type(self._rules[module]).__name__))
+                rule = "NanoBatch" if self._nano is not None else type(self._rules[module]).__name__
+                out.append((self._names[p], rule))
         return out
 
     # -- capture ----------------------------------------------------------------------------
@@ -229,6 +251,8 @@ class Engine:
             raise ValueError(f"fastclip: batch sizes differ between layer uses in one backward "
                              f"({detail}); every module must see the same batch, batch dimension first")
         B = sizes.pop()
+        if self.bounds is not None:
+            raise NotImplementedError("clipping='per_layer' in the single-backward engine is being implemented")
         entries: Dict[nn.Parameter, List] = {}
         for u in uses:
             for name, p in self._params[u.module]:

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .clipping import Bound
 from .engine import Engine
 from .nn.rnn import converted
 
@@ -42,7 +43,8 @@ def _run(engine: Engine, model, loss_fn, inputs, targets) -> Tensor:
 
 
 def per_sample_grad_norms(model: nn.Module, loss_fn: Callable, inputs, targets,
-                          mode: str = "auto") -> Tensor:
+                          mode: str = "auto", nanobatch_size: int = 1,
+                          num_threads: Optional[int] = None) -> Tensor:
     """Exact per-example gradient norms over all trainable parameters of ``model``.
 
     Args:
@@ -50,34 +52,38 @@ def per_sample_grad_norms(model: nn.Module, loss_fn: Callable, inputs, targets,
         loss_fn: ``loss_fn(output, targets)`` -> per-example losses (B,).
         inputs: a tensor (B, ...) or a tuple of tensors passed positionally to the model.
         targets: whatever ``loss_fn`` takes.
-        mode: "auto", "ghost" or "direct" (all exact).
+        mode: "auto", "ghost", "direct" or "nanobatch" (all exact).
+        nanobatch_size, num_threads: mode "nanobatch" only (see :class:`fastclip.Engine`).
 
     Returns:
         Tensor (B,) float64: ||grad_theta loss_i||_2 for every example i.
     """
     with converted(model) as model:  # torch.nn RNN/GRU/LSTM -> fastclip.nn, put back after
-        engine = Engine(model, mode=mode, max_grad_norm=None, loss_reduction="sum")
+        engine = Engine(model, mode=mode, max_grad_norm=None, loss_reduction="sum",
+                        nanobatch_size=nanobatch_size, num_threads=num_threads)
         return _run(engine, model, loss_fn, inputs, targets)
 
 
-def clipped_grad(model: nn.Module, loss_fn: Callable, inputs, targets, max_grad_norm: float,
-                 mode: str = "auto", clipping: str = "flat") -> Tensor:
+def clipped_grad(model: nn.Module, loss_fn: Callable, inputs, targets, max_grad_norm: Bound,
+                 mode: str = "auto", clipping: str = "flat", nanobatch_size: int = 1,
+                 num_threads: Optional[int] = None) -> Tensor:
     """Set ``p.grad = sum_i clip(g_i)`` for every trainable parameter (no noise, no scaling).
 
-    ``clip(g) = g * min(1, C / ||g||)`` with ``||g||`` over all trainable parameters.
+    Flat: ``clip(g) = g * min(1, C / ||g||)`` with ``||g||`` over all trainable parameters.
+    Per layer: each layer's part of g is clipped to its own bound C_l (:mod:`fastclip.clipping`).
 
     Args:
-        model, loss_fn, inputs, targets, mode: as :func:`per_sample_grad_norms`.
-        max_grad_norm: C > 0.
-        clipping: "flat" (one bound over all parameters).
+        model, loss_fn, inputs, targets, mode, nanobatch_size, num_threads: as
+            :func:`per_sample_grad_norms`.
+        max_grad_norm: C > 0, or (per_layer) a list of one bound per layer.
+        clipping: "flat" (one bound over all parameters) or "per_layer".
 
     Returns:
-        Tensor (B,) float64: the per-example norms before clipping.
+        Tensor (B,) float64: the per-example norms (over all parameters) before clipping.
     """
-    from .engine import check_clipping
-    check_clipping(clipping)
     with converted(model) as model:  # torch.nn RNN/GRU/LSTM -> fastclip.nn, put back after
-        engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction="sum")
+        engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction="sum",
+                        clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads)
         params = [p for ps in engine._params.values() for _, p in ps]
         for p in params:
             p.grad = None

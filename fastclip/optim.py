@@ -15,7 +15,8 @@ from . import accounting, distributed as _dist, ops
 from .accounting import (PrivacyAccountant, check_accountant, check_noise_multiplier,
                          check_sample_rate)
 from .data import PoissonBatchSampler, poisson_loader, poisson_source
-from .engine import Engine, check_clipping
+from .clipping import Bound, check_clipping
+from .engine import Engine
 from .nn.rnn import convert_recurrent
 
 
@@ -122,11 +123,11 @@ class DPOptimizer(Optimizer):
         """L2 sensitivity of the summed clipped gradient to adding or removing one example; the
         noise std is ``noise_multiplier * sensitivity``.
 
-        Flat clipping: C. This is the one place the noise scale is derived from the clipping:
-        per-layer clipping with bounds C_l must return ``sqrt(sum_l C_l^2)`` here (and the
-        engine must keep each example's contribution to layer l within C_l).
+        Flat clipping: C; per-layer clipping with bounds C_l: ``sqrt(sum_l C_l^2)`` (the engine
+        keeps each example's contribution to layer l within C_l). This is the one place the
+        noise scale is derived from the clipping.
         """
-        return self.engine.max_grad_norm
+        return self.engine.sensitivity
 
     # Shared with the wrapped optimizer, never copied.
     @property
@@ -291,8 +292,9 @@ class DPOptimizer(Optimizer):
 
 
 def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLoader], *,
-                 noise_multiplier: float, max_grad_norm: float, mode: str = "auto",
+                 noise_multiplier: float, max_grad_norm: Bound, mode: str = "auto",
                  clipping: str = "flat", loss_reduction: str = "mean",
+                 nanobatch_size: int = 1, num_threads: Optional[int] = None,
                  poisson_sampling: bool = True,
                  generator: Optional[torch.Generator] = None,
                  sampling_generator: Optional[torch.Generator] = None,
@@ -328,10 +330,16 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
         optimizer: any torch optimizer over the model's parameters.
         loader: a DataLoader, or None.
         noise_multiplier: sigma >= 0.
-        max_grad_norm: C > 0.
-        mode: "auto", "ghost" or "direct" (all exact).
-        clipping: "flat". (Per-layer clipping is not available yet; when it is, the noise scale
-            follows ``DPOptimizer.sensitivity``.)
+        max_grad_norm: C > 0; with ``clipping="per_layer"`` also a list of one bound per layer
+            (see :mod:`fastclip.clipping`; ``optimizer.engine.layers`` names them).
+        mode: "auto", "ghost" or "direct" (all exact, the single-backward engine), or
+            "nanobatch" (whole-model per-example gradients ``nanobatch_size`` examples at a time
+            over ``num_threads`` CPU threads; exact for any model, see :mod:`fastclip.nanobatch`).
+        clipping: "flat" (one bound C over all parameters) or "per_layer" (each layer clipped
+            to its own bound; noise std ``noise_multiplier * optimizer.sensitivity``, which is
+            C for a float C split evenly over the layers).
+        nanobatch_size, num_threads: mode "nanobatch" only (defaults 1 and
+            ``torch.get_num_threads()``).
         loss_reduction: "mean" or "sum": how the training loss combines per-example losses.
         poisson_sampling: replace the loader's sampling by Poisson sampling at rate 1/len(loader)
             (the loader's dataset must be map-style, with a length).
@@ -380,7 +388,8 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
         if isinstance(model, nn.Module) else []
     model = convert_recurrent(model)
     try:
-        engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction)
+        engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
+                        clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads)
     except Exception:
         for parent, name, child in recurrent:
             parent._modules[name] = child

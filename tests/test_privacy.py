@@ -367,7 +367,6 @@ def _parts():
     (dict(max_grad_norm=-2), ValueError, r"max_grad_norm.*-2"),
     (dict(max_grad_norm=float("inf")), ValueError, r"max_grad_norm.*inf"),
     (dict(accountant="moments"), ValueError, r"accountant.*'moments'"),
-    (dict(clipping="per_layer"), NotImplementedError, "per_layer"),
     (dict(sampling_generator=3), TypeError, "sampling_generator"),
 ])
 def test_make_private_argument_errors(kwargs, err, match):
