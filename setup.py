@@ -1,7 +1,7 @@
 """Build of fastclip's native modules.
 
 Metadata lives in pyproject.toml. Each native module is a CMake target built by ``CMakeBuild``;
-other extension kinds (e.g. Cython, added later) go through setuptools' own build_ext unchanged.
+the Cython module is compiled by CMake too (``python -m cython``), so one build tree holds both.
 """
 import hashlib
 import os
@@ -54,6 +54,7 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    ext_modules=[CMakeExtension("fastclip._C")],
+    # _C: the pybind11 core; _nanobatch: NanoBatch mode's Cython clip-and-accumulate loop.
+    ext_modules=[CMakeExtension("fastclip._C"), CMakeExtension("fastclip._nanobatch")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -27,18 +27,20 @@ def check(model, x, y, C=0.3, dtype=D64, loss=CE):
     xs = x if isinstance(x, tuple) else (x,)
     B = xs[0].shape[0]
     mods = [type(m) for m in model.modules()]
-    n = fastclip.per_sample_grad_norms(model, loss, x, y)
-    assert n.shape == (B,)
-    fastclip.clipped_grad(model, loss, x, y, max_grad_norm=C)
-    assert [type(m) for m in model.modules()] == mods
-    if B == 0:
-        for p in model.parameters():
-            assert p.grad is not None and not p.grad.any()
-        return
-    assert_close(n, R.norms(model, loss, x, y), dtype)
-    ref = R.clipped_sum(model, loss, x, y, C)
-    for k, p in model.named_parameters():
-        assert_close(p.grad, ref[k], dtype)
+    ref_n = R.norms(model, loss, x, y) if B else None
+    ref = R.clipped_sum(model, loss, x, y, C) if B else None
+    for mode in ("auto", "nanobatch"):
+        n = fastclip.per_sample_grad_norms(model, loss, x, y, mode=mode)
+        assert n.shape == (B,)
+        fastclip.clipped_grad(model, loss, x, y, max_grad_norm=C, mode=mode)
+        assert [type(m) for m in model.modules()] == mods
+        if B == 0:
+            for p in model.parameters():
+                assert p.grad is not None and not p.grad.any()
+            continue
+        assert_close(n, ref_n, dtype)
+        for k, p in model.named_parameters():
+            assert_close(p.grad, ref[k], dtype)
 
 
 # -- MultiheadAttention drop-in -------------------------------------------------------------------
@@ -119,7 +121,7 @@ def test_mha_float32_and_modes():
     m = Attn(True, add_bias_kv=True)
     x, y = torch.randn(4, 5, 8), torch.randint(0, 3, (4,))
     ref = R.norms(m, CE, x, y)
-    for mode in ("auto", "ghost", "direct"):
+    for mode in ("auto", "ghost", "direct", "nanobatch"):
         assert_close(fastclip.per_sample_grad_norms(m, CE, x, y, mode=mode), ref, torch.float32)
 
 

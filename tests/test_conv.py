@@ -18,7 +18,8 @@ from fastclip.layers.generic import GenericRule
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 FCONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-MODES = ["auto", "ghost", "direct"]
+MODES = ["auto", "ghost", "direct"]             # the conv kernel's methods
+MODEL_MODES = MODES + ["nanobatch"]            # engine modes
 
 
 def loss_fn(out, y):
@@ -73,7 +74,7 @@ def random_case(seed):
 def test_random_convs(seed):
     case = random_case(seed)
     dtype = DTYPES[seed % 2]
-    mode = MODES[(seed // 2) % 3]
+    mode = MODEL_MODES[(seed // 2) % len(MODEL_MODES)]
     B = (0, 1, 3, 4)[seed % 4]
     conv = CONVS[case["d"]](case["C"], case["O"], case["k"], stride=case["stride"],
                             padding=case["padding"], dilation=case["dilation"], groups=case["groups"],
@@ -85,7 +86,7 @@ def test_random_convs(seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODEL_MODES)
 def test_cnn(dtype, mode):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(8, 8, 3, stride=2, groups=2, bias=False), nn.ReLU(),
@@ -105,7 +106,7 @@ class Twice(nn.Module):
 
 @pytest.mark.parametrize("d", [1, 2, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODEL_MODES)
 def test_conv_called_twice(d, dtype, mode):
     conv = CONVS[d](4, 4, 3, padding=1, groups=2, bias=True).to(dtype)
     x = torch.randn(3, 4, *([5] * d), dtype=dtype)

@@ -11,7 +11,7 @@ from conftest import DTYPES, tol
 from fastclip import _C, ops
 
 CE = nn.CrossEntropyLoss(reduction="none")
-MODES = ["auto", "ghost", "direct"]
+MODES = ["auto", "ghost", "direct", "nanobatch"]
 
 
 def assert_close(a, b, dtype):

@@ -38,7 +38,7 @@ class SeqModel(nn.Module):
         return self.b(torch.tanh(self.a(x))).mean(1)
 
 
-MODES = ["auto", "ghost", "direct"]
+MODES = ["auto", "ghost", "direct", "nanobatch"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -308,8 +308,10 @@ def test_bad_arguments():
     x, y = torch.randn(3, 2), torch.zeros(3, dtype=torch.long)
     with pytest.raises(ValueError, match="mode"):
         fastclip.per_sample_grad_norms(m, CE, x, y, mode="fast")
-    with pytest.raises(NotImplementedError, match="nanobatch"):
-        fastclip.per_sample_grad_norms(m, CE, x, y, mode="nanobatch")
+    with pytest.raises(ValueError, match="nanobatch_size"):
+        fastclip.per_sample_grad_norms(m, CE, x, y, mode="nanobatch", nanobatch_size=0)
+    with pytest.raises(ValueError, match="num_threads"):
+        fastclip.per_sample_grad_norms(m, CE, x, y, mode="nanobatch", num_threads=0)
     with pytest.raises(ValueError, match="max_grad_norm"):
         fastclip.clipped_grad(m, CE, x, y, max_grad_norm=0)
     with pytest.raises(ValueError, match="clipping"):

@@ -51,18 +51,22 @@ def compare(model, x, y, got, dtype, C):
         assert got.shape == (0,)
     else:
         torch.testing.assert_close(got, R.norms(model, mse, x, y), rtol=rtol, atol=atol)
+    # Nanobatch mode (whole-model per-example gradients) must agree with the native rules.
+    torch.testing.assert_close(fastclip.per_sample_grad_norms(model, mse, x, y, mode="nanobatch"),
+                               got, rtol=rtol, atol=atol)
     if C is None:
         return
-    fastclip.clipped_grad(model, mse, x, y, max_grad_norm=C)
     ref = R.clipped_sum(model, mse, x, y, C) if B else None
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            assert p.grad is None
-            continue
-        want = ref[name] if B else torch.zeros_like(p, dtype=torch.float64)
-        assert p.grad is not None, name
-        torch.testing.assert_close(p.grad.double(), want, rtol=rtol, atol=atol * 10)
-        p.grad = None
+    for mode in ("auto", "nanobatch"):
+        fastclip.clipped_grad(model, mse, x, y, max_grad_norm=C, mode=mode)
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                assert p.grad is None
+                continue
+            want = ref[name] if B else torch.zeros_like(p, dtype=torch.float64)
+            assert p.grad is not None, name
+            torch.testing.assert_close(p.grad.double(), want, rtol=rtol, atol=atol * 10)
+            p.grad = None
 
 
 class Seq(nn.Module):

@@ -14,7 +14,7 @@ import fastclip
 import reference as R
 from fastclip.data import PoissonBatchSampler, PoissonDataLoader, poisson_loader
 
-MODES = ["auto", "ghost", "direct"]
+MODES = ["auto", "ghost", "direct", "nanobatch"]
 DELTA = 1e-5
 
 

@@ -190,7 +190,7 @@ class Net(nn.Module):
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
-@pytest.mark.parametrize("mode", ["auto", "ghost", "direct"])
+@pytest.mark.parametrize("mode", ["auto", "ghost", "direct", "nanobatch"])
 @pytest.mark.parametrize("B", [1, 5])
 def test_norms_and_clipped_vs_reference(kind, mode, B):
     torch.manual_seed(1)
