@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .clipping import Bound, check_clipping, group_layers, resolve_bounds
 from .layers import Rule, Use, cross_inner, rule_for
 from .layers.direct import DIRECT
-from .layers.generic import GENERIC, refusal
+from .layers.generic import GENERIC, mixing_refusal, refusal
 
 MODES = ("auto", "ghost", "direct", "nanobatch")
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -104,7 +104,7 @@ class Engine:
             self._names.setdefault(p, name)
         for path, module in self.model.named_modules(remove_duplicate=True):
             label = path or "<root>"
-            why = refusal(module)
+            why = refusal(module) if self._nano is None else mixing_refusal(module)
             if why is not None:
                 raise ValueError(f"fastclip cannot make module '{label}' ({type(module).__name__}) "
                                  f"private: {why}")

@@ -92,6 +92,17 @@ class NanoBatch:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._warned_vmap = False
 
+    def __getstate__(self):
+        # copy.deepcopy(model) copies the wrapped forward with its NanoBatch: threads and the
+        # thread-local guard are not copied but made afresh.
+        state = dict(self.__dict__)
+        state.update(_local=None, _pool=None, _pending=[], _queued=False)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     # -- attach / detach --------------------------------------------------------------------
     def attach(self):
         model = self.engine.model
@@ -131,8 +142,9 @@ class NanoBatch:
         params = self._params()
         if not params:
             return self._inner(*args, **kwargs)
+        packed = tree_flatten((args, kwargs), is_leaf=lambda t: isinstance(t, PackedSequence))[0]
         leaves, spec = tree_flatten((args, kwargs))
-        for t in leaves:
+        for t in packed + leaves:
             if isinstance(t, PackedSequence):
                 raise ValueError("mode='nanobatch' splits the model's inputs along dim 0; a "
                                  "PackedSequence input cannot be split. Pass padded tensors (and "

@@ -152,11 +152,20 @@ _REFUSED = {
 }
 
 
-def refusal(module: nn.Module):
-    """The reason fastclip refuses ``module``, or None."""
+def mixing_refusal(module: nn.Module):
+    """Why ``module`` has no per-example gradients (it mixes the examples of a batch), or None.
+    The one refusal of every mode, nanobatch included."""
     for t, why in _REFUSED.items():
         if isinstance(module, t):
             return why
+    return None
+
+
+def refusal(module: nn.Module):
+    """The reason the single-backward engine refuses ``module``, or None."""
+    why = mixing_refusal(module)
+    if why is not None:
+        return why
     if isinstance(module, nn.RNNBase) and not module.batch_first and rule_for(module) is None:
         return ("the generic rule needs the batch dimension first; construct it with "
                 "batch_first=True (a native recurrent rule is planned)")
