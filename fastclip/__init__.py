@@ -7,10 +7,11 @@ from .engine import Engine
 from .functional import clipped_grad, per_sample_grad_norms
 from .layers import Rule, register
 from .accounting import PrivacyAccountant
+from .data import BatchMemoryManager
 from .optim import DPOptimizer, make_private, make_private_with_epsilon
 from .validate import validate
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "DPOptimizer", "PrivacyAccountant", "Rule", "clipped_grad", "make_private",
-           "make_private_with_epsilon", "per_sample_grad_norms", "register", "validate",
-           "__version__"]
+__all__ = ["BatchMemoryManager", "Engine", "DPOptimizer", "PrivacyAccountant", "Rule", "clipped_grad",
+           "make_private", "make_private_with_epsilon", "per_sample_grad_norms", "register",
+           "validate", "__version__"]

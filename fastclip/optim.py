@@ -34,6 +34,13 @@ class DPOptimizer(Optimizer):
     optimizer's state, everything a resumed run needs to continue exactly: the accountant's
     history, the noise generator's state and the Poisson sampler's position and generator state.
 
+    Logical batches (:class:`fastclip.data.BatchMemoryManager`): while the manager feeds a
+    physical batch that is not the last of its logical batch, :meth:`step` only runs the closure
+    (if any) and leaves the clipped sums in ``p.grad`` to accumulate: no reduction across ranks,
+    no noise, no parameter change, no accounted step. :meth:`zero_grad` does nothing while a
+    logical batch is partly accumulated (after such a skipped step, until the step that ends the
+    logical batch). So noise is added and the step accounted once per logical batch.
+
     Args:
         optimizer: the torch optimizer over the model's parameters.
         engine: the attached :class:`fastclip.engine.Engine`.
@@ -92,6 +99,11 @@ class DPOptimizer(Optimizer):
         self.sampler = sampler
         self.accountant = PrivacyAccountant(accountant)
         self.reducer = reducer
+        # Logical batches (BatchMemoryManager): the iteration feeding physical batches, whether
+        # the current one ends its logical batch, and whether p.grad holds part of a logical batch.
+        self._logical_owner = None
+        self._last_physical = True
+        self._partial = False
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -158,8 +170,35 @@ class DPOptimizer(Optimizer):
         return f"DPOptimizer(noise_multiplier={self.noise_multiplier}, {self.original_optimizer!r})"
 
     def zero_grad(self, set_to_none: bool = True):
+        if self._partial:       # the clipped sums of an unfinished logical batch stay
+            return
         self.original_optimizer.zero_grad(set_to_none)
         self.engine.examples = 0
+
+    @property
+    def skips_step(self) -> bool:
+        """True while the current physical batch is not the last of its logical batch
+        (:class:`fastclip.data.BatchMemoryManager`): :meth:`step` then accumulates only."""
+        return not self._last_physical
+
+    def _set_physical_batch(self, owner, last: bool) -> None:
+        """Called by the iteration ``owner`` before it hands out each physical batch."""
+        if self._logical_owner is not owner:
+            self._end_logical_batches(self._logical_owner)   # an abandoned iteration's partial sums go
+            self._logical_owner = owner
+        self._last_physical = bool(last)
+
+    def _end_logical_batches(self, owner) -> None:
+        """Back to one step per batch when ``owner``'s iteration ends (finished, broken out of,
+        or its with-block left). The clipped sums of a logical batch it left unfinished are
+        discarded (never released), so no example of it can enter a later step as well."""
+        if self._logical_owner is not owner:
+            return
+        if self._partial:
+            self._partial = False
+            self.zero_grad()
+        self._logical_owner = None
+        self._last_physical = True
 
     def _step_seed(self) -> int:
         if self.secure_mode:
@@ -213,6 +252,11 @@ class DPOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not self._last_physical:
+            # Not the last physical batch of its logical batch: the clipped sums accumulate.
+            self._partial = True
+            return loss
+        self._partial = False
         if self.reducer is not None:
             self.reducer.reduce([p for g in self.param_groups for p in g["params"]
                                  if p.requires_grad], self.engine)
