@@ -265,7 +265,7 @@ def demo(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     try:
         run_demo(args)
-    except NotImplementedError as e:  # e.g. mode="nanobatch", clipping="per_layer" (not yet)
+    except NotImplementedError as e:  # e.g. mode="nanobatch" (not yet)
         print(f"fastclip demo: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
@@ -285,7 +285,9 @@ def add_arguments(d: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=128,
                    help="expected batch size (Poisson sampling rate = batch size / training set size; default 128)")
     d.add_argument("--mode", default="auto", choices=MODES, help="how fastclip computes norms (all exact; default auto)")
-    d.add_argument("--clipping", default="flat", choices=("flat", "per_layer"), help="default flat")
+    d.add_argument("--clipping", default="flat", choices=("flat", "per_layer"),
+                   help="flat: one bound over the whole model; per_layer: each layer's gradient "
+                        "clipped to max-grad-norm / sqrt(layers), same sensitivity (default flat)")
     d.add_argument("--seed", type=int, default=0, help="data split, initialisation, sampling and noise seed")
     d.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C (default 1)")
     d.add_argument("--lr", type=float, default=0.05, help="DP-SGD learning rate (default 0.05)")

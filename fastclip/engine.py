@@ -7,13 +7,20 @@ turns the recorded uses into per-example gradient norms over all parameters, cli
 ``c_i = min(1, C / ||g_i||)`` and, per parameter, the clipped sum ``sum_i c_i g_i`` added to
 ``p.grad`` (several backward calls accumulate like ordinary gradients).
 
+Per-layer clipping (``clipping="per_layer"``) clips each layer in the backward itself: rules make
+their uses with ``new_use`` at forward time, so the engine knows how many uses each layer awaits;
+when ``record`` has seen the last one, the layer's norms, clip factors and clipped sums are formed
+right there and its uses' tensors are dropped. Uses whose backward never comes (an output not in
+the loss) hold nothing up: what is left is clipped by ``_finalize``.
+
 The engine owns all of its state (dicts keyed by module or parameter) and hook handles;
 ``detach()`` removes every hook and leaves the model as it was.
 """
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +103,13 @@ class Engine:
         self.bounds, self.sensitivity = resolve_bounds(max_grad_norm, clipping, self.layers)
         # Flat clipping's C (the total bound) for the finalize; per-layer uses self.bounds.
         self.max_grad_norm = self.sensitivity if self.bounds is None else None
+        # Per-layer clipping in the backward (record): each module's layer, and per layer the
+        # uses announced at forward and not recorded yet (weak: a forward never backpropagated
+        # frees its uses, and with them its claim on the layer).
+        self._layer_of = {m: i for i, layer in enumerate(self.layers) for m in layer.modules}
+        self._open = ([weakref.WeakSet() for _ in self.layers]
+                      if self.bounds is not None and self._nano is None else None)
+        self._new_backward()
         self._attach()
 
     # -- planning ---------------------------------------------------------------------------
@@ -157,6 +171,7 @@ class Engine:
             h.remove()
         self._handles.clear()
         self._pending.clear()
+        self._new_backward()
         if self._nano is not None:
             self._nano.detach()
 
@@ -224,45 +239,184 @@ class Engine:
             return grad
         return hook
 
+    # -- uses -------------------------------------------------------------------------------
+    def new_use(self, module: nn.Module, inputs=None, extra=None) -> Use:
+        """A :class:`Use` of ``module`` made at forward time, whose backward will call
+        :meth:`record` once. Rules make their uses here so that per-layer clipping knows how
+        many uses each layer awaits (a Use made directly is clipped at the end of the backward)."""
+        use = Use(module, inputs, extra)
+        if self._open is not None:
+            self.expect(use)
+        return use
+
+    def expect(self, use: Use):
+        """Announce, at forward time, one more :meth:`record` call of ``use`` from the backward:
+        a use completed in pieces (each layer and direction of an RNN, each attention projection)
+        records once per piece."""
+        if self._open is not None:
+            use.expected += 1
+            self._open[self._layer_of[use.module]].add(use)
+
     def record(self, use: Use):
-        """Called from a rule's backward once ``use.grads`` is set."""
-        g0 = next((g for g in use.grads if g is not None), None)
-        use.batch_size = g0.shape[0] if g0 is not None and g0.dim() > 0 else -1
-        self._rules[use.module].on_record(use)
-        self._pending.append(use)
-        if not self._queued:
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+        """Called from a rule's backward once ``use.grads`` is set (and again for each further
+        piece of a use announced in pieces, see :meth:`expect`)."""
+        if not use.recorded:
+            if not self._queued or self._queued_cb() is None:
+                self._start_backward()
+            use.recorded = True
+            g0 = next((g for g in use.grads if g is not None), None)
+            use.batch_size = g0.shape[0] if g0 is not None and g0.dim() > 0 else -1
+            self._rules[use.module].on_record(use)
+            if self._open is None:
+                self._pending.append(use)
+            else:
+                self._waiting.setdefault(self._layer_of[use.module], []).append(use)
+        if self._open is not None:
+            self._arrived(use)
+
+    def _start_backward(self):
+        """First record of a backward: queue the finalize for its end. A finalize autograd
+        dropped unrun (its backward failed) left that backward's uses behind: forget them."""
+        if self._queued:
+            for u in self._pending:
+                u.recorded = False
+            self._pending = []
+            self._new_backward()
+        cb = lambda: self._finalize()  # noqa: E731  (weakly watched: freed unrun if the backward fails)
+        self._queued_cb = weakref.ref(cb)
+        self._queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(cb)
+
+    def _arrived(self, use: Use):
+        """Per-layer clipping: one announced record of ``use`` has come; clip its layer now if
+        that was the last one the layer awaits."""
+        l = self._layer_of[use.module]
+        try:
+            if l in self._clipped:
+                raise RuntimeError(
+                    f"fastclip: a use of layer '{self.layers[l].name}' was recorded after the layer "
+                    "was clipped in this backward (a rule that makes its Use without "
+                    "engine.new_use, a graph backpropagated again together with a new one, or a "
+                    "forward run inside the backward); per-layer clipping cannot include it, so the "
+                    "step is refused")
+            if use.expected > 0:
+                use.expected -= 1
+                if use.expected == 0:
+                    self._open[l].discard(use)
+            else:
+                self._late.add(l)  # not announced at forward: more may come, clip at the end
+            if not self._open[l] and l not in self._late:
+                self._clip_layer(l, self._waiting.pop(l))
+        except BaseException:
+            self._new_backward()  # this backward fails: the next one starts clean
+            raise
+
+    def _new_backward(self):
+        """Forget the per-backward state (called when a backward ends or fails)."""
+        for group in getattr(self, "_waiting", {}).values():
+            for u in group:
+                u.recorded = False
+        self._waiting: Dict[int, List[Use]] = {}  # per-layer: layer -> its uses recorded so far
+        self._clipped = set()   # layers clipped in this backward
+        self._late = set()      # layers that got a use not announced at forward
+        self._sq: Optional[Tensor] = None  # sum over clipped layers of squared norms (B,)
+        self._B: Optional[int] = None
+        self._sizes: List = []  # (module type, B) of the uses clipped so far, for errors
+        self._queued = False
+        self._queued_cb = None
 
     # -- finalize ---------------------------------------------------------------------------
     def _finalize(self):
         uses, self._pending, self._queued = self._pending, [], False
-        if not uses:
+        if self._open is not None:
+            uses = [u for group in self._waiting.values() for u in group]
+            self._waiting = {}
+            if not uses and self._sq is None:
+                self._new_backward()
+                return
+        elif not uses:
             return
         self._finalizing = True
         try:
             self._clip(uses)
         finally:
             self._finalizing = False
+            for u in uses:
+                u.recorded = False
+            if self._open is not None or self.bounds is not None:
+                self._new_backward()
 
     def _clip(self, uses: List[Use]):
+        """Clip the uses of one backward and log the per-example norms: flat, all of them
+        together; per layer, the uses of each layer not clipped yet in this backward."""
+        if self.bounds is None:
+            B = self._batch_size(uses)
+            sq = self._clip_params(uses, B, self.max_grad_norm)
+        else:
+            by_layer: Dict[int, List[Use]] = {}
+            for u in uses:
+                by_layer.setdefault(self._layer_of[u.module], []).append(u)
+            for l, group in by_layer.items():
+                self._clip_layer(l, group)
+            sq, B = self._sq, self._B
+        if sq is None:
+            return
+        scale = float(B) if self.loss_reduction == "mean" else 1.0
+        self.examples += B
+        if self.keep_norms:
+            self.norms_log.append(sq.sqrt() * scale)
+
+    def _clip_layer(self, l: int, uses: List[Use]):
+        """Per-layer clipping of layer ``l`` to its bound C_l from all of its uses in this
+        backward; its squared norms are added to the backward's total, its uses released."""
+        self._clipped.add(l)
+        B = self._batch_size(uses, self._sizes)
+        self._sizes.extend((type(u.module).__name__, u.batch_size) for u in uses)
+        prev, self._finalizing = self._finalizing, True  # rules re-run modules: no capture
+        try:
+            sq = self._clip_params(uses, B, self.bounds[l])
+        finally:
+            self._finalizing = prev
+        self._B = B
+        if sq is not None:
+            self._sq = sq if self._sq is None else self._sq + sq
+        for u in uses:
+            u.recorded = False
+            self._rules[u.module].release(u)
+
+    @staticmethod
+    def _batch_size(uses: List[Use], earlier: Sequence = ()) -> int:
+        """The B every use (and every earlier use of the backward, ``earlier``) agrees on."""
         sizes = {u.batch_size for u in uses}
+        sizes.update(b for _, b in earlier)
         if len(sizes) != 1 or -1 in sizes:
-            detail = ", ".join(f"{type(u.module).__name__}: {u.batch_size}" for u in uses)
+            detail = ", ".join(f"{n}: {b}" for n, b in list(earlier) + [
+                (type(u.module).__name__, u.batch_size) for u in uses])
             raise ValueError(f"fastclip: batch sizes differ between layer uses in one backward "
                              f"({detail}); every module must see the same batch, batch dimension first")
-        B = sizes.pop()
-        if self.bounds is not None:
-            raise NotImplementedError("clipping='per_layer' in the single-backward engine is being implemented")
+        return sizes.pop()
+
+    def _clip_params(self, uses: List[Use], B: int, C: Optional[float]) -> Optional[Tensor]:
+        """Per-example squared norms (B,) float64 of the gradient of the parameters ``uses``
+        touch (None if they touch no trainable parameter) and, when gradients are written, their
+        sums clipped to C added to ``p.grad``. The norms are of the true per-example gradients
+        (times B for loss_reduction "mean")."""
         entries: Dict[nn.Parameter, List] = {}
         for u in uses:
             for name, p in self._params[u.module]:
                 if p.requires_grad:
                     entries.setdefault(p, []).append((u.module, name, u))
         if not entries:
-            return
-        ref = next(iter(entries))
+            return None
         cache: Dict = {"scratch": self._scratch}
+        sq = self._sq_norms(entries, B, cache)
+        if self.write_grads:
+            self._write_clipped(entries, uses, sq, B, C, cache)
+        return sq
+
+    def _sq_norms(self, entries: Dict[nn.Parameter, List], B: int, cache: Dict) -> Tensor:
+        """sum over ``entries``' parameters of each example's squared gradient norm, (B,) float64."""
+        ref = next(iter(entries))
         sq = torch.zeros(B, dtype=torch.float64, device=ref.device)
         for p, ents in entries.items():
             # ||sum of parts||^2 = sum of each rule's part norms + 2 * cross terms, so a weight
@@ -275,14 +429,14 @@ class Engine:
                 sq += rule.sq_norms(group, self.mode, cache).to(torch.float64)
                 for rule_b, group_b in groups[i + 1:]:
                     sq += 2 * cross_inner(rule, group, rule_b, group_b, self.mode, cache).to(torch.float64)
+        return sq
+
+    def _write_clipped(self, entries: Dict[nn.Parameter, List], uses: List[Use], sq: Tensor,
+                       B: int, C: float, cache: Dict):
+        """Add ``sum_i c_i g_i`` to ``p.grad`` for every parameter of ``entries``, with
+        ``c_i = min(1, C / ||g_i||)`` from the squared norms ``sq`` (times the loss scale)."""
         scale = float(B) if self.loss_reduction == "mean" else 1.0
         norms = sq.sqrt() * scale
-        self.examples += B
-        if self.keep_norms:
-            self.norms_log.append(norms)
-        if not self.write_grads:
-            return
-        C = self.max_grad_norm
         c = torch.where(norms > C, C / norms, torch.ones_like(norms)) * scale
         bad = ~torch.isfinite(norms)
         if bad.any():
@@ -291,7 +445,8 @@ class Engine:
             c = torch.where(bad, torch.zeros_like(c), c)
             for u in uses:
                 self._rules[u.module].zero_examples(u, bad)
-            cache = {"scratch": self._scratch}   # per-example results cached from the bad rows
+            cache.clear()   # per-example results cached from the bad rows
+            cache["scratch"] = self._scratch
         for p, ents in entries.items():
             grad = None
             for m, n, u in ents:

@@ -32,9 +32,13 @@ class Use:
         grads: gradients at the call's outputs, set by the backward; a tuple of tensors
             (or None for an output that received no gradient).
         batch_size: B, the size of the leading dimension of the output gradients.
+        expected: ``engine.record`` calls the forward announced and the backward has not made
+            yet (``engine.new_use`` / ``engine.expect``; per-layer clipping only).
+        recorded: whether the engine holds the use for the backward in progress.
     """
 
-    __slots__ = ("module", "inputs", "grads", "batch_size", "extra")
+    __slots__ = ("module", "inputs", "grads", "batch_size", "extra", "expected", "recorded",
+                 "__weakref__")
 
     def __init__(self, module: nn.Module, inputs: Any = None, extra: Any = None):
         self.module = module
@@ -42,6 +46,8 @@ class Use:
         self.grads: Optional[Tuple[Optional[Tensor], ...]] = None
         self.batch_size = -1
         self.extra = extra
+        self.expected = 0
+        self.recorded = False
 
 
 # One entry of a parameter's uses: (module, name of the parameter in that module, use).
@@ -54,7 +60,10 @@ class Rule:
     Capture (forward time): ``pre_forward`` and ``post_forward`` are called around the module's
     forward while gradients are enabled; they must arrange for the module's trainable parameters
     to receive NO gradient through autograd and for ``engine.record(use)`` to be called from the
-    backward with the use's output gradients.
+    backward with the use's output gradients. Make uses with ``engine.new_use(module, ...)``:
+    the engine then knows how many uses each layer awaits (per-layer clipping clips a layer in
+    the backward as soon as its last use is recorded; a ``Use`` made directly is clipped at the
+    end of the backward instead).
 
     Finalize (after the backward, ``c`` = per-example clip factors times the loss scale):
     ``sq_norms`` for a parameter all of whose uses belong to this rule, ``per_example_grad`` when
@@ -87,6 +96,13 @@ class Rule:
         zero clip factor alone is not enough). Copies, never writes into autograd's tensors."""
         use.inputs = zero_rows(use.inputs, bad)
         use.grads = zero_rows(use.grads, bad)
+
+    def release(self, use: Use) -> None:
+        """Called once the engine has used ``use`` for good in the backward (per-layer clipping
+        clips a layer as soon as its last use is recorded): drop the tensors the backward set,
+        so they are freed now rather than when autograd frees the graph that holds the use.
+        Only what the backward sets again may go (a graph may be backpropagated again)."""
+        use.grads = None
 
     def pre_forward(self, engine, module: nn.Module, args, kwargs):
         raise NotImplementedError

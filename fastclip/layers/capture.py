@@ -82,7 +82,7 @@ class FunctionalRule(Rule):
         x, w, b = bound["input"], bound["weight"], bound.get("bias")
         opts = {k: v for k, v in bound.items() if k not in ("input", "weight", "bias")}
         opts["func"] = func
-        use = Use(module, extra=opts)
+        use = engine.new_use(module, extra=opts)
 
         def call(xs, ws, bs):
             new = {"input": xs, "weight": ws}
@@ -91,6 +91,9 @@ class FunctionalRule(Rule):
             return func(**{**bound, **new})
 
         return _FnCapture.apply(engine, use, call, x, w, b)
+
+    def release(self, use):
+        use.inputs = use.grads = None  # both set again by _FnCapture.backward
 
 
 class ModuleCaptureRule(Rule):
@@ -102,6 +105,8 @@ class ModuleCaptureRule(Rule):
     expand_broadcast = False
 
     def pre_forward(self, engine, module, args, kwargs):
+        # Completed in pieces (each layer and direction, each projection): the module's
+        # Functions announce each piece at forward (engine.expect) and record it at backward.
         use = Use(module, extra={})
         push_capture(module, engine, use)
         return use
@@ -109,3 +114,7 @@ class ModuleCaptureRule(Rule):
     def post_forward(self, engine, module, state, args, kwargs, output):
         pop_capture(module)
         return None
+
+    def release(self, use):
+        use.grads = None
+        use.extra.clear()  # the pieces' factors, all set by the backward

@@ -106,7 +106,7 @@ class _Follow(TorchFunctionMode):
             out_spec["spec"], out_spec["flat"] = spec, flat
             return [t for t in flat if isinstance(t, Tensor) and t.is_floating_point()]
 
-        use = Use(self.module, extra={"leaves": dict(self.leaves), "B": B})
+        use = self.engine.new_use(self.module, extra={"leaves": dict(self.leaves), "B": B})
         res = _Mix.apply(self.engine, use, run, len(needs), *needs, *self.leaves.values())
         flat = list(out_spec["flat"])
         it = iter(res)

@@ -70,7 +70,8 @@ class GenericRule(Rule):
         if not out_idx:
             return None
         # inputs = (all input leaves with tensors detached later, tensor inputs, spec)
-        use = Use(module, inputs=(in_leaves, in_tensors, in_spec), extra=(out_idx, out_spec, len(leaves)))
+        use = engine.new_use(module, inputs=(in_leaves, in_tensors, in_spec),
+                             extra=(out_idx, out_spec, len(leaves)))
         tapped = _Tap.apply(engine, use, len(out_idx), len(in_tensors),
                             *[leaves[i] for i in out_idx], *in_tensors, *[p for _, p in params])
         leaves = list(leaves)

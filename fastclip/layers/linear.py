@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .. import ops
-from . import Entry, Rule, Use, bias_in_same_pass, keep_bias, register, scaled_rows, take_bias
+from . import Entry, Rule, bias_in_same_pass, keep_bias, register, scaled_rows, take_bias
 
 
 class _LinearFn(torch.autograd.Function):
@@ -55,7 +55,7 @@ class _Capture(TorchFunctionMode):
                     raise ValueError(
                         f"{type(self.module).__name__} got a {x.dim()}-D input {tuple(x.shape)}; "
                         "per-example gradients need the batch dimension first")
-                return _LinearFn.apply(self.engine, Use(self.module), x, w, b)
+                return _LinearFn.apply(self.engine, self.engine.new_use(self.module), x, w, b)
         return func(*args, **kwargs)
 
 
@@ -90,6 +90,9 @@ class LinearRule(Rule):
     def post_forward(self, engine, module, state, args, kwargs, output):
         state.__exit__(None, None, None)
         return None
+
+    def release(self, use):
+        use.inputs = use.grads = None  # both set again by _LinearFn.backward
 
     def sq_norms(self, entries, method, cache):
         name = entries[0][1]

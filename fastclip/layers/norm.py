@@ -84,6 +84,10 @@ class NormRule(FunctionalRule):
     def zero_examples(self, use, bad):
         use.extra["grads"] = zero_rows(use.extra["grads"], bad)
 
+    def release(self, use):
+        use.extra.pop("grads", None)  # formed again by on_record
+        use.inputs = use.grads = None
+
     @staticmethod
     def _compute(use):
         """(gw (B, K), gb (B, K) or None) of one use."""

@@ -35,6 +35,7 @@ class _ProjFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, engine, use, info, x, w, b):
         ctx.engine, ctx.use, ctx.info = engine, use, info
+        engine.expect(use)  # one piece of the call's use, recorded in the backward
         ctx.save_for_backward(x, w)
         return F.linear(x, w, b)
 
@@ -55,6 +56,7 @@ class _TokenFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, engine, use, name, p, B):
         ctx.engine, ctx.use, ctx.name = engine, use, name
+        engine.expect(use)
         return p.detach().reshape(1, 1, -1).expand(B, 1, p.shape[-1]).clone()
 
     @staticmethod
@@ -65,9 +67,9 @@ class _TokenFn(torch.autograd.Function):
 
 
 def _record(engine, use, g):
-    if use.grads is None:  # one record per call; the finalize runs after the whole backward
+    if use.grads is None:
         use.grads = (g,)
-        engine.record(use)
+    engine.record(use)  # every piece: the use is complete when all have come
 
 
 def _merge_masks(attn_mask, key_padding_mask, B, H, L, S, dtype):

@@ -58,6 +58,8 @@ class _RecurrentFn(torch.autograd.Function):
         out, h_n, c_n, saved, h_prev, c_prev, tanh_c = ops.rnn_forward(
             cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse)
         ctx.cell, ctx.reverse, ctx.lengths, ctx.capture = cell, reverse, lengths, capture
+        if capture is not None:
+            capture[0].expect(capture[1])  # one piece of the call's use: recorded in backward
         ctx.has = (h0 is not None, c0 is not None, b_ih is not None)
         # x and the weights through autograd: an in-place change before backward is an error.
         ctx.save_for_backward(x, w_ih, w_hh)
@@ -81,9 +83,9 @@ class _RecurrentFn(torch.autograd.Function):
         if ctx.capture is not None:
             engine, use, key = ctx.capture
             use.extra[key] = RecurrentPart(x.detach(), h_prev, g_ih, g_hh, g_sum, g_hh_sum)
-            if use.grads is None:  # one record per call; finalize runs after every layer's backward
+            if use.grads is None:
                 use.grads = (g_ih,)
-                engine.record(use)
+            engine.record(use)  # every piece: the use is complete when all have come
         else:
             B, T = g_ih.shape[:2]
             G, Gh = g_ih.reshape(B * T, -1), g_hh.reshape(B * T, -1)
