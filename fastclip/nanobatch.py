@@ -19,7 +19,7 @@ How it runs inside the usual training loop (``Engine(model, mode="nanobatch")``)
   (csrc/clip.cpp through src/nanobatch.pyx) computes their norms by clipping group, clips and
   adds them into per-thread accumulators, which are added into ``p.grad`` at the end.
 
-Nanobatches are spread over ``num_threads`` Python threads, statically (nanobatch j to thread
+On the CPU, nanobatches are spread over ``num_threads`` Python threads, statically (nanobatch j to thread
 j mod T) and summed in thread order, so results do not depend on scheduling; autograd and the
 native loop release the GIL. Memory: the forward's activations as in non-private training, plus
 per thread one nanobatch's gradients (nanobatch_size x parameters) and one accumulator.
@@ -265,7 +265,12 @@ class NanoBatch:
         scale = float(B) if engine.loss_reduction == "mean" else 1.0
         n_chunks = len(calls[0].chunks) if B > 0 else 0
         T = max(1, min(self.num_threads, n_chunks))
-        sq = torch.zeros(B, L, dtype=torch.float64)
+        if params[0][1].device.type != "cpu":
+            # This runs inside the backward's final callback, which for an accelerator is the
+            # device's autograd thread: a backward started from another thread would wait for
+            # that very thread. Accelerator nanobatches run here, one after the other.
+            T = 1
+        sq = torch.zeros(B, L, dtype=torch.float64, device=params[0][1].device)
 
         def work(t):
             accs = ([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for _, p in params]

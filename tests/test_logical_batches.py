@@ -16,7 +16,7 @@ import fastclip
 import reference as R
 from fastclip.data import BatchMemoryManager, split_batch
 
-MODES = ["auto", "ghost", "direct"]
+MODES = ["auto", "ghost", "direct", "nanobatch"]
 DELTA = 1e-5
 C = 0.4
 B = 7          # the logical batch of the equality tests
@@ -51,7 +51,8 @@ def _batch(seed, size=B):
     return tokens, feats, torch.randint(0, 3, (size,), generator=g)
 
 
-def _private(mode, reduction, noise=1.3, seed=5, lr=0.5, loader=True, opt_cls=torch.optim.SGD):
+def _private(mode, reduction, noise=1.3, seed=5, lr=0.5, loader=True, opt_cls=torch.optim.SGD,
+             clipping="flat"):
     """(private model, DPOptimizer, a copy of the model before make_private)."""
     torch.manual_seed(0)
     m = Net().double()
@@ -60,7 +61,7 @@ def _private(mode, reduction, noise=1.3, seed=5, lr=0.5, loader=True, opt_cls=to
     m, opt, _ = fastclip.make_private(
         m, opt_cls(m.parameters(), lr=lr), DataLoader(ds, batch_size=B) if loader else None,
         noise_multiplier=noise, max_grad_norm=C, mode=mode, loss_reduction=reduction,
-        generator=torch.Generator().manual_seed(seed))
+        generator=torch.Generator().manual_seed(seed), clipping=clipping)
     return m, opt, base
 
 
@@ -101,12 +102,13 @@ def _train(m, opt, batches, reduction, max_physical=None, zero_first=True):
     (1, [1] * 7),                          # physical size 1
 ])
 @pytest.mark.parametrize("zero_first", [True, False])
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 def test_split_logical_batch_gives_the_update_of_one_batch(mode, reduction, max_physical, sizes,
-                                                           zero_first):
+                                                           zero_first, clipping):
     batches = [_batch(1), _batch(2)]           # two logical batches: the second starts clean
-    m1, opt1, _ = _private(mode, reduction, opt_cls=torch.optim.Adam)
+    m1, opt1, _ = _private(mode, reduction, opt_cls=torch.optim.Adam, clipping=clipping)
     _train(m1, opt1, batches, reduction)
-    m2, opt2, _ = _private(mode, reduction, opt_cls=torch.optim.Adam)
+    m2, opt2, _ = _private(mode, reduction, opt_cls=torch.optim.Adam, clipping=clipping)
     got = _train(m2, opt2, batches, reduction, max_physical, zero_first)
     assert got == sizes * 2
     torch.testing.assert_close(_flat(m2), _flat(m1), rtol=1e-10, atol=1e-12)

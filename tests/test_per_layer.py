@@ -14,7 +14,7 @@ from fastclip.engine import Engine
 from fastclip.nn.rnn import converted
 
 CE = nn.CrossEntropyLoss(reduction="none")
-MODES = ["auto", "ghost", "direct"]
+MODES = ["auto", "ghost", "direct", "nanobatch"]
 
 
 def mse(out, y):

@@ -40,7 +40,8 @@ class AttentionRule(ModuleCaptureRule):
     def sq_norms(self, entries, method, cache):
         name = entries[0][1]
         B = entries[0][2].batch_size
-        sq = torch.zeros(max(B, 0), dtype=torch.float64)
+        sq = torch.zeros(max(B, 0), dtype=torch.float64,
+                         device=getattr(entries[0][0], name).device)
         if name in ("bias_k", "bias_v"):
             return self.per_example_grad(None, name, None, cache, entries).flatten(1).square().sum(1)
         for rows, (A, G) in _blocks(entries, name).items():

@@ -41,7 +41,8 @@ class RecurrentRule(ModuleCaptureRule):
         parts = [u.extra[key] for u in uses if key in u.extra]
         B = uses[0].batch_size
         if not parts:  # no gradient reached this layer/direction: its gradient is zero
-            return torch.zeros(max(B, 0), dtype=torch.float64)
+            return torch.zeros(max(B, 0), dtype=torch.float64,
+                               device=getattr(entries[0][0], entries[0][1]).device)
         if kind == "bias":  # ||sum over uses and steps of g_t||^2, from the backward's sums
             g = sum(p.g_sum if which == "ih" else p.g_hh_sum for p in parts)
             return g.square().sum(-1)
