@@ -12,6 +12,8 @@ import reference as R
 from conftest import DTYPES, tol
 from fastclip.engine import Engine
 from fastclip.nn.rnn import converted
+from test_engine import CalledTwice  # shared test models
+from test_privacy import Doubler
 
 CE = nn.CrossEntropyLoss(reduction="none")
 MODES = ["auto", "ghost", "direct", "nanobatch"]
@@ -98,16 +100,6 @@ class PosTable(nn.Module):
 
     def forward(self, x):
         return self.lin(torch.tanh(x + self.pos[:x.shape[1]])).mean(1)
-
-
-class CalledTwice(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(6, 6)
-        self.out = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.out(self.a(torch.tanh(self.a(x))))
 
 
 class Attn(nn.Module):
@@ -469,15 +461,6 @@ def test_loss_reduction_mean_scales_back():
     ref = reference_per_layer(m, CE, x, y, 0.1)
     for n, p in m.named_parameters():
         assert_close(p.grad, ref[n], torch.float64)
-
-
-class Doubler(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        return x * self.w
 
 
 @pytest.mark.parametrize("mode", MODES)
