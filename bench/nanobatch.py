@@ -117,7 +117,7 @@ def memory_vs_batch(name: str, batches: List[int], seed: int = 0):
           # One thread: the profiler sees allocations of the calling thread only. Each further
           # thread adds one accumulator and one nanobatch's gradients (parameters x (1 + k)).
           "nanobatch k=1 t=1": setup_fastclip("nanobatch", num_threads=1)}
-    print("  " + f"{'batch':>6s}" + "".join(f"{m:>16s}" for m in ms))
+    print("  " + f"{'batch':>6s}" + "".join(f"{m:>20s}" for m in ms))
     for bs in batches:
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -128,7 +128,7 @@ def memory_vs_batch(name: str, batches: List[int], seed: int = 0):
             step(*wl.batches[0])
             mib = peak_step_memory_mib(step, wl.batches[0], torch.device("cpu"))
             cells.append("n/a" if mib is None else f"{mib:.1f}")
-        print("  " + f"{bs:6d}" + "".join(f"{c:>16s}" for c in cells))
+        print("  " + f"{bs:6d}" + "".join(f"{c:>20s}" for c in cells))
         sys.stdout.flush()
 
 
