@@ -209,7 +209,7 @@ class NanoBatch:
             full = [t.unsqueeze(0) if b else t for t, b in zip(leaves_i, batched)]
             a, kw = tree_unflatten(full, spec)
             out = functional_call(self.engine.model, ps, tuple(a), kw)
-            return tree_map_tensors(lambda t: t.squeeze(0), out)
+            return _tree_map_tensors(lambda t: t.squeeze(0), out)
 
         try:
             out = vmap(one, in_dims=(0, in_dims), randomness="different")(copies, part)
@@ -343,6 +343,6 @@ class NanoBatch:
         sq[s:e] += res_sq
 
 
-def tree_map_tensors(fn, tree):
+def _tree_map_tensors(fn, tree):
     leaves, spec = tree_flatten(tree)
     return tree_unflatten([fn(t) if isinstance(t, Tensor) else t for t in leaves], spec)
