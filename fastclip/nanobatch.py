@@ -91,6 +91,7 @@ class NanoBatch:
         self._queued = False
         self._pool: Optional[ThreadPoolExecutor] = None
         self._warned_vmap = False
+        self._params = []           # [(name, parameter)], set at attach
 
     def __getstate__(self):
         # copy.deepcopy(model) copies the wrapped forward with its NanoBatch: threads and the
@@ -106,6 +107,7 @@ class NanoBatch:
     # -- attach / detach --------------------------------------------------------------------
     def attach(self):
         model = self.engine.model
+        self._params = self._plan_params()
         self._had_attr = "forward" in model.__dict__
         self._inner = model.forward
         # An instance attribute takes precedence over the class's forward in nn.Module.__call__,
@@ -125,8 +127,9 @@ class NanoBatch:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def _params(self):
-        """[(name, parameter)] of every trainable parameter covered, each once."""
+    def _plan_params(self):
+        """[(name, parameter)] of every trainable parameter covered, each once (the engine's
+        plan is fixed once attached, so this is formed once, at attach)."""
         seen, out = set(), []
         for ps in self.engine._params.values():
             for _, p in ps:
@@ -139,7 +142,7 @@ class NanoBatch:
     def _forward(self, *args, **kwargs):
         if getattr(self._local, "inside", False) or not torch.is_grad_enabled():
             return self._inner(*args, **kwargs)  # evaluation, or a nanobatch's own call
-        params = self._params()
+        params = self._params
         if not params:
             return self._inner(*args, **kwargs)
         packed = tree_flatten((args, kwargs), is_leaf=lambda t: isinstance(t, PackedSequence))[0]
@@ -254,7 +257,7 @@ class NanoBatch:
             raise ValueError(f"fastclip: batch sizes differ between model calls in one backward "
                              f"({sorted(sizes)}); every call must see the same batch")
         B = sizes.pop()
-        params = self._params()
+        params = self._params
         layer_of = {id(p): i for i, layer in enumerate(engine.layers) for p in layer.params}
         write = engine.write_grads
         if write and engine.bounds is not None:      # per layer: one group per layer

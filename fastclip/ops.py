@@ -1050,7 +1050,7 @@ def clip_accumulate(grads, accs, groups, bounds, scale: float = 1.0, num_threads
         g.device.type == "cpu" and g.dtype in _NATIVE_DTYPES for g in grads))
     if not native:
         return clip_accumulate_torch(grads, accs, groups, bounds, scale)
-    _check_clip_parts(grads, accs, groups, bounds, scale)
+    # The binding checks every argument itself (tests/test_nanobatch.py's hostile inputs).
     sq, factors = _nanobatch.clip_accumulate_nanobatch(
         [g.detach().contiguous().numpy() for g in grads],
         None if accs is None else [a.detach().numpy() for a in accs],
