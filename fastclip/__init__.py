@@ -8,10 +8,11 @@ from .functional import clipped_grad, per_sample_grad_norms
 from .layers import Rule, register
 from .accounting import PrivacyAccountant
 from .data import BatchMemoryManager
+from .fix import fix
 from .optim import DPOptimizer, make_private, make_private_with_epsilon
 from .validate import validate
 
 __version__ = "0.1.0"
 __all__ = ["BatchMemoryManager", "Engine", "DPOptimizer", "PrivacyAccountant", "Rule", "clipped_grad",
-           "make_private", "make_private_with_epsilon", "per_sample_grad_norms", "register",
+           "fix", "make_private", "make_private_with_epsilon", "per_sample_grad_norms", "register",
            "validate", "__version__"]

@@ -41,6 +41,13 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def _refuse_batch_statistics(module, args):
+    why = mixing_refusal(module)
+    if why is not None:
+        raise RuntimeError(f"fastclip: {type(module).__name__} was switched to training mode after "
+                           f"the model was made private. {why}")
+
+
 class Engine:
     """Attaches to ``model`` and forms clipped gradients in the model's own backward.
 
@@ -116,6 +123,13 @@ class Engine:
     def _plan(self):
         for name, p in self.model.named_parameters():
             self._names.setdefault(p, name)
+        # Every module that mixes examples is named at once (a ResNet has 20 BatchNorms).
+        mixing = [(path or "<root>", m) for path, m in self.model.named_modules()
+                  if mixing_refusal(m) is not None]
+        if mixing:
+            names = ", ".join(f"'{label}' ({type(m).__name__})" for label, m in mixing)
+            raise ValueError(f"fastclip cannot make {len(mixing)} module(s) private: {names}. "
+                             f"{mixing_refusal(mixing[0][1])}")
         for path, module in self.model.named_modules(remove_duplicate=True):
             label = path or "<root>"
             why = refusal(module) if self._nano is None else mixing_refusal(module)
@@ -144,6 +158,11 @@ class Engine:
             self._rules[module] = rule
 
     def _attach(self):
+        # A BatchNorm accepted in eval mode and switched to training mode later (model.train())
+        # would mix the examples from its next forward on: refused there, in every mode.
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                self._handles.append(module.register_forward_pre_hook(_refuse_batch_statistics))
         if self._nano is not None:
             self._nano.attach()
             self._attach_param_hooks()

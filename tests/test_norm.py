@@ -520,3 +520,124 @@ def test_op_ill_conditioned_statistics(kind, shape, kw, case):
     gw32, _ = ops.norm_affine_grads(kind, x.float(), g.float(), **kw)
     want32 = autograd_grads(kind, x.float().double(), g.float().double(), 1e-5, **k)
     torch.testing.assert_close(gw32.double(), want32[0], rtol=1e-4, atol=1e-4)
+
+
+# -- BatchNorm in eval mode (running statistics: a per-channel affine map) -------------------
+
+def bn_model(dim, affine=True):
+    """A conv of the right dimension, BatchNorm, tanh, then a Linear head; in eval mode with
+    non-trivial running statistics and affine parameters."""
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim]
+    m = nn.Sequential(conv(2, 4, 3, padding=1), bn(4, affine=affine), nn.Tanh(), nn.Flatten(),
+                      nn.Linear(4 * 3 ** dim, 3))
+    with torch.no_grad():
+        norm = m[1]
+        norm.running_mean.copy_(torch.randn(4))
+        norm.running_var.copy_(torch.rand(4) + 0.5)
+        if affine:
+            norm.weight.copy_(torch.randn(4) * 0.5 + 1.0)
+            norm.bias.copy_(torch.randn(4))
+    return m.eval()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("B", [0, 1, 5])
+def test_batch_norm_eval_is_exact(dtype, dim, B):
+    m = bn_model(dim).to(dtype)
+    x, y = torch.randn((B, 2) + (3,) * dim, dtype=dtype), torch.randn(B, 3, dtype=dtype)
+    eng = Engine(m)
+    assert dict(eng.covered())["1.weight"] == "NormRule"
+    eng.detach()
+    got = fastclip.per_sample_grad_norms(m, mse, x, y)
+    compare(m, x, y, got, dtype, C=0.5)
+    for mode in ("ghost", "direct"):
+        torch.testing.assert_close(fastclip.per_sample_grad_norms(m, mse, x, y, mode=mode), got,
+                                   rtol=tol(dtype)[0], atol=tol(dtype)[1])
+
+
+def test_batch_norm1d_on_features_and_frozen_backbone():
+    """BatchNorm1d on (B, C) features; a frozen (pretrained) backbone with a frozen BatchNorm and a
+    trainable head; and a BatchNorm without affine parameters."""
+    m = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        m[1].running_mean.normal_()
+        m[1].running_var.uniform_(0.5, 2.0)
+    m.eval()
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    compare(m, x, y, fastclip.per_sample_grad_norms(m, mse, x, y), torch.float64, C=0.5)
+    for p in list(m[0].parameters()) + list(m[1].parameters()):
+        p.requires_grad_(False)
+    compare(m, x, y, fastclip.per_sample_grad_norms(m, mse, x, y), torch.float64, C=0.5)
+    m = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, affine=False), nn.Linear(6, 3)).double().eval()
+    compare(m, x, y, fastclip.per_sample_grad_norms(m, mse, x, y), torch.float64, C=0.5)
+
+
+def test_batch_norm_in_training_mode_is_refused_naming_every_module():
+    m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4),
+                      nn.Sequential(nn.Flatten(), nn.Linear(4, 2), nn.BatchNorm1d(2)))
+    for mode in ("auto", "nanobatch"):
+        with pytest.raises(ValueError, match=r"3 module.*'1' \(BatchNorm2d\), '3' \(BatchNorm2d\), "
+                                             r"'4\.2' \(BatchNorm1d\).*eval mode.*fastclip\.fix"):
+            Engine(m, mode=mode)
+    # track_running_stats=False normalises with batch statistics in eval mode too
+    m = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        Engine(m)
+
+
+@pytest.mark.parametrize("mode", ["auto", "nanobatch"])
+def test_batch_norm_switched_to_training_mode_is_refused_at_the_forward(mode):
+    m = bn_model(2)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m, opt, _ = fastclip.make_private(m, opt, None, noise_multiplier=0.0, max_grad_norm=1.0,
+                                      mode=mode)
+    x, y = torch.randn(3, 2, 3, 3), torch.randn(3, 3)
+    stats = m[1].running_mean.clone()
+    m.train()   # the usual start of an epoch: puts the BatchNorm in training mode too
+    with pytest.raises(RuntimeError, match="BatchNorm2d was switched to training mode.*eval"):
+        m(x)
+    assert torch.equal(m[1].running_mean, stats)    # refused before the statistics moved
+    m[1].eval()                                      # the fine-tuning recipe: BN stays in eval
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.zero_grad()
+    mse(m(x), y).mean().backward()
+    opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, m.parameters()))
+    assert torch.equal(m[1].running_mean, stats)
+
+
+def test_fix_replaces_every_batch_norm_by_group_norm():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 48, 3), nn.BatchNorm2d(48))
+            self.block = nn.Sequential(nn.Conv2d(48, 64, 3), nn.BatchNorm2d(64, eps=1e-3))
+            self.head = nn.Sequential(nn.Flatten(), nn.Linear(64, 3), nn.BatchNorm1d(3, affine=False))
+
+        def forward(self, x):
+            return self.head(self.block(self.stem(x)))
+
+    net = Net()
+    w48 = net.stem[1].weight
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    changes = fastclip.fix(net)
+    assert [(n, type(a).__name__, type(b).__name__) for n, a, b in changes] == [
+        ("stem.1", "BatchNorm2d", "GroupNorm"), ("block.1", "BatchNorm2d", "GroupNorm"),
+        ("head.2", "BatchNorm1d", "GroupNorm")]
+    gn = net.stem[1]
+    assert (gn.num_groups, gn.num_channels) == (16, 48) and gn.weight is w48   # same Parameter
+    assert (net.block[1].num_groups, net.block[1].eps) == (32, 1e-3)
+    assert net.head[2].num_groups == 1 and not net.head[2].affine
+    assert fastclip.fix(net) == []
+    # trainable now, with the optimizer built before the fix
+    net, opt, _ = fastclip.make_private(net.train(), opt, None, noise_multiplier=0.0,
+                                        max_grad_norm=1.0)
+    x = torch.randn(2, 3, 5, 5)
+    opt.zero_grad()
+    net(x).square().sum(1).mean().backward()
+    opt.step()
+    assert w48.grad is not None
+    with pytest.raises(TypeError, match="GroupNorm"):
+        fastclip.fix(nn.BatchNorm1d(4))

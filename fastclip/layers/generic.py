@@ -145,20 +145,23 @@ class GenericRule(Rule):
 
 GENERIC = GenericRule()
 
-# Module types that mix the examples of a batch: no per-example gradient exists.
-_REFUSED = {
-    nn.modules.batchnorm._BatchNorm: "BatchNorm mixes the examples of a batch (its statistics are "
-    "batch statistics), so per-example gradients are not defined and its running statistics "
-    "leak privacy; replace it with nn.GroupNorm (e.g. nn.GroupNorm(8, num_channels)) or nn.LayerNorm",
-}
+def batch_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm that normalises with the statistics of the batch: in
+    training mode, or built with ``track_running_stats=False`` (which uses them in eval too)."""
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and (module.training or module.running_mean is None))
 
 
 def mixing_refusal(module: nn.Module):
     """Why ``module`` has no per-example gradients (it mixes the examples of a batch), or None.
-    The one refusal of every mode, nanobatch included."""
-    for t, why in _REFUSED.items():
-        if isinstance(module, t):
-            return why
+    The one refusal of every mode, nanobatch included. BatchNorm in eval mode (running
+    statistics) is a per-channel affine map and mixes nothing: it is accepted."""
+    if batch_statistics(module):
+        return ("BatchNorm in training mode (or with track_running_stats=False) normalises with "
+                "the statistics of the batch, which mixes the examples (no per-example gradient exists) and its running statistics "
+                "leak privacy; either keep it in eval mode (running statistics frozen: call "
+                "module.eval() after model.train(); its affine parameters may stay trainable) or "
+                "replace every BatchNorm with GroupNorm: fastclip.fix(model)")
     return None
 
 

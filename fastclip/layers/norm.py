@@ -1,4 +1,6 @@
-"""Normalisation layers: nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.InstanceNorm1d/2d/3d.
+"""Normalisation layers: nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.InstanceNorm1d/2d/3d, and
+nn.BatchNorm1d/2d/3d in eval mode (running statistics: a per-channel affine map that mixes no
+examples, exact like instance norm with running statistics; in training mode it is refused).
 
 Their affine parameters have only C (or prod(normalized_shape)) entries, so the per-example
 gradients themselves are cheap to hold (B x C): one native pass per use (``ops.norm_affine_grads``)
@@ -13,6 +15,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .. import ops
@@ -38,15 +41,22 @@ def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias
                 bias=bias, use_input_stats=use_input_stats, momentum=momentum, eps=eps)
 
 
+def _batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+                momentum=0.1, eps=1e-5):
+    return dict(input=input, running_mean=running_mean, running_var=running_var, weight=weight,
+                bias=bias, training=training, momentum=momentum, eps=eps)
+
+
 _BASE_FORWARD = {nn.LayerNorm: nn.LayerNorm.forward, nn.RMSNorm: nn.RMSNorm.forward,
-                 nn.GroupNorm: nn.GroupNorm.forward, _InstanceNorm: _InstanceNorm.forward}
+                 nn.GroupNorm: nn.GroupNorm.forward, _InstanceNorm: _InstanceNorm.forward,
+                 _BatchNorm: _BatchNorm.forward}
 
 
 @register(nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
-          nn.InstanceNorm3d)
+          nn.InstanceNorm3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class NormRule(FunctionalRule):
     functions = {F.layer_norm: _layer_norm, F.rms_norm: _rms_norm, F.group_norm: _group_norm,
-                 F.instance_norm: _instance_norm}
+                 F.instance_norm: _instance_norm, F.batch_norm: _batch_norm}
 
     def supports(self, module):
         # A subclass with its own forward may compute something else: the generic rule covers it.
@@ -66,7 +76,13 @@ class NormRule(FunctionalRule):
         elif x.dim() < 2:
             raise ValueError(f"{type(module).__name__} got a {x.dim()}-D input {tuple(x.shape)}; "
                              "per-example gradients need the batch dimension first")
-        if func is F.instance_norm and not bound["use_input_stats"]:
+        if func is F.batch_norm and (bound["training"] or bound["running_mean"] is None):
+            # Batch statistics: every example's output depends on the others (the engine's
+            # forward guard refuses this earlier; this is the last line of defence).
+            raise ValueError(f"fastclip: {type(module).__name__} normalises with batch statistics "
+                             "(training mode or track_running_stats=False), which mixes the "
+                             "examples of a batch; keep it in eval mode or use fastclip.fix(model)")
+        if (func is F.instance_norm and not bound["use_input_stats"]) or func is F.batch_norm:
             # Eval mode with running statistics: the call does not update them, so snapshot them
             # for the backward (a change of the buffers in between must not change the norms).
             bound = dict(bound)
@@ -103,6 +119,10 @@ class NormRule(FunctionalRule):
         if func is F.group_norm:
             return ops.norm_affine_grads("group_norm", x, g, eps=opts["eps"],
                                          num_groups=int(opts["num_groups"]), bias=bias)
+        if func is F.batch_norm:    # eval mode: x_hat from the running statistics, per channel
+            return ops.norm_affine_grads("instance_norm", x, g, eps=opts["eps"], bias=bias,
+                                         running_mean=opts["running_mean"],
+                                         running_var=opts["running_var"])
         stats = {} if opts["use_input_stats"] else dict(
             running_mean=opts["running_mean"], running_var=opts["running_var"])
         return ops.norm_affine_grads("instance_norm", x, g, eps=opts["eps"], bias=bias, **stats)
