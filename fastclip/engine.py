@@ -28,10 +28,15 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .clipping import Bound, check_clipping, group_layers, resolve_bounds
 from .layers import Rule, Use, cross_inner, rule_for
+from .layers.capture import FunctionalRule
 from .layers.direct import DIRECT
+from .layers.linear import LinearRule
 from .layers.generic import GENERIC, mixing_refusal, refusal
 
 MODES = ("auto", "ghost", "direct", "nanobatch")
+# Rules whose use is one (input, output gradient) pair that may be recorded time-major and
+# transposed to batch-first (Linear, LayerNorm and the other functional rules).
+_TRANSPOSABLE = (LinearRule, FunctionalRule)
 LOSS_REDUCTIONS = ("mean", "sum")
 
 
@@ -39,6 +44,17 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return mode
+
+
+def _is_time_major(module: nn.Module) -> bool:
+    """Whether ``module`` is a torch transformer container built with batch_first=False."""
+    if isinstance(module, nn.Transformer):
+        return not module.batch_first
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        return not module.self_attn.batch_first
+    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
+        return len(module.layers) > 0 and _is_time_major(module.layers[0])
+    return False
 
 
 def _refuse_batch_statistics(module, args):
@@ -106,6 +122,7 @@ class Engine:
             from .nanobatch import NanoBatch  # here: it needs the engine's plan, not the reverse
             self._nano = NanoBatch(self, nanobatch_size, num_threads)
         self._plan()
+        self._plan_time_major()
         self.layers = group_layers(self._params, self._paths)
         self.bounds, self.sensitivity = resolve_bounds(max_grad_norm, clipping, self.layers)
         # Flat clipping's C (the total bound) for the finalize; per-layer uses self.bounds.
@@ -156,6 +173,30 @@ class Engine:
                 raise ValueError(f"fastclip cannot make module '{label}' ({type(module).__name__}) "
                                  f"private: {why}")
             self._rules[module] = rule
+
+    def _plan_time_major(self):
+        """Modules whose batch dimension is 1: the leaves of a time-major (batch_first=False)
+        transformer layer, which see (T, B, E). MultiheadAttention handles its own layout (it
+        works batch-first inside); a leaf whose rule cannot take a transposed use is refused."""
+        self._time_major = set()
+        if self._nano is not None:
+            return      # whole-model per-example gradients: no per-module layout
+        for path, module in self.model.named_modules():
+            if not _is_time_major(module):
+                continue
+            attention = [m for m in module.modules() if isinstance(m, nn.MultiheadAttention)]
+            inside = {id(m) for a in attention for m in a.modules()}
+            for sub_path, leaf in module.named_modules(prefix=path):
+                if id(leaf) in inside or leaf not in self._params:
+                    continue
+                if not isinstance(self._rules[leaf], _TRANSPOSABLE):
+                    raise ValueError(
+                        f"fastclip cannot make module '{sub_path}' ({type(leaf).__name__}) private: "
+                        f"it runs inside the time-major (batch_first=False) '{path or '<root>'}' "
+                        f"({type(module).__name__}), where only Linear and normalisation layers are "
+                        "supported; construct the transformer with batch_first=True, or use "
+                        "mode='nanobatch'")
+                self._time_major.add(leaf)
 
     def _attach(self):
         # A BatchNorm accepted in eval mode and switched to training mode later (model.train())
@@ -232,7 +273,8 @@ class Engine:
         state = new = None
         if torch.is_grad_enabled() and not self._finalizing:
             rule = self._rules[module]
-            new = self._expand_broadcast(args, kwargs) if rule.expand_broadcast else None
+            new = (self._expand_broadcast(args, kwargs)
+                   if rule.expand_broadcast and module not in self._time_major else None)
             if new is not None:
                 args, kwargs = new
             state = (self._rules[module].pre_forward(self, module, args, kwargs),)
@@ -283,6 +325,9 @@ class Engine:
             if not self._queued or self._queued_cb() is None:
                 self._start_backward()
             use.recorded = True
+            if use.module in self._time_major:     # (T, B, ...) -> (B, T, ...), as views
+                use.inputs = use.inputs.transpose(0, 1)
+                use.grads = tuple(None if g is None else g.transpose(0, 1) for g in use.grads)
             g0 = next((g for g in use.grads if g is not None), None)
             use.batch_size = g0.shape[0] if g0 is not None and g0.dim() > 0 else -1
             self._rules[use.module].on_record(use)

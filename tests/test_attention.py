@@ -221,6 +221,90 @@ def test_decoder_layer_cross_attention():
     check(m, (s, t), torch.randint(0, 2, (3,)))
 
 
+# -- time-major (batch_first=False, torch's default) transformer layers ------------------------
+
+class TimeMajor(nn.Module):
+    """A batch-first model around torch's time-major transformer modules: its Linear and LayerNorm
+    leaves see (T, B, E), its attention (T, B, E) too; the rules know it from the module."""
+
+    def __init__(self, kind, norm_first=False):
+        super().__init__()
+        self.kind = kind
+        self.inp = nn.Linear(3, 8)
+        opts = dict(dropout=0.0, norm_first=norm_first)
+        if kind == "encoder":
+            self.body = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, **opts), 2,
+                                              norm=nn.LayerNorm(8), enable_nested_tensor=False)
+        elif kind == "decoder":
+            self.body = nn.TransformerDecoderLayer(8, 2, 16, **opts)
+        else:
+            self.body = nn.Transformer(8, 2, 1, 1, 16, **opts)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x, pad):
+        h = self.inp(x).transpose(0, 1)                                  # (T, B, E)
+        if self.kind == "encoder":
+            h = self.body(h, src_key_padding_mask=pad)
+        elif self.kind == "decoder":
+            h = self.body(h[:3], h, memory_key_padding_mask=pad)
+        else:
+            h = self.body(h, h[:3], src_key_padding_mask=pad,
+                          tgt_mask=nn.Transformer.generate_square_subsequent_mask(3, dtype=h.dtype))
+        return self.head(h.mean(0))
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder", "transformer"])
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("B", [0, 1, 4])
+def test_time_major_transformer_layers(kind, norm_first, B):
+    m = TimeMajor(kind, norm_first).double()
+    x = torch.randn(B, 5, 3, dtype=D64)
+    pad = torch.zeros(B, 5, dtype=torch.bool)
+    if B:
+        pad[0, -2:] = True
+    y = torch.randint(0, 2, (B,))
+    check(m, (x, pad), y)
+    if B:
+        for mode in ("ghost", "direct"):
+            assert_close(fastclip.per_sample_grad_norms(m, CE, (x, pad), y, mode=mode),
+                         R.norms(m, CE, (x, pad), y))
+
+
+def test_time_major_float32_and_step():
+    m = TimeMajor("encoder").float()
+    x, pad = torch.randn(4, 5, 3), torch.zeros(4, 5, dtype=torch.bool)
+    check(m, (x, pad), torch.randint(0, 2, (4,)), dtype=torch.float32)
+    ref_model = copy.deepcopy(m).double()
+    y = torch.randint(0, 2, (4,))
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    pm, popt, _ = fastclip.make_private(m, opt, None, noise_multiplier=0.0, max_grad_norm=0.2,
+                                        loss_reduction="sum", clipping="per_layer")
+    before = {k: p.detach().clone() for k, p in pm.named_parameters()}
+    popt.zero_grad()
+    CE(pm(x, pad), y).sum().backward()
+    popt.step()
+    assert all(not torch.equal(before[k], p) for k, p in pm.named_parameters())
+    n = fastclip.per_sample_grad_norms(ref_model, CE, (x.double(), pad), y)
+    assert_close(n, R.norms(ref_model, CE, (x.double(), pad), y))
+
+
+def test_custom_leaf_in_a_time_major_layer_is_refused():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return x * self.s
+
+    layer.dropout1 = Scale()   # a leaf with parameters and no layout-aware rule
+    m = nn.Sequential(nn.Linear(3, 8), layer)
+    with pytest.raises(ValueError, match=r"'1\.dropout1' \(Scale\).*time-major.*batch_first=True"):
+        fastclip.per_sample_grad_norms(m, lambda o, y: o.sum((0, 2)), torch.randn(5, 2, 3), None)
+
+
 def test_attention_mixed_with_lstm():
     class M(nn.Module):
         def __init__(self):
