@@ -158,8 +158,9 @@ def mixing_refusal(module: nn.Module):
     statistics) is a per-channel affine map and mixes nothing: it is accepted."""
     if batch_statistics(module):
         return ("BatchNorm in training mode (or with track_running_stats=False) normalises with "
-                "the statistics of the batch, which mixes the examples (no per-example gradient exists) and its running statistics "
-                "leak privacy; either keep it in eval mode (running statistics frozen: call "
+                "the statistics of the batch, which mixes the examples (no per-example gradient "
+                "exists) and its running statistics leak privacy; either keep it in eval mode "
+                "(running statistics frozen: call "
                 "module.eval() after model.train(); its affine parameters may stay trainable) or "
                 "replace every BatchNorm with GroupNorm: fastclip.fix(model)")
     return None
