@@ -100,6 +100,14 @@ def agree_seed(seed: int, src: int = 0) -> int:
     return int(t.item()) % (1 << 64)
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is True on any rank (one small all-reduce): a check that
+    refuses on one rank must refuse on all, or the others would wait in the next collective."""
+    t = torch.tensor([int(bool(flag))], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers to every rank (what DDP does at construction)."""
     with torch.no_grad():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import OrderedDict
 from typing import Optional, Tuple
 
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader
 from . import accounting, distributed as _dist, ops
 from .accounting import (PrivacyAccountant, check_accountant, check_noise_multiplier,
                          check_sample_rate)
-from .data import PoissonBatchSampler, poisson_loader, poisson_source
+from .data import PoissonBatchSampler, _check_generator_state, poisson_loader, poisson_source
 from .clipping import Bound, check_clipping
 from .engine import Engine
 from .nn.rnn import convert_recurrent
@@ -110,12 +111,7 @@ class DPOptimizer(Optimizer):
         self._optimizer_state_dict_post_hooks = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        covered = {id(p) for ps in engine._params.values() for _, p in ps}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.requires_grad and id(p) not in covered:
-                    raise ValueError("the optimizer holds a trainable parameter that is not part of "
-                                     "the private model; pass the model's own parameters")
+        self._check_params(step=False)
 
     @property
     def noise_multiplier(self) -> float:
@@ -174,6 +170,57 @@ class DPOptimizer(Optimizer):
             return
         self.original_optimizer.zero_grad(set_to_none)
         self.engine.examples = 0
+        if not set_to_none:     # zeroed in place: clean, later clipped sums may add into them
+            self.engine.adopt_grads(p for g in self.param_groups for p in g["params"])
+
+    def _check_params(self, step: bool = True):
+        """Refuse, before anything is released, a trainable parameter in ``param_groups`` that
+        the engine does not clip (one the model no longer uses after a replacement, or one never
+        in it), and (``step``) a clipped parameter whose ``p.grad`` the engine did not write (a
+        raw autograd gradient). Set lookups only, no pass over gradient data. At a step the
+        engine first re-plans if the model's trainable parameters changed since its last call
+        (``Engine.refresh``), so a layer unfrozen after the last forward is covered."""
+        engine = self.engine
+        if step:
+            engine.refresh(full=True)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                if not engine.covers(p):
+                    raise ValueError(self._uncovered(p) + (
+                        "; nothing was released (no noise added, parameters unchanged)"
+                        if step else ""))
+                if step and not engine.wrote_grad(p):
+                    raise RuntimeError(
+                        f"fastclip: parameter {engine.name_of(p)} has a gradient fastclip did not "
+                        "write (computed while the parameter was not clipped: unfrozen or added "
+                        "after make_private and used outside a call of the private model, or a "
+                        "tensor assigned to p.grad); releasing it would release an unclipped "
+                        "gradient, so the step is refused: nothing was released (no noise added, "
+                        "parameters unchanged). Fix: optimizer.zero_grad(), then run the forward "
+                        "through the private model and the backward again")
+
+    def _uncovered(self, p) -> str:
+        name = self.engine.name_of(p)
+        if name is not None and name.startswith("former"):
+            return (f"fastclip: the optimizer holds the {name}, a parameter the model no longer "
+                    "uses: it was replaced after make_private (model.load_state_dict(sd, "
+                    "assign=True), module.weight = nn.Parameter(...)), so its gradient is always "
+                    "None and the optimizer would step a detached tensor while the model's new "
+                    "parameter never trains. Fix: re-create the optimizer over model.parameters() "
+                    "and call make_private again, or load with assign=False (copies into the "
+                    f"existing parameters)")
+        if name is not None:
+            return (f"fastclip: the optimizer holds parameter {name}, which fastclip does not "
+                    "clip (it became trainable after the private model's last call and the plan "
+                    "could not be updated); its gradient would be released unclipped. Fix: run "
+                    "the forward through the private model before step()")
+        return ("fastclip: the optimizer holds a parameter not in the private model (shape "
+                f"{tuple(p.shape)}): its gradient would be computed outside fastclip's clipping "
+                "and released unclipped. Fix: make it part of the model (e.g. model.head = head, "
+                "used in the model's forward; it is clipped from the next forward on) or leave it "
+                "out of the optimizer")
 
     @property
     def skips_step(self) -> bool:
@@ -222,6 +269,58 @@ class DPOptimizer(Optimizer):
                                "batch has a NaN or infinite loss or gradient); the step is refused "
                                "before noise is added and before the parameters change")
 
+    def _check_batch(self):
+        """Refuse a step that would not release exactly the one batch the private loader drew
+        (what the accountant counts): no batch handed out since the last step (training on
+        another loader, or a second step on one batch), several batches released as one, or
+        backward passes that covered another number of examples than the batch has (a batch
+        backpropagated twice: each example counted, and its influence bounded, twice).
+
+        Runs before anything is released, and changes nothing: after a refusal the user can
+        ``zero_grad()``, redo the batch's backward once and step again. Distributed: each rank
+        checks its own shard, and every rank refuses if any does (no rank waits in a collective
+        for one that raised). Without a sampler (``loader=None``, ``poisson_sampling=False``)
+        there is nothing drawn to compare with, and no epsilon is claimed.
+        """
+        sampler = self.sampler
+        why = None
+        if sampler is not None and sampler._tracked:
+            handed, covered = sampler._handed, int(self.engine.examples)
+            if not handed:
+                why = ("fastclip: step() was called but the loader make_private returned has handed "
+                       f"out no batch since the last step (the backward passes covered {covered} "
+                       "examples); the accountant would count a Poisson-sampled batch that was never "
+                       "drawn. Cause: training on another loader (the original one, or tensors of "
+                       "your own) or a second step on the same batch. Fix: iterate over the loader "
+                       "make_private returned (model, optimizer, loader = fastclip.make_private(...); "
+                       "for batch in loader: ...) with one step() per batch; to train on data you "
+                       "sample yourself, pass loader=None or poisson_sampling=False (epsilon is then "
+                       "not computed)")
+            elif len(handed) > 1:
+                why = (f"fastclip: {len(handed)} batches (of {handed} examples) were handed out by "
+                       "the private loader since the last step, and step() would release them as "
+                       f"one (the backward passes covered {covered} examples); the accountant counts "
+                       "one Poisson-sampled batch per step. Fix: call step() once for every batch "
+                       "the loader yields, an empty one included (a noise-only step); for batches "
+                       "larger than memory use fastclip.BatchMemoryManager")
+            elif covered != handed[0]:
+                cause = ("each example counted, and its influence bounded, more than once: "
+                         "backward() called on two forward passes of the same batch, or the batch "
+                         "trained twice" if covered > handed[0] else
+                         "examples of the batch left out of the backward, or data other than the "
+                         "batch trained")
+                why = (f"fastclip: the backward passes of this step covered {covered} examples, but "
+                       f"the batch the private loader drew has {handed[0]} ({cause}); the released "
+                       "step must be exactly the drawn batch, each example once. Fix: one forward "
+                       "and one backward over the whole batch per step (zero_grad() first); for "
+                       "batches larger than memory use fastclip.BatchMemoryManager")
+        if (self.reducer is not None and sampler is not None and sampler._tracked
+                and _dist.any_rank(why is not None) and why is None):
+            why = ("fastclip: another rank refused this step (its error names the cause); the step "
+                   "is refused on every rank")
+        if why is not None:
+            raise RuntimeError(why + "; nothing was released (no noise added, parameters unchanged)")
+
     def add_noise_and_scale(self):
         """Turn the accumulated clipped sums into the private gradient, in place."""
         std = self.noise_multiplier * self.sensitivity
@@ -256,6 +355,8 @@ class DPOptimizer(Optimizer):
             # Not the last physical batch of its logical batch: the clipped sums accumulate.
             self._partial = True
             return loss
+        self._check_params()
+        self._check_batch()
         self._partial = False
         if self.reducer is not None:
             self.reducer.reduce([p for g in self.param_groups for p in g["params"]
@@ -264,7 +365,11 @@ class DPOptimizer(Optimizer):
         self.add_noise_and_scale()
         self.original_optimizer.step()
         self.engine.examples = 0
+        # The released gradients are the engine's to accumulate into (zero_grad(set_to_none=False)).
+        self.engine.adopt_grads(p for g in self.param_groups for p in g["params"] if p.requires_grad)
         self.accountant.step(self.noise_multiplier, self.sample_rate)
+        if self.sampler is not None:
+            self.sampler._handed.clear()     # the batch is released: the next step needs its own
         return loss
 
     def state_dict(self) -> dict:
@@ -298,23 +403,50 @@ class DPOptimizer(Optimizer):
                              "optimizer.original_optimizer if that is what you mean")
         sd = dict(state_dict)
         priv = sd.pop(_KEY)
+        # Validate every part first, then apply: a refused checkpoint changes nothing.
+        if not isinstance(priv, dict):
+            raise ValueError(f"the checkpoint's privacy state is not a dict: {type(priv).__name__}")
+        missing = [k for k in ("accountant", "noise_multiplier") if k not in priv]
+        if missing:
+            raise ValueError(f"the checkpoint's privacy state lacks {missing}; it is not from "
+                             "DPOptimizer.state_dict()")
         accountant = PrivacyAccountant()
-        accountant.load_state_dict(priv["accountant"])      # validates before anything changes
+        accountant.load_state_dict(priv["accountant"])      # a fresh object: validates only
         sigma = check_noise_multiplier(priv["noise_multiplier"])
-        if self.sampler is not None and priv.get("sampler") is not None:
-            before = self.sampler.state_dict()
+        q = priv.get("sample_rate")
+        if q is not None and self.sample_rate is not None and q != self.sample_rate:
+            raise ValueError(f"the checkpoint was trained at sample_rate={q}, this run samples at "
+                             f"{self.sample_rate}: resume with the same dataset and batch size")
+        load_sampler = self.sampler is not None and priv.get("sampler") is not None
+        if load_sampler:
+            self.sampler.check_state_dict(priv["sampler"])
+        gen = priv.get("generator")
+        if self.generator is not None and gen is not None:
+            _check_generator_state(gen, "the noise")
+        secure = priv.get("secure_mode")
+        if secure is not None and bool(secure) != self.secure_mode:
+            # The accounting resumes exactly either way; the randomness does not.
+            warnings.warn(
+                f"fastclip: the checkpoint was saved with secure_mode={bool(secure)}, this run has "
+                f"secure_mode={self.secure_mode}. The privacy accounting resumes exactly; the "
+                + ("noise and sampling after this point come from seeded generators, so the steps "
+                   "from now on are protected only while those seeds stay secret, and the run's "
+                   "earlier os.urandom randomness is not reproduced"
+                   if secure else
+                   "earlier steps' noise came from seeded generators (their privacy rests on the "
+                   "seeds staying secret, and the checkpoint holds the generator states), and this "
+                   "run does not continue their streams, so it is not reproducible")
+                + ". Resume with the secure_mode the checkpoint was saved with to avoid this",
+                UserWarning, stacklevel=2)
+        # Apply. torch's optimizer validates the parameter groups before it changes anything,
+        # and nothing after it can fail.
+        self.original_optimizer.load_state_dict(sd)
+        if load_sampler:
             self.sampler.load_state_dict(priv["sampler"])
-            try:
-                self.original_optimizer.load_state_dict(sd)
-            except Exception:
-                self.sampler.load_state_dict(before)
-                raise
-        else:
-            self.original_optimizer.load_state_dict(sd)
         self.accountant = accountant
         self._noise_multiplier = sigma
-        if self.generator is not None and priv.get("generator") is not None:
-            self.generator.set_state(priv["generator"])
+        if self.generator is not None and gen is not None:
+            self.generator.set_state(gen)
         self.engine.examples = 0
 
     def epsilon(self, delta: float, accountant: Optional[str] = None) -> float:
@@ -344,7 +476,8 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
                  sampling_generator: Optional[torch.Generator] = None,
                  secure_mode: bool = False,
                  accountant: str = "rdp",
-                 distributed: Optional[bool] = None) -> Tuple[nn.Module, DPOptimizer, Optional[DataLoader]]:
+                 distributed: Optional[bool] = None,
+                 audit: bool = True) -> Tuple[nn.Module, DPOptimizer, Optional[DataLoader]]:
     """Make a model, its optimizer and (optionally) its loader differentially private.
 
     After this, the usual loop ``zero_grad(); loss_fn(model(x), y).mean().backward(); step()``
@@ -401,6 +534,16 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
             clipped sums are all-reduced at ``step``, noise of std ``noise_multiplier *
             max_grad_norm`` is added once, and every rank takes the same step. The model must
             not be wrapped in DistributedDataParallel (refused).
+        audit: the first-step audit (default on, :mod:`fastclip.audit`): at the first forward
+            with two or more examples, a few examples are recomputed alone (eval mode, RNG and
+            train/eval modes restored) and the model is refused if their outputs differ from
+            their rows of the batched output (batch statistics, attention across the batch), or
+            if an output that requires grad has no batch dimension (a loss computed inside the
+            model, e.g. Hugging Face ``model(..., labels=...).loss``: use
+            :func:`fastclip.lm_loss` on the logits). Afterwards a forward costs one flag test.
+            ``audit=False`` skips it: you are then responsible for each example's gradient
+            depending on that example alone (the loss you compute from the outputs is never
+            audited under make_private: it must be per example too).
 
     Returns:
         (model, DPOptimizer, loader or None); the loader is a
@@ -433,7 +576,8 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
     model = convert_recurrent(model)
     try:
         engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
-                        clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads)
+                        clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads,
+                        audit=audit)
     except Exception:
         for parent, name, child in recurrent:
             parent._modules[name] = child
@@ -457,7 +601,8 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
             sampler = loader.batch_sampler
             q = sampler.sample_rate
             if loss_reduction == "mean":
-                expected = len(loader.dataset) * q
+                # N is the index set sampled (a SubsetRandomSampler's indices, else the dataset).
+                expected = sampler.num_samples * q
         dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier, expected, generator, q,
                                    secure_mode=secure_mode, sampler=sampler, accountant=accountant,
                                    reducer=None if ranks is None else _dist.GradReducer())

@@ -62,6 +62,12 @@ def _private(mode, reduction, noise=1.3, seed=5, lr=0.5, loader=True, opt_cls=to
         m, opt_cls(m.parameters(), lr=lr), DataLoader(ds, batch_size=B) if loader else None,
         noise_multiplier=noise, max_grad_norm=C, mode=mode, loss_reduction=reduction,
         generator=torch.Generator().manual_seed(seed), clipping=clipping)
+    if loader:
+        # The tests train on batches of their own, which the loader's sampler never drew (step()
+        # refuses those): the same optimizer, told the loader's sampling rate and expected batch
+        # size explicitly, without the sampler.
+        opt = fastclip.DPOptimizer(opt.original_optimizer, opt.engine, noise, opt.expected_batch_size,
+                                   opt.generator, opt.sample_rate)
     return m, opt, base
 
 

@@ -125,6 +125,10 @@ def test_sensitivity_of_the_released_update(mode, reduction):
         m, opt, _ = fastclip.make_private(m, opt, DataLoader(ds, batch_size=2), noise_multiplier=0.0,
                                           max_grad_norm=C, mode=mode, loss_reduction=reduction)
         assert opt.sensitivity == C
+        # The neighbouring batches are built here, not drawn by the loader (step() refuses
+        # those): the same optimizer with make_private's rate and expected batch size, no sampler.
+        opt = fastclip.DPOptimizer(opt.original_optimizer, opt.engine, 0.0, opt.expected_batch_size,
+                                   sample_rate=opt.sample_rate)
         opt.zero_grad()
         loss = mse(m(tokens[idx], feats[idx]), y[idx])
         (loss.sum() if reduction == "sum" else loss.mean()).backward()
@@ -195,6 +199,10 @@ def test_noise_of_a_full_make_private_step_has_the_known_std():
                                            max_grad_norm=C, generator=torch.Generator().manual_seed(5))
     E = opt.expected_batch_size
     assert E == pytest.approx(N / len(loader)) and E == pytest.approx(16)
+    # The steps below run on empty batches built here, not drawn by the loader (step() refuses
+    # those): the same optimizer, noise generator, rate and expected batch size, no sampler.
+    opt = fastclip.DPOptimizer(opt.original_optimizer, opt.engine, sigma, E, opt.generator,
+                               opt.sample_rate)
     std = lr * sigma * C / E
     deltas = []
     for _ in range(2):
