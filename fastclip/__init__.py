@@ -7,6 +7,7 @@ from .engine import Engine
 from .functional import clipped_grad, per_sample_grad_norms
 from .layers import Rule, register
 from .accounting import PrivacyAccountant
+from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchMemoryManager
 from .fix import fix
 from .optim import DPOptimizer, make_private, make_private_with_epsilon
@@ -14,5 +15,5 @@ from .validate import validate
 
 __version__ = "0.1.0"
 __all__ = ["BatchMemoryManager", "Engine", "DPOptimizer", "PrivacyAccountant", "Rule", "clipped_grad",
-           "fix", "make_private", "make_private_with_epsilon", "per_sample_grad_norms", "register",
-           "validate", "__version__"]
+           "fix", "load_checkpoint", "make_private", "make_private_with_epsilon",
+           "per_sample_grad_norms", "register", "save_checkpoint", "validate", "__version__"]
