@@ -11,6 +11,17 @@
 namespace fastclip_py {
 namespace {
 
+// A Python int as int64; one that does not fit is a ValueError with its value (pybind's own cast
+// would raise a RuntimeError without it).
+int64_t int64_of(const py::handle& item, const std::string& name) {
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(item.ptr(), &overflow);
+  if (overflow != 0)
+    throw py::value_error(name + " entry " + std::string(py::str(item)) + " does not fit int64");
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return static_cast<int64_t>(v);
+}
+
 // A list/tuple of Python ints (bools refused) of one of the allowed lengths.
 std::vector<int64_t> int_list(const py::handle& obj, const std::string& name, size_t n, size_t n_alt = 0) {
   if (!py::isinstance<py::list>(obj) && !py::isinstance<py::tuple>(obj))
@@ -20,7 +31,7 @@ std::vector<int64_t> int_list(const py::handle& obj, const std::string& name, si
   for (const auto& item : seq) {
     if (!py::isinstance<py::int_>(item) || py::isinstance<py::bool_>(item))
       throw py::type_error(name + " must hold ints, got " + type_name(item));
-    out.push_back(item.cast<int64_t>());
+    out.push_back(int64_of(item, name));
   }
   if (out.size() != n && (n_alt == 0 || out.size() != n_alt)) {
     std::string want = std::to_string(n) + (n_alt ? " or " + std::to_string(n_alt) : "");
@@ -54,6 +65,65 @@ py::array conv_array(const py::object& obj, const std::string& name) {
 
 int64_t elem_stride(const py::array& a, py::ssize_t k) {
   return a.shape(k) <= 1 ? 0 : int64_t(a.strides(k)) / int64_t(a.dtype().itemsize());
+}
+
+std::string dims3(const int64_t* v) {
+  return "(" + std::to_string(v[0]) + ", " + std::to_string(v[1]) + ", " + std::to_string(v[2]) + ")";
+}
+
+// The core's arithmetic on the sizes, done here first with overflow checks: the output-size check
+// (in + pads - dil (k - 1) - 1), the unfold height K = C/groups * prod(kernel), the positions P,
+// the work items B * groups, and each per-thread buffer (K x P or K x tile unfold, Og x K direct
+// product). A wrapped product would pass the core's checks and the unfold would write past its
+// buffer; a huge one would be an allocation failure or hours of work instead of a ValueError.
+void check_conv_sizes(const fastclip::ConvShape& s, fastclip::ConvMethod method) {
+  for (int j = 0; j < 3; ++j) {
+    if (s.k[j] < 1) throw py::value_error("kernel sizes must be >= 1, got " + dims3(s.k));
+    if (s.stride[j] < 1) throw py::value_error("strides must be >= 1, got " + dims3(s.stride));
+    if (s.dil[j] < 1) throw py::value_error("dilations must be >= 1, got " + dims3(s.dil));
+    if (s.pad_lo[j] < 0 || s.pad_hi[j] < 0)
+      throw py::value_error("paddings must be >= 0, got " + dims3(s.pad_lo) + " before and " +
+                            dims3(s.pad_hi) + " after");
+    checked_mul(s.dil[j], s.k[j] - 1, "dilation x (kernel size - 1)");
+    checked_add(checked_add(s.in[j], s.pad_lo[j], "input size + padding"), s.pad_hi[j],
+                "input size + padding");
+    // The unfold rounds (padding + stride - 1) / stride to find the first output reading data.
+    checked_add(s.pad_lo[j], s.stride[j], "padding + stride");
+  }
+  if (s.groups > std::max<int64_t>({s.C, s.O, 1}))
+    throw py::value_error("groups (" + std::to_string(s.groups) + ") exceeds the channel counts (C_in " +
+                          std::to_string(s.C) + ", C_out " + std::to_string(s.O) + ")");
+  const int64_t K = checked_prod({s.C / s.groups, s.k[0], s.k[1], s.k[2]},
+                                 "unfold height C_in/groups x kernel");
+  const int64_t P = checked_prod({s.out[0], s.out[1], s.out[2]}, "output positions");
+  const int64_t Og = s.O / s.groups;
+  checked_mul(s.B, s.groups, "work items batch x groups");
+  // Per-thread scratch, as csrc/conv.cpp sizes it (kTile 256, kUnfoldBudget 2^22): ghost holds
+  // the whole K x P unfold when it fits the budget, else two K x tile blocks; direct holds a
+  // K x P (or K x chunk) unfold and one or two Og x K products.
+  const int64_t KP = checked_mul(K, P, "unfold K x positions");
+  const int64_t KOg = checked_mul(K, Og, "direct product Og x K");
+  const int64_t Ktile = checked_mul(K, 2 * 256, "unfold K x tile");
+  if (method == fastclip::ConvMethod::Auto) method = fastclip::choose_conv_method(P, K, Og);
+  int64_t scratch = 0;
+  if (P > 0 && K > 0 && Og > 0) {
+    const int64_t budget = int64_t(1) << 22;
+    if (method == fastclip::ConvMethod::Ghost) {
+      scratch = KP <= budget ? KP : Ktile;
+    } else {
+      const int64_t chunk = std::max<int64_t>(256, budget / K);
+      scratch = checked_add(P <= chunk ? KP : checked_mul(K, chunk, "unfold K x chunk"),
+                            checked_mul(KOg, P <= chunk ? 1 : 2, "direct products"), "direct scratch");
+    }
+  }
+  check_scratch(scratch, "the per-thread scratch of one example (K = C_in/groups x kernel = " +
+                              std::to_string(K) + ", C_out/groups = " + std::to_string(Og) +
+                              ", positions = " + std::to_string(P) + ")");
+  const double items = double(s.B) * double(s.groups);
+  const double per = method == fastclip::ConvMethod::Direct
+                         ? 2.0 * double(P) * double(K) * double(Og)
+                         : (double(K) + double(Og) + 1.0) * double(P) * (double(P) + 256.0);
+  check_flops(items * (per + 4.0 * double(K) * double(P)), "this convolution's norms");
 }
 
 template <class T>
@@ -99,7 +169,7 @@ py::tuple conv_sq_norms(const py::object& x_obj, const py::object& g_obj, const 
   const auto dilation = int_list(dilation_obj, "dilation", d);
   if (!py::isinstance<py::int_>(groups_obj) || py::isinstance<py::bool_>(groups_obj))
     throw py::type_error("groups must be an int, got " + type_name(groups_obj));
-  const int64_t groups = groups_obj.cast<int64_t>();
+  const int64_t groups = int64_of(groups_obj, "groups");
   if (groups < 1) throw py::value_error("groups must be >= 1, got " + std::to_string(groups));
 
   fastclip::ConvShape s;
@@ -134,6 +204,7 @@ py::tuple conv_sq_norms(const py::object& x_obj, const py::object& g_obj, const 
   if (g.size() > 0 && g.shape(1) > 1 && s.gs1 < expect)
     throw py::value_error("grad_output channel stride " + std::to_string(s.gs1) +
                           " overlaps its spatial block of " + std::to_string(expect) + " elements");
+  check_conv_sizes(s, method);
   fastclip::check_conv_shape(s);  // ArgumentError -> ValueError, with the values
   num_threads = checked_threads(num_threads);
   if (x.dtype().itemsize() == 4) return run_conv<float>(s, x, g, method, bias, num_threads);
@@ -144,6 +215,7 @@ std::string choose_conv_method(int64_t P, int64_t K, int64_t Og) {
   if (P < 0 || K < 0 || Og < 0)
     throw py::value_error("sizes must be >= 0, got P=" + std::to_string(P) + ", K=" +
                           std::to_string(K) + ", Og=" + std::to_string(Og));
+  checked_mul(K, Og, "direct product Og x K");  // the core compares K * Og with its memory cap
   return fastclip::conv_method_name(fastclip::choose_conv_method(P, K, Og));
 }
 

@@ -58,7 +58,11 @@ int64_t checked_padding(const py::object& padding_idx, int64_t num_embeddings) {
   if (padding_idx.is_none()) return -1;
   if (!py::isinstance<py::int_>(padding_idx) || py::isinstance<py::bool_>(padding_idx))
     throw py::type_error("padding_idx must be None or an int, got " + type_name(padding_idx));
-  const auto pad = padding_idx.cast<int64_t>();
+  int overflow = 0;
+  const long long pad = PyLong_AsLongLongAndOverflow(padding_idx.ptr(), &overflow);
+  if (overflow != 0)
+    throw py::value_error("padding_idx " + std::string(py::str(padding_idx)) + " does not fit int64");
+  if (pad == -1 && PyErr_Occurred()) throw py::error_already_set();
   if (pad < 0 || pad >= num_embeddings)
     throw py::value_error("padding_idx must be in [0, num_embeddings = " + std::to_string(num_embeddings) +
                           "), got " + std::to_string(pad));
@@ -112,6 +116,10 @@ py::array embedding_sq_norms(const py::object& ids_obj, const py::object& G_obj,
     throw py::value_error("num_embeddings must be >= 0, got " + std::to_string(num_embeddings));
   const int64_t pad = checked_padding(padding_idx, num_embeddings);
   num_threads = checked_threads(num_threads);
+  // Per thread the core sorts one example's T tokens; per call it reads B x T rows of p.
+  const int64_t Bn = ids.shape(0), Tn = ids.ndim() == 2 ? ids.shape(1) : 1;
+  check_scratch(checked_mul(Tn, 2, "one example's sorted tokens"), "one example's sorted tokens");
+  check_flops(double(Bn) * double(Tn) * (double(G.shape(G.ndim() - 1)) + 64.0), "this embedding's norms");
   check_ids_in_range(ids, num_embeddings);
   const bool i64 = ids.dtype().itemsize() == 8;
   if (G.dtype().itemsize() == 4)
@@ -163,6 +171,15 @@ py::array embedding_linear_cross(const py::object& ids_obj, const py::object& Ge
   const int64_t V = Go.shape(Go.ndim() - 1);
   const int64_t pad = checked_padding(padding_idx, V);
   num_threads = checked_threads(num_threads);
+  // Per thread: one example's Te x d embedding gradient and a Te x 256 block of E H^T; per call
+  // a Te x To x d product per example.
+  const int64_t Bn = ids.shape(0), Te = ids.ndim() == 2 ? ids.shape(1) : 1;
+  const int64_t To = H.ndim() == 3 ? H.shape(1) : 1;
+  check_scratch(checked_mul(Te, d, "embedding gradient tokens x width"),
+                 "one example's embedding gradient (" + std::to_string(Te) + " x " + std::to_string(d) + ")");
+  check_scratch(checked_mul(Te, std::min<int64_t>(To, 256), "cross block"), "one example's cross block");
+  check_flops(double(Bn) * double(Te) * (double(To) * double(d) + double(V) + 64.0),
+              "this tied embedding's cross terms");
   check_ids_in_range(ids, V);
   const bool i64 = ids.dtype().itemsize() == 8;
   if (item == 4)

@@ -44,6 +44,16 @@ py::tuple linear_sq_norms(const py::object& A_obj, const py::object& G_obj, cons
   if (A.ndim() == 3 && A.shape(1) != G.shape(1))
     throw py::value_error("positions (T) differ: " + std::to_string(A.shape(1)) + " vs " +
                           std::to_string(G.shape(1)));
+  // Zero-stride views declare sizes without memory: the work is bounded here, not the memory.
+  const double B = double(A.shape(0)), T = A.ndim() == 3 ? double(A.shape(1)) : 1.0;
+  const double d = double(A.shape(A.ndim() - 1)), p = double(G.shape(G.ndim() - 1));
+  auto m = method;
+  if (m == fastclip::LinearMethod::Auto)
+    m = fastclip::choose_linear_method(int64_t(T), int64_t(d), int64_t(p));
+  const double per = T <= 1.0 ? d + p
+                     : m == fastclip::LinearMethod::Ghost ? T * T * (d + p + 2.0)
+                                                          : (2.0 * T + 2.0) * d * p;
+  check_flops(B * (per + T * p), "this linear layer's norms");
   num_threads = checked_threads(num_threads);
   if (A.dtype().itemsize() == 4) return run_linear<float>(A, G, method, bias, num_threads);
   return run_linear<double>(A, G, method, bias, num_threads);

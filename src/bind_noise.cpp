@@ -50,6 +50,7 @@ void add_gaussian_noise(const py::object& obj, double std, double scale, uint64_
 
 py::array_t<float> gaussian(int64_t n, uint64_t seed, int num_threads) {
   if (n < 0) throw py::value_error("n must be >= 0, got " + std::to_string(n));
+  check_elements(n, "gaussian(n)");
   num_threads = checked_threads(num_threads);
   py::array_t<float> out(n);
   float* data = out.mutable_data();

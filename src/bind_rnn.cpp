@@ -95,6 +95,18 @@ Sizes sizes_of(const std::string& cell_name, const py::array& x, const py::objec
   return s;
 }
 
+// The (B, T, width) arrays the forward/backward allocate, and their time loop: sizes come from the
+// input's declared shape (a zero-stride view has no memory behind it), so they are checked here.
+void check_outputs(const Sizes& s, py::ssize_t item) {
+  const int64_t w = std::max({s.W, s.Gh, s.h, s.d});
+  check_elements(checked_prod({s.B, s.T_, w}, "recurrent buffers B x T x width"),
+                 "a recurrent buffer (" + std::to_string(s.B) + " x " + std::to_string(s.T_) + " x " +
+                     std::to_string(w) + ")");
+  check_flops(double(s.B) * double(s.T_) * double(s.Gh) * (double(s.d) + double(s.h)) * 4.0,
+              "this recurrent layer");
+  (void)item;
+}
+
 template <class T>
 py::tuple forward_impl(const Sizes& s, const py::array& x, const py::object& w_ih,
                        const py::object& w_hh, const py::object& b_ih, const py::object& b_hh,
@@ -139,6 +151,7 @@ py::tuple rnn_forward(const std::string& cell, const py::object& x_obj, const py
   else if (!c0.is_none())
     throw py::value_error("c0 is for LSTM only, got one for " + cell);
   const auto lengths = lengths_of(lengths_obj, s.B, s.T_);
+  check_outputs(s, x.dtype().itemsize());
   const int threads = checked_threads(num_threads);
   if (x.dtype().itemsize() == 4)
     return forward_impl<float>(s, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lengths, reverse, threads);
@@ -207,7 +220,9 @@ py::tuple rnn_backward(const std::string& cell, const py::object& d_out_obj,
   s.B = d_out.shape(0), s.T_ = d_out.shape(1), s.d = wi.shape(1);
   if (!py::isinstance<py::array>(w_hh))
     throw py::type_error("w_hh must be a numpy.ndarray, got " + type_name(w_hh));
-  s.h = py::reinterpret_borrow<py::array>(w_hh).shape(1);
+  auto wh = py::reinterpret_borrow<py::array>(w_hh);
+  if (wh.ndim() != 2) throw py::value_error("w_hh must be 2-D, got " + shape_str(wh));
+  s.h = wh.shape(1);
   s.Gh = fastclip::rnn_gates(s.cell) * s.h;
   s.W = fastclip::rnn_saved_width(s.cell, s.h);
   if (d_out.shape(2) != s.h)
@@ -223,6 +238,7 @@ py::tuple rnn_backward(const std::string& cell, const py::object& d_out_obj,
   exact(c_prev, "c_prev", d_out, {s.B, s.T_, s.h}, !lstm);
   exact(tanh_c, "tanh_c", d_out, {s.B, s.T_, s.h}, !lstm);
   const auto lengths = lengths_of(lengths_obj, s.B, s.T_);
+  check_outputs(s, d_out.dtype().itemsize());
   const int threads = checked_threads(num_threads);
   if (d_out.dtype().itemsize() == 4)
     return backward_impl<float>(s, d_out, d_hn, d_cn, w_ih, w_hh, saved, h_prev, c_prev, tanh_c,
@@ -267,6 +283,12 @@ py::tuple rnn_ghost_sq_norms(const py::object& x_obj, const py::object& hp_obj,
   }
   if (!gh.is_none() && py::reinterpret_borrow<py::array>(gh).shape(2) != gi.shape(2))
     throw py::value_error("g_hh and g_ih widths differ");
+  // Per thread two T x T Gram matrices.
+  const int64_t Tn = x.shape(1);
+  check_scratch(checked_prod({Tn, Tn, 2}, "two Gram matrices 2 x T x T"),
+                "two T x T Gram matrices (T = " + std::to_string(Tn) + ")");
+  check_flops(double(x.shape(0)) * double(Tn) * double(Tn) *
+                  double(x.shape(2) + hp.shape(2) + 2 * gi.shape(2)), "these recurrent norms");
   const int threads = checked_threads(num_threads);
   if (x.dtype().itemsize() == 4) return ghost_impl<float>(x, hp, gi, gh, threads);
   return ghost_impl<double>(x, hp, gi, gh, threads);

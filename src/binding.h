@@ -6,6 +6,8 @@
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <thread>
 
@@ -20,9 +22,89 @@ using fastclip::View3;
 inline std::string type_name(const py::handle& obj) { return py::str(py::type::of(obj).attr("__name__")); }
 inline std::string dtype_name(const py::array& a) { return py::str(a.dtype()); }
 
+// Size arithmetic on user-controlled sizes. The core forms buffers and loop bounds from products
+// and sums of sizes; a wrapped value passes a later check (a kernel of 2^62 x 4 "is" 0) and the
+// kernel then writes past its buffer. Every such product is formed here first, checked, so the
+// core only ever sees sizes whose arithmetic is exact in int64.
+inline int64_t checked_mul(int64_t a, int64_t b, const std::string& what) {
+  if (a < 0 || b < 0)
+    throw py::value_error(what + " has a negative size: " + std::to_string(a) + " x " + std::to_string(b));
+  int64_t r;
+  if (__builtin_mul_overflow(a, b, &r))
+    throw py::value_error(what + " " + std::to_string(a) + " x " + std::to_string(b) + " overflows int64");
+  return r;
+}
+
+inline int64_t checked_prod(std::initializer_list<int64_t> sizes, const std::string& what) {
+  int64_t r = 1;
+  std::string factors;
+  for (int64_t s : sizes) factors += (factors.empty() ? "" : " x ") + std::to_string(s);
+  for (int64_t s : sizes) {
+    if (s < 0) throw py::value_error(what + " has a negative size: " + factors);
+    if (__builtin_mul_overflow(r, s, &r))
+      throw py::value_error(what + " " + factors + " overflows int64");
+  }
+  return r;
+}
+
+inline int64_t checked_add(int64_t a, int64_t b, const std::string& what) {
+  int64_t r;
+  if (__builtin_add_overflow(a, b, &r))
+    throw py::value_error(what + " " + std::to_string(a) + " + " + std::to_string(b) + " overflows int64");
+  return r;
+}
+
+// No array the core reads may declare more elements than this (2^34: 64 GiB of float32), and no
+// buffer it allocates may hold more. Zero-stride views declare any shape without memory; without
+// a cap, a (2, 2^40, 4) view would mean hours of work or a failed allocation (MemoryError), where
+// the contract is a ValueError naming the size.
+constexpr int64_t kMaxElements = int64_t(1) << 34;
+// A per-thread scratch buffer of the core (one example's unfold, Gram matrices, sorted tokens)
+// is held once per thread: 2^30 elements (4 GiB of float32) is far beyond any real layer.
+constexpr int64_t kMaxScratch = int64_t(1) << 30;
+
+inline void check_elements(int64_t n, const std::string& what) {
+  if (n < 0 || n > kMaxElements)
+    throw py::value_error(what + " would hold " + std::to_string(n) + " elements, more than the " +
+                          std::to_string(kMaxElements) + " fastclip's native core handles per buffer");
+}
+
+inline void check_scratch(int64_t n, const std::string& what) {
+  if (n < 0 || n > kMaxScratch)
+    throw py::value_error(what + " would need " + std::to_string(n) + " elements of scratch per thread, "
+                          "more than the " + std::to_string(kMaxScratch) + " fastclip's native core allows");
+}
+
+// Flops of one call above which it is refused as a size error rather than run (about a day on a
+// many-core CPU; a real layer's per-example norms are orders of magnitude below).
+constexpr double kMaxFlops = 1e17;
+
+inline void check_flops(double flops, const std::string& what) {
+  if (!(flops <= kMaxFlops))
+    throw py::value_error(what + " would take about " + std::to_string(flops) +
+                          " flops, more than the " + std::to_string(kMaxFlops) +
+                          " a native call is allowed; the sizes are out of range");
+}
+
+// The number of elements an array declares (its shape's product), checked against kMaxElements.
+inline int64_t declared_elements(const py::array& a, const std::string& name) {
+  int64_t n = 1;
+  std::string shape;
+  for (py::ssize_t k = 0; k < a.ndim(); ++k) {
+    shape += (k ? ", " : "") + std::to_string(a.shape(k));
+    n = checked_mul(n, a.shape(k), name + " shape");
+  }
+  if (n > kMaxElements)
+    throw py::value_error(name + " declares " + std::to_string(n) + " elements (shape (" + shape +
+                          ")), more than the " + std::to_string(kMaxElements) +
+                          " fastclip's native core handles per array");
+  return n;
+}
+
 // Every stride the core follows (dims of size > 1) is non-negative and a whole number of items,
 // and the data is aligned: what the kernels' plain pointer arithmetic assumes.
 inline void check_layout(const py::array& a, const std::string& name) {
+  declared_elements(a, name);
   if (a.size() == 0) return;  // nothing is read
   const auto item = static_cast<py::ssize_t>(a.dtype().itemsize());
   for (py::ssize_t k = 0; k < a.ndim(); ++k) {
@@ -53,6 +135,7 @@ inline py::array checked_array(const py::object& obj, const std::string& name) {
                          dtype_name(a));
   if (a.ndim() != 2 && a.ndim() != 3)
     throw py::value_error(name + " must be 2-D or 3-D, got " + std::to_string(a.ndim()) + "-D");
+  declared_elements(a, name);
   if (a.size() == 0) return a;  // nothing is read, so strides and alignment do not matter
   check_layout(a, name);
   const auto item = static_cast<py::ssize_t>(dt.itemsize());

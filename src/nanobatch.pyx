@@ -7,6 +7,7 @@ clipped sum added into the accumulators, with the GIL released and the parameter
 over the core's thread pool. Every argument is checked here; the kernel trusts its input.
 """
 import math
+import os
 
 import numpy as np
 
@@ -45,7 +46,19 @@ cdef inline size_t _address(arr, str what, int index) except 0:
     return <size_t>arr.ctypes.data
 
 
-def clip_accumulate_nanobatch(grads, accs, groups, bounds, double scale, int num_threads):
+# The same cap as fastclip._C's (src/binding.h kMaxElements): a buffer this module allocates
+# from sizes it is given stays below it, so a wrong size is a ValueError, never a failed
+# allocation. Products here are of Python ints, which do not overflow; the cap keeps them in int64.
+_MAX_ELEMENTS = 1 << 34
+
+
+def _checked_elements(n, what):
+    if not 0 <= n <= _MAX_ELEMENTS:
+        raise ValueError(f"{what} would hold {n} elements, more than the {_MAX_ELEMENTS} "
+                         "fastclip's native core handles per buffer")
+
+
+def clip_accumulate_nanobatch(grads, accs, groups, bounds, double scale, num_threads):
     """Clip k examples' gradients by group and add them into ``accs``.
 
     Args:
@@ -67,18 +80,30 @@ def clip_accumulate_nanobatch(grads, accs, groups, bounds, double scale, int num
     cdef int64_t k = -1, L
     if not (isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale}")
+    if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+        raise TypeError(f"num_threads must be an int, got {type(num_threads).__name__}")
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    # More threads than cores only adds switching (the same cap as fastclip._C's).
+    cdef int threads = min(int(num_threads), 4 * (os.cpu_count() or 1))
     if len(groups) != P:
         raise ValueError(f"groups has {len(groups)} entries for {P} gradients")
     if accs is not None and len(accs) != P:
         raise ValueError(f"accs has {len(accs)} entries for {P} gradients")
+    for p in range(P):
+        grp = groups[p]
+        if isinstance(grp, bool) or not isinstance(grp, (int, np.integer)) or grp < 0:
+            raise ValueError(f"groups[{p}] must be an integer >= 0, got {grp!r}")
     if bounds is None:
         if accs is not None:
             raise ValueError("accumulating needs bounds")
-        L = max([int(g) for g in groups], default=-1) + 1
-        if L == 0:
-            L = 1
+        # Group ids name layers; without bounds their count is the largest id + 1, which sizes
+        # the (k, L) norms array: an id beyond the number of gradients names no layer.
+        top = max([int(g) for g in groups], default=-1) + 1
+        if top > max(P, 1):
+            raise ValueError(f"group ids must be < the number of gradients ({P}) when no bounds "
+                             f"are given, got {top - 1}")
+        L = top if top > 0 else 1
     else:
         L = len(bounds)
         if L == 0:
@@ -122,13 +147,15 @@ def clip_accumulate_nanobatch(grads, accs, groups, bounds, double scale, int num
         parts.push_back(part)
     if k < 0:
         k = 0
+    # The kernel indexes i * n and i * L + group in int64: sizes of real arrays, but checked.
+    _checked_elements(k * L, f"the norms array ({k} x {L})")
     sq = np.zeros((k, L), dtype=np.float64)
     cdef double[:, ::1] sqv = sq
     cdef double* sqp = &sqv[0, 0] if k > 0 else NULL
     cdef const ClipPart* pp = parts.data()
     cdef double s2 = scale * scale, norm
     with nogil:
-        clip_sq_norms(pp, P, k, L, sqp, num_threads)
+        clip_sq_norms(pp, P, k, L, sqp, threads)
         for i in range(k * L):
             sqp[i] *= s2
     if accs is None:
@@ -146,5 +173,5 @@ def clip_accumulate_nanobatch(grads, accs, groups, bounds, double scale, int num
                 fv[i, l] = scale
     cdef const double* fp = &fv[0, 0] if k > 0 else NULL
     with nogil:
-        clip_accumulate(pp, P, k, L, fp, num_threads)
+        clip_accumulate(pp, P, k, L, fp, threads)
     return sq, factors
