@@ -5,6 +5,8 @@ Public API (see DESIGN.md): :func:`per_sample_grad_norms`, :func:`clipped_grad`,
 """
 from .engine import Engine
 from .functional import clipped_grad, per_sample_grad_norms
+from .audit import MixingError
+from .losses import lm_loss
 from .layers import Rule, register
 from .accounting import PrivacyAccountant
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -14,6 +16,7 @@ from .optim import DPOptimizer, make_private, make_private_with_epsilon
 from .validate import validate
 
 __version__ = "0.1.0"
-__all__ = ["BatchMemoryManager", "Engine", "DPOptimizer", "PrivacyAccountant", "Rule", "clipped_grad",
+__all__ = ["BatchMemoryManager", "Engine", "DPOptimizer", "MixingError", "PrivacyAccountant", "Rule",
+           "clipped_grad", "lm_loss",
            "fix", "load_checkpoint", "make_private", "make_private_with_epsilon",
            "per_sample_grad_norms", "register", "save_checkpoint", "validate", "__version__"]

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .clipping import Bound, check_clipping, group_layers, resolve_bounds
 from .layers import Rule, Use, cross_inner, rule_for
 from .layers.capture import FunctionalRule
+from .audit import Auditor
 from .layers.direct import DIRECT
 from .layers.linear import LinearRule
 from .layers.generic import GENERIC, mixing_refusal, refusal
@@ -92,7 +93,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, mode: str = "auto", max_grad_norm: Optional[Bound] = None,
                  loss_reduction: str = "mean", clipping: str = "flat", nanobatch_size: int = 1,
-                 num_threads: Optional[int] = None):
+                 num_threads: Optional[int] = None, audit: bool = True):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.mode = check_mode(mode)
@@ -109,6 +110,9 @@ class Engine:
         self._states: Dict[nn.Module, List] = defaultdict(list)  # per-call capture state stack
         self._handles: List = []
         self._batches: List[Optional[int]] = []  # B of each model call in progress
+        audit: run the first-step audit (:mod:`fastclip.audit`): the first forward with two or
+            more examples refuses a model whose examples mix. False skips it: you are then
+            responsible for each example's gradient depending on that example alone.
         self._scratch: Dict = {}    # reusable buffers of the finalize (layers.scaled_rows)
         self._pending: List[Use] = []
         self._queued = False
@@ -152,6 +156,8 @@ class Engine:
             why = refusal(module) if self._nano is None else mixing_refusal(module)
             if why is not None:
                 raise ValueError(f"fastclip cannot make module '{label}' ({type(module).__name__}) "
+        # The first-step audit (fastclip/audit.py): models that mix examples are refused.
+        self._auditor = Auditor(self, audit)
                                  f"private: {why}")
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not own:
@@ -500,6 +506,7 @@ class Engine:
         """Add ``sum_i c_i g_i`` to ``p.grad`` for every parameter of ``entries``, with
         ``c_i = min(1, C / ||g_i||)`` from the squared norms ``sq`` (times the loss scale)."""
         scale = float(B) if self.loss_reduction == "mean" else 1.0
+        self._auditor(args, kwargs)   # once: examples must not mix (a flag test afterwards)
         norms = sq.sqrt() * scale
         c = torch.where(norms > C, C / norms, torch.ones_like(norms)) * scale
         bad = ~torch.isfinite(norms)

@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .audit import audit_loss
 from .clipping import Bound
 from .engine import Engine
 from .nn.rnn import converted
@@ -28,11 +29,14 @@ def _run(engine: Engine, model, loss_fn, inputs, targets) -> Tensor:
     B = _batch_size(inputs)
     engine.keep_norms = True
     try:
-        losses = loss_fn(model(*inputs), targets)
+        output = model(*inputs)
+        losses = loss_fn(output, targets)
         if not isinstance(losses, Tensor) or losses.shape != (B,):
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
             raise ValueError(f"loss_fn must return per-example losses of shape ({B},), got {shape}; "
                              "use a loss with reduction='none'")
+        if engine._auditor.enabled:
+            audit_loss(loss_fn, output, targets, B)   # before the backward: nothing written yet
         if losses.requires_grad:
             torch.autograd.backward(losses.sum())
     finally:
@@ -44,7 +48,7 @@ def _run(engine: Engine, model, loss_fn, inputs, targets) -> Tensor:
 
 def per_sample_grad_norms(model: nn.Module, loss_fn: Callable, inputs, targets,
                           mode: str = "auto", nanobatch_size: int = 1,
-                          num_threads: Optional[int] = None) -> Tensor:
+                          num_threads: Optional[int] = None, audit: bool = True) -> Tensor:
     """Exact per-example gradient norms over all trainable parameters of ``model``.
 
     Args:
@@ -54,27 +58,33 @@ def per_sample_grad_norms(model: nn.Module, loss_fn: Callable, inputs, targets,
         targets: whatever ``loss_fn`` takes.
         mode: "auto", "ghost", "direct" or "nanobatch" (all exact).
         nanobatch_size, num_threads: mode "nanobatch" only (see :class:`fastclip.Engine`).
+        audit: check first that the model and ``loss_fn`` do not mix examples (a few examples
+            recomputed alone, :mod:`fastclip.audit`); False skips it, and you are responsible
+            for each example's loss depending on that example alone.
 
     Returns:
         Tensor (B,) float64: ||grad_theta loss_i||_2 for every example i.
+
+    Raises:
+        fastclip.audit.MixingError (a ValueError): the model or the loss mixes examples.
     """
     with converted(model) as model:  # torch.nn RNN/GRU/LSTM -> fastclip.nn, put back after
         engine = Engine(model, mode=mode, max_grad_norm=None, loss_reduction="sum",
-                        nanobatch_size=nanobatch_size, num_threads=num_threads)
+                        nanobatch_size=nanobatch_size, num_threads=num_threads, audit=audit)
         return _run(engine, model, loss_fn, inputs, targets)
 
 
 def clipped_grad(model: nn.Module, loss_fn: Callable, inputs, targets, max_grad_norm: Bound,
                  mode: str = "auto", clipping: str = "flat", nanobatch_size: int = 1,
-                 num_threads: Optional[int] = None) -> Tensor:
+                 num_threads: Optional[int] = None, audit: bool = True) -> Tensor:
     """Set ``p.grad = sum_i clip(g_i)`` for every trainable parameter (no noise, no scaling).
 
     Flat: ``clip(g) = g * min(1, C / ||g||)`` with ``||g||`` over all trainable parameters.
     Per layer: each layer's part of g is clipped to its own bound C_l (:mod:`fastclip.clipping`).
 
     Args:
-        model, loss_fn, inputs, targets, mode, nanobatch_size, num_threads: as
-            :func:`per_sample_grad_norms`.
+        model, loss_fn, inputs, targets, mode, nanobatch_size, num_threads, audit: as
+            :func:`per_sample_grad_norms` (a refusal comes before any gradient is written).
         max_grad_norm: C > 0, or (per_layer) a list of one bound per layer.
         clipping: "flat" (one bound over all parameters) or "per_layer".
 
@@ -83,7 +93,8 @@ def clipped_grad(model: nn.Module, loss_fn: Callable, inputs, targets, max_grad_
     """
     with converted(model) as model:  # torch.nn RNN/GRU/LSTM -> fastclip.nn, put back after
         engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction="sum",
-                        clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads)
+                        clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads,
+                        audit=audit)
         params = [p for ps in engine._params.values() for _, p in ps]
         for p in params:
             p.grad = None

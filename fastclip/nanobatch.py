@@ -157,6 +157,7 @@ class NanoBatch:
                                  "respect to the inputs are not propagated in this mode. Detach "
                                  "the inputs or use mode='auto'")
         B = next((t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0), None)
+        self.engine._auditor(args, kwargs)   # once: examples must not mix (fastclip/audit.py)
         if B is None:
             raise ValueError("mode='nanobatch' needs at least one input tensor with the batch "
                              "dimension first")

@@ -110,10 +110,12 @@ def validate(model: nn.Module, loss_fn: Callable, inputs, targets, mode: str = "
     B = next(x.shape[0] for x in inputs if isinstance(x, Tensor) and x.dim() > 0)
     saved = {p: p.grad for p in model.parameters()}
     from .functional import per_sample_grad_norms
-    per_sample_grad_norms(model, loss_fn, inputs, targets, mode=mode)  # warm-up, not timed
+    # audit=False: validate compares with the exact per-example path itself, and reports a model
+    # that mixes examples as a mismatch instead of stopping at the first-step audit.
+    per_sample_grad_norms(model, loss_fn, inputs, targets, mode=mode, audit=False)  # warm-up
     try:
         with converted(model) as m:
-            engine = _Probe(m, mode=mode, max_grad_norm=None, loss_reduction="sum")
+            engine = _Probe(m, mode=mode, max_grad_norm=None, loss_reduction="sum", audit=False)
             engine.keep_norms = True
             rules = {p: type(engine._rules[mod]).__name__
                      for mod, ps in engine._params.items() for _, p in ps}

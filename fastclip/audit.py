@@ -1,0 +1,358 @@
+"""First-step audit: refuse models and losses that mix examples, before anything is released.
+
+Clipping bounds one example's influence on the released sum only if each example's gradient
+depends on that example alone. A model or loss that mixes examples breaks this: an in-batch
+contrastive loss (``z @ z.T``), batch statistics inside the model (``h - h.mean(0)``), attention
+across the batch (a ``batch_first=False`` attention fed batch-first input), a token mean over the
+whole batch (Hugging Face's ``model(..., labels=...).loss``). Through the mixing, removing one
+example changes every other example's gradient, and the released sum moves by more than C.
+
+The audit runs once, on the first forward with grad enabled of an attached engine that has at
+least two examples (with one example there is nothing to mix):
+
+* model: a few examples (2-3) are recomputed alone and compared with their rows of a batched
+  forward, in eval mode (dropout off), with the engine's capture off, the RNG state forked (the
+  user's random stream is unchanged) and every module's train/eval mode restored. Input tensors
+  with leading dimension B are sliced, the others passed whole (broadcast position ids). The
+  tolerance fits the output's dtype: batched and single GEMMs differ by rounding only.
+* model outputs that require grad and have no batch dimension (a scalar loss computed inside
+  the model) are refused: their gradient is the batch's, not an example's.
+* loss (functional API, where ``loss_fn`` is known): the same comparison on the loss, values
+  and ``d loss_i / d output_i`` against the rows of the batched gradient.
+
+After the audit has passed for a call signature, a forward with that signature costs a set
+lookup. A refused signature is audited (and refused) again at every forward, so a caught
+exception cannot let a mixing step through.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import warnings
+from collections.abc import Mapping
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = ["Auditor", "MixingError", "audit_loss"]
+
+
+class MixingError(ValueError):
+    """The model or the loss mixes examples: clipping would not bound one example's influence."""
+
+
+# Relative tolerance on max |single - batched row| / max |batched rows compared|, by dtype.
+# Batched and single-example forwards run the same ops on different GEMM shapes: they differ by
+# rounding (float32: ~1e-6 relative per op, more through deep nets), mixing by O(1).
+_TOL = {torch.float64: 1e-7, torch.float32: 2e-3, torch.complex128: 1e-7, torch.complex64: 2e-3}
+_TOL_LOW = 5e-2   # float16 / bfloat16
+
+_FIX_MODEL = ("make the model compute each example from its own inputs only: no statistics over "
+              "the batch (BatchNorm in training mode: fastclip.fix(model) uses GroupNorm), no "
+              "attention or similarity across the batch dimension (pass batch_first=True to "
+              "attention/RNN modules fed (B, T, ...) input), batch dimension first in every input "
+              "and output")
+
+_FIX_LOSS = ("compute one loss per example from that example's output and target alone (e.g. "
+             "nn.CrossEntropyLoss(reduction='none'); for language models fastclip.lm_loss(logits, "
+             "labels), normalised per example), then reduce them with .sum() or .mean() as "
+             "loss_reduction says. A loss over pairs of examples (in-batch contrastive "
+             "negatives) or normalised by a batch-wide count cannot be clipped per example")
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return _TOL.get(dtype, _TOL_LOW)
+
+
+def _indices(B: int) -> List[int]:
+    """The examples recomputed alone: first, middle, last (2 or 3 of them)."""
+    return sorted({0, B // 2, B - 1})
+
+
+def _named_tensors(obj, prefix: str = "output") -> Iterator[Tuple[str, Tensor]]:
+    """(name, tensor) for every tensor in a model output: tuples, lists, namedtuples, dicts and
+    Hugging Face ModelOutput (a Mapping). Other objects (a KV cache) are not walked."""
+    if isinstance(obj, Tensor):
+        yield prefix, obj
+    elif isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _named_tensors(v, f"{prefix}.{k}" if prefix == "output" else f"{prefix}[{k!r}]")
+    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        for k, v in zip(obj._fields, obj):
+            yield from _named_tensors(v, f"{prefix}.{k}")
+    elif isinstance(obj, (tuple, list)):
+        for i, v in enumerate(obj):
+            yield from _named_tensors(v, f"{prefix}[{i}]")
+
+
+def _differs(batched: Tensor, single: Tensor) -> Optional[float]:
+    """None if ``single`` (the example alone) equals ``batched`` (its row of the batch) to the
+    dtype's rounding, else the relative difference (inf for a shape mismatch)."""
+    if batched.shape != single.shape:
+        return float("inf")
+    if batched.numel() == 0:
+        return None
+    a = batched.detach().to(torch.complex128 if batched.is_complex() else torch.float64)
+    b = single.detach().to(a.dtype).to(a.device)
+    both_nan = a.isnan() & b.isnan()
+    diff = torch.where(both_nan, torch.zeros_like(a), a - b).abs()
+    diff = torch.where(torch.isinf(a) & (a == b), torch.zeros_like(diff), diff)
+    finite = a.abs()[torch.isfinite(a.abs())]
+    scale = float(finite.max()) if finite.numel() else 0.0
+    err = float(diff.max())
+    if err != err:     # a NaN on one side only
+        return float("inf")
+    rel = err / max(scale, 1e-30)
+    return None if err <= _tol(batched.dtype) * max(scale, 1e-12) else rel
+
+
+@contextlib.contextmanager
+def _quiet_model(model: nn.Module, devices: List[torch.device]):
+    """Eval mode (dropout off) and a forked RNG for the audit's forwards; every module's own
+    train/eval flag and the RNG streams are as before afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    kinds = {d.type for d in devices if d.type != "cpu"}
+    kind = next(iter(kinds), "cuda")
+    idx = sorted({d.index if d.index is not None else 0 for d in devices if d.type == kind})
+    try:
+        with torch.random.fork_rng(devices=idx, device_type=kind):
+            model.eval()
+            yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+@contextlib.contextmanager
+def _no_capture(engine):
+    """The engine captures nothing while the audit runs the model (its own flag for forwards
+    that rules re-run at finalize; nanobatch mode's re-entrance guard)."""
+    prev = engine._finalizing
+    nano = engine._nano
+    inside = getattr(nano._local, "inside", False) if nano is not None else None
+    engine._finalizing = True
+    if nano is not None:
+        nano._local.inside = True
+    try:
+        yield
+    finally:
+        engine._finalizing = prev
+        if nano is not None:
+            nano._local.inside = inside
+
+
+def _slice_leaves(leaves, batched_at, i):
+    return [t[i:i + 1] if k in batched_at else t for k, t in enumerate(leaves)]
+
+
+class Auditor:
+    """The engine's first-step audit of the model (see the module docstring).
+
+    The audit runs once per call signature of the model (positional argument types, keyword
+    names, which keywords are None), so a later call that adds an argument (``labels=``) is
+    audited too; a call whose signature passed costs a tuple built and looked up in a set.
+
+    Args:
+        engine: the :class:`fastclip.engine.Engine` it audits for.
+        enabled: False skips the audit (``make_private(audit=False)``).
+    """
+
+    def __init__(self, engine, enabled: bool = True):
+        self.engine = engine
+        self.enabled = bool(enabled)
+        # Also in nanobatch mode (which runs each example alone under vmap or one by one): an
+        # output without batch dimension is refused with the fix, and a model whose output
+        # depends on the batch would train on other outputs than those it computes batched.
+        self._skip = not enabled
+        self._passed = set()     # call signatures audited (or reported unauditable)
+        self._running = False
+
+    def __call__(self, args, kwargs) -> None:
+        """Called at the start of every model call (engine root pre-hook / nanobatch forward)."""
+        if self._skip or self._running:
+            return
+        key = (tuple(type(a) for a in args), tuple((k, v is None) for k, v in kwargs.items()))
+        if key in self._passed or not torch.is_grad_enabled() or self.engine._finalizing:
+            return
+        self._running = True
+        try:
+            if self._audit(args, kwargs):
+                self._passed.add(key)
+        finally:
+            self._running = False
+
+    def _audit(self, args, kwargs) -> bool:
+        """True when this signature is settled (passed, or reported unauditable); False when
+        there were fewer than two examples; raises MixingError on mixing."""
+        model = self.engine.model
+        packed = tree_flatten((args, kwargs), is_leaf=lambda t: isinstance(t, PackedSequence))[0]
+        if any(isinstance(t, PackedSequence) for t in packed):
+            warnings.warn("fastclip: the model's input is a PackedSequence, which the first-step "
+                          "audit cannot split into examples: the model was NOT checked for mixing "
+                          "examples. You are responsible for each example's output depending on "
+                          "that example alone", RuntimeWarning, stacklevel=4)
+            return True
+        leaves, spec = tree_flatten((args, kwargs))
+        B = next((t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0), None)
+        if B is None or B < 2:
+            return False   # nothing to mix yet: audited on the first batch of two or more
+        batched_at = [k for k, t in enumerate(leaves)
+                      if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B]
+        devices = [t.device for t in leaves if isinstance(t, Tensor)]
+        devices += [p.device for p in itertools.islice(model.parameters(), 1)]
+        with _quiet_model(model, devices), _no_capture(self.engine):
+            with torch.enable_grad():     # to see which outputs carry gradients
+                out = model(*args, **kwargs)
+            named = [(n, t.detach()) for n, t in _named_tensors(out)]
+            for n, t in _named_tensors(out):
+                if t.requires_grad and (t.dim() == 0 or t.shape[0] != B):
+                    self._refuse(
+                        f"fastclip: the model's {n} (shape {tuple(t.shape)}) requires grad "
+                        f"but has no batch dimension of size {B} first: its gradient is the "
+                        "whole batch's, not one example's, and cannot be clipped per example. "
+                        "A loss computed inside the model (Hugging Face model(..., labels=...)"
+                        ".loss averages tokens over the whole batch) leaks across examples: "
+                        "call the model without labels and compute per-example losses from the "
+                        "logits, e.g. fastclip.lm_loss(model(input_ids).logits, labels)")
+            del out
+            rows = [(n, t) for n, t in named
+                    if t.dim() > 0 and t.shape[0] == B and (t.is_floating_point() or t.is_complex())]
+            if not rows:
+                return True
+            with torch.no_grad():
+                found = self._compare(model, leaves, spec, batched_at, B, rows)
+        if found is None:
+            return True
+        name, i, rel, exc = found
+        if exc is not None:
+            warnings.warn(f"fastclip: the first-step audit could not run the model on example {i} "
+                          f"alone ({type(exc).__name__}: {exc}): the model was NOT checked for "
+                          "mixing examples. Poisson sampling also draws batches of one example; "
+                          "a model that fails on them must be fixed", RuntimeWarning, stacklevel=4)
+            return True
+        what = "has another shape" if rel == float("inf") else f"differs by {rel:.2e} (relative)"
+        self._refuse(
+            f"fastclip: the model mixes examples: its {name} for example {i} computed alone "
+            f"{what} from its row of the batched output (eval mode, B={B}), so each example's "
+            "gradient depends on the other examples and clipping cannot bound its influence. "
+            f"Fix: {_FIX_MODEL}. (make_private(audit=False) skips this check; you are then "
+            "responsible for the privacy guarantee)")
+
+    def _compare(self, model, leaves, spec, batched_at, B, rows):
+        """None if the examples alone match their rows; else (output name, example, relative
+        difference, exception). An input with leading dimension B that is not per example (an
+        (L, L) mask with L == B) is retried passed whole."""
+        ambiguous = batched_at[1:]
+        choices = [()] + [c for r in range(1, min(len(ambiguous), 3) + 1)
+                          for c in itertools.combinations(ambiguous, r)]
+        first = None
+        for whole in choices[:8]:
+            at = set(batched_at) - set(whole)
+            result = None
+            for i in _indices(B):
+                try:
+                    a, kw = tree_unflatten(_slice_leaves(leaves, at, i), spec)
+                    single = dict(_named_tensors(model(*a, **kw)))
+                except Exception as exc:    # noqa: BLE001  (reported, or another slicing tried)
+                    result = ("", i, float("inf"), exc)
+                    break
+                for n, t in rows:
+                    s = single.get(n)
+                    rel = float("inf") if s is None else _differs(t[i:i + 1], s)
+                    if rel is not None:
+                        result = (n, i, rel, None)
+                        break
+                if result is not None:
+                    break
+            if result is None:
+                return None
+            if first is None or (first[3] is not None and result[3] is None):
+                first = result   # a measured difference outranks an exception
+        return first
+
+    @staticmethod
+    def _refuse(message: str):
+        raise MixingError(message)
+
+
+def audit_loss(loss_fn: Callable, output, targets, B: int) -> None:
+    """Refuse a ``loss_fn`` that mixes examples (functional API: the loss is known).
+
+    For a few examples i, ``loss_fn`` on example i alone (its rows of ``output`` and
+    ``targets``) must give the batched loss's entry i and the same gradient with respect to
+    example i's output as the batched ``sum_j loss_j`` does (a loss over pairs of examples
+    changes the second even where the first agrees).
+
+    Args:
+        loss_fn: ``loss_fn(output, targets)`` -> (B,).
+        output: the model output (a tensor (B, ...) or a structure of them).
+        targets: whatever ``loss_fn`` takes; tensors with leading dimension B are sliced.
+        B: the batch size.
+
+    Raises:
+        MixingError: the loss of an example depends on other examples.
+    """
+    if B < 2:
+        return
+    o_leaves, o_spec = tree_flatten(output)
+    per = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B for t in o_leaves]
+    diff_at = [k for k, t in enumerate(o_leaves)
+               if per[k] and (t.is_floating_point() or t.is_complex())]
+    if not diff_at:
+        return
+    t_leaves, t_spec = tree_flatten(targets)
+    t_per = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B for t in t_leaves]
+
+    def leaves_for(i):
+        sel = (lambda t, b: t[i:i + 1] if b else t) if i is not None else (lambda t, b: t)
+        out = [sel(t.detach(), b) if isinstance(t, Tensor) else t for t, b in zip(o_leaves, per)]
+        for k in diff_at:
+            out[k] = out[k].clone().requires_grad_()
+        tg = [sel(t, b) if isinstance(t, Tensor) else t for t, b in zip(t_leaves, t_per)]
+        return out, tree_unflatten(out, o_spec), tree_unflatten(tg, t_spec)
+
+    ref = next((o_leaves[k] for k in diff_at), None)
+    devices = [ref.device] if ref is not None else []
+    kind = next((d.type for d in devices if d.type != "cpu"), "cuda")
+    idx = sorted({d.index or 0 for d in devices if d.type == kind})
+    with torch.random.fork_rng(devices=idx, device_type=kind), torch.enable_grad():
+        leaves_b, out_b, tg_b = leaves_for(None)
+        loss_b = loss_fn(out_b, tg_b)
+        if not isinstance(loss_b, Tensor) or loss_b.shape != (B,) or not loss_b.requires_grad:
+            return   # the caller reports a wrong shape; a loss without gradient releases nothing
+        grads_b = torch.autograd.grad(loss_b.sum(), [leaves_b[k] for k in diff_at], allow_unused=True)
+        for i in _indices(B):
+            leaves_i, out_i, tg_i = leaves_for(i)
+            try:
+                loss_i = loss_fn(out_i, tg_i)
+                grads_i = torch.autograd.grad(loss_i.sum(), [leaves_i[k] for k in diff_at],
+                                              allow_unused=True)
+            except Exception as exc:   # noqa: BLE001
+                warnings.warn(f"fastclip: the loss audit could not run loss_fn on example {i} alone "
+                              f"({type(exc).__name__}: {exc}): the loss was NOT checked for mixing "
+                              "examples", RuntimeWarning, stacklevel=3)
+                return
+            problems = []
+            if not isinstance(loss_i, Tensor) or loss_i.numel() != 1:
+                problems.append(f"loss_fn gives {tuple(getattr(loss_i, 'shape', ()))} values for "
+                                "one example")
+            else:
+                rel = _differs(loss_b.detach()[i:i + 1], loss_i.detach().reshape(1))
+                if rel is not None:
+                    problems.append(f"its loss alone differs by {rel:.2e} (relative) from its "
+                                    "entry of the batched loss")
+            for k, gb, gi in zip(diff_at, grads_b, grads_i):
+                gb = torch.zeros_like(o_leaves[k][:1]) if gb is None else gb[i:i + 1]
+                gi = torch.zeros_like(gb) if gi is None else gi
+                rel = _differs(gb, gi)
+                if rel is not None:
+                    problems.append(f"the gradient of the batched loss with respect to its output "
+                                    f"differs by {rel:.2e} (relative) from its own loss's")
+                    break
+            if problems:
+                raise MixingError(f"fastclip: the loss mixes examples: for example {i}, "
+                                  f"{'; '.join(problems)} (B={B}), so its gradient depends on other "
+                                  f"examples and clipping cannot bound its influence. Fix: {_FIX_LOSS}")
