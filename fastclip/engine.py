@@ -83,6 +83,9 @@ class Engine:
         nanobatch_size: examples per nanobatch in mode "nanobatch" (default 1).
         num_threads: CPU threads the nanobatches are spread over in mode "nanobatch" (default
             ``torch.get_num_threads()``).
+        audit: run the first-step audit (:mod:`fastclip.audit`): the first forward with two or
+            more examples refuses a model whose examples mix. False skips it: you are then
+            responsible for each example's gradient depending on that example alone.
 
     Attributes:
         layers: the clipping layers (:class:`fastclip.clipping.Layer`), in bound-list order.
@@ -110,9 +113,6 @@ class Engine:
         self._states: Dict[nn.Module, List] = defaultdict(list)  # per-call capture state stack
         self._handles: List = []
         self._batches: List[Optional[int]] = []  # B of each model call in progress
-        audit: run the first-step audit (:mod:`fastclip.audit`): the first forward with two or
-            more examples refuses a model whose examples mix. False skips it: you are then
-            responsible for each example's gradient depending on that example alone.
         self._scratch: Dict = {}    # reusable buffers of the finalize (layers.scaled_rows)
         self._pending: List[Use] = []
         self._queued = False
@@ -127,6 +127,8 @@ class Engine:
             self._nano = NanoBatch(self, nanobatch_size, num_threads)
         self._plan()
         self._plan_time_major()
+        # The first-step audit (fastclip/audit.py): models that mix examples are refused.
+        self._auditor = Auditor(self, audit)
         self.layers = group_layers(self._params, self._paths)
         self.bounds, self.sensitivity = resolve_bounds(max_grad_norm, clipping, self.layers)
         # Flat clipping's C (the total bound) for the finalize; per-layer uses self.bounds.
@@ -156,8 +158,6 @@ class Engine:
             why = refusal(module) if self._nano is None else mixing_refusal(module)
             if why is not None:
                 raise ValueError(f"fastclip cannot make module '{label}' ({type(module).__name__}) "
-        # The first-step audit (fastclip/audit.py): models that mix examples are refused.
-        self._auditor = Auditor(self, audit)
                                  f"private: {why}")
             own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
             if not own:
@@ -252,6 +252,7 @@ class Engine:
 
     # -- capture ----------------------------------------------------------------------------
     def _root_pre(self, module, args, kwargs):
+        self._auditor(args, kwargs)   # once: examples must not mix (a flag test afterwards)
         leaves, _ = tree_flatten((args, kwargs))
         B = next((t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0), None)
         self._batches.append(B)
@@ -506,7 +507,6 @@ class Engine:
         """Add ``sum_i c_i g_i`` to ``p.grad`` for every parameter of ``entries``, with
         ``c_i = min(1, C / ||g_i||)`` from the squared norms ``sq`` (times the loss scale)."""
         scale = float(B) if self.loss_reduction == "mean" else 1.0
-        self._auditor(args, kwargs)   # once: examples must not mix (a flag test afterwards)
         norms = sq.sqrt() * scale
         c = torch.where(norms > C, C / norms, torch.ones_like(norms)) * scale
         bad = ~torch.isfinite(norms)

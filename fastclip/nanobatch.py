@@ -142,6 +142,7 @@ class NanoBatch:
     def _forward(self, *args, **kwargs):
         if getattr(self._local, "inside", False) or not torch.is_grad_enabled():
             return self._inner(*args, **kwargs)  # evaluation, or a nanobatch's own call
+        self.engine._auditor(args, kwargs)   # once: examples must not mix (fastclip/audit.py)
         params = self._params
         if not params:
             return self._inner(*args, **kwargs)
@@ -157,7 +158,6 @@ class NanoBatch:
                                  "respect to the inputs are not propagated in this mode. Detach "
                                  "the inputs or use mode='auto'")
         B = next((t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0), None)
-        self.engine._auditor(args, kwargs)   # once: examples must not mix (fastclip/audit.py)
         if B is None:
             raise ValueError("mode='nanobatch' needs at least one input tensor with the batch "
                              "dimension first")
