@@ -18,6 +18,8 @@ The engine owns all of its state (dicts keyed by module or parameter) and hook h
 """
 from __future__ import annotations
 
+import math
+import operator
 import weakref
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
@@ -33,6 +35,23 @@ from .audit import Auditor
 from .layers.direct import DIRECT
 from .layers.linear import LinearRule
 from .layers.generic import GENERIC, mixing_refusal, refusal
+
+# Bumped whenever any module in the process registers a parameter or a submodule (a parameter
+# replaced by assignment or load_state_dict(assign=True), a head appended): an engine then walks
+# its model at the next forward to see whether its plan still fits (Engine.refresh).
+_STRUCTURE = [0]
+
+
+def _bump_structure(*args):
+    _STRUCTURE[0] += 1
+
+
+_REGISTRATION_HOOKS = ("register_module_parameter_registration_hook",
+                       "register_module_module_registration_hook")
+_HOOKED = all(hasattr(nn.modules.module, h) for h in _REGISTRATION_HOOKS)  # torch >= 2.0
+if _HOOKED:
+    for _register in _REGISTRATION_HOOKS:
+        getattr(nn.modules.module, _register)(_bump_structure)
 
 MODES = ("auto", "ghost", "direct", "nanobatch")
 # Rules whose use is one (input, output gradient) pair that may be recorded time-major and
@@ -131,14 +150,15 @@ class Engine:
         self._auditor = Auditor(self, audit)
         self.layers = group_layers(self._params, self._paths)
         self.bounds, self.sensitivity = resolve_bounds(max_grad_norm, clipping, self.layers)
-        # Flat clipping's C (the total bound) for the finalize; per-layer uses self.bounds.
-        self.max_grad_norm = self.sensitivity if self.bounds is None else None
-        # Per-layer clipping in the backward (record): each module's layer, and per layer the
-        # uses announced at forward and not recorded yet (weak: a forward never backpropagated
-        # frees its uses, and with them its claim on the layer).
-        self._layer_of = {m: i for i, layer in enumerate(self.layers) for m in layer.modules}
-        self._open = ([weakref.WeakSet() for _ in self.layers]
-                      if self.bounds is not None and self._nano is None else None)
+        # Parameters changed after attach (unfrozen, frozen, replaced, modules added) are
+        # re-planned by refresh(): it needs the user's bound and, for a list, the layer each
+        # bound was given for.
+        self._bound_arg = max_grad_norm
+        self._bound_of = (dict(zip((layer.name for layer in self.layers), self.bounds))
+                          if isinstance(max_grad_norm, (list, tuple)) else None)
+        self._grads: Dict[nn.Parameter, weakref.ref] = {}   # p -> the p.grad this engine wrote
+        self._former: Dict[nn.Parameter, str] = {}  # parameters the model no longer has -> name
+        self._set_layout(self.layers, self.bounds)
         self._new_backward()
         self._attach()
 
@@ -204,7 +224,191 @@ class Engine:
                         "mode='nanobatch'")
                 self._time_major.add(leaf)
 
+    def _set_layout(self, layers, bounds):
+        """The clipping layout of the current plan, and the snapshot of the model's trainable
+        parameters that :meth:`refresh` compares against."""
+        self.layers, self.bounds = layers, bounds
+        # Flat clipping's C (the total bound) for the finalize; per-layer uses self.bounds.
+        self.max_grad_norm = self.sensitivity if bounds is None else None
+        # Per-layer clipping in the backward (record): each module's layer, and per layer the
+        # uses announced at forward and not recorded yet (weak: a forward never backpropagated
+        # frees its uses, and with them its claim on the layer).
+        self._layer_of = {m: i for i, layer in enumerate(layers) for m in layer.modules}
+        self._open = ([weakref.WeakSet() for _ in layers]
+                      if bounds is not None and self._nano is None else None)
+        self._covered = {p for ps in self._params.values() for _, p in ps}
+        self._snapshot, self._all = self._scan()
+        self._flags = [p.requires_grad for p in self._all]
+        self._seen = _STRUCTURE[0]
+
+    def _scan(self):
+        """(every module owning trainable parameters followed by those parameters, in tree
+        order; every parameter): the first changes when a parameter is unfrozen, frozen or
+        replaced, or a module holding one is added or swapped. A bare walk of the module tree
+        (no names, no memo)."""
+        trainable, every = [], []
+        stack = [self.model]
+        while stack:
+            m = stack.pop()
+            if m is None:
+                continue
+            ps = m._parameters
+            if ps:
+                mark = True
+                for p in ps.values():
+                    if p is None:
+                        continue
+                    every.append(p)
+                    if p.requires_grad:
+                        if mark:
+                            trainable.append(m)
+                            mark = False
+                        trainable.append(p)
+            if m._modules:
+                stack.extend(m._modules.values())
+        return trainable, every
+
+    def _changed(self, full: bool) -> bool:
+        """Whether the model's trainable parameters differ from the plan's. At a forward (not
+        ``full``) the walk runs only if some module registered a parameter or submodule since
+        (torch's global registration hooks; an assignment straight into ``_parameters`` is seen
+        at the optimizer's step, which always walks) or a parameter's requires_grad flipped:
+        ~100 attribute reads for 100 parameters instead of a walk over every module."""
+        if not full and _HOOKED and _STRUCTURE[0] == self._seen and \
+                [p.requires_grad for p in self._all] == self._flags:
+            return False
+        trainable, every = self._scan()
+        if len(trainable) == len(self._snapshot) and all(map(operator.is_, trainable,
+                                                              self._snapshot)):
+            self._all, self._flags = every, [p.requires_grad for p in every]
+            self._seen = _STRUCTURE[0]
+            return False
+        return True
+
+    def refresh(self, full: bool = False) -> bool:
+        """Re-plan if the model's trainable parameters changed since the engine planned them
+        (``requires_grad_`` flipped, a parameter replaced by ``load_state_dict(assign=True)`` or
+        ``module.weight = nn.Parameter(...)``, a module appended), so that they are clipped
+        exactly from the next forward on. Called at every model call and by
+        ``DPOptimizer.step``; does nothing while a model call or a backward is in progress
+        (those keep the plan they started with). ``full``: walk the model even when no module
+        registered anything since the last look (the optimizer's step does).
+
+        Per-layer clipping: a float bound is split again over the new layers; with a list of
+        bounds, every layer must be one the list was given for (by name), else ValueError. The
+        sensitivity never decreases (a layer frozen keeps its share of the noise), so the noise
+        of a logical batch straddling the change still covers its earlier physical batches.
+
+        Returns:
+            whether it re-planned.
+
+        Raises:
+            ValueError: the changed model cannot be made private (an unsupported module, a layer
+                without a bound); the engine keeps its previous plan.
+        """
+        if (not self._attached or self._batches or self._finalizing or self._queued
+                or self._pending or self._waiting
+                or (self._nano is not None and self._nano.busy())):
+            return False
+        if not self._changed(full):
+            return False
+        self._replan()
+        return True
+
+    def _replan(self):
+        old = (self._names, self._paths, self._params, self._rules, self._time_major)
+        self._names, self._paths, self._params, self._rules = {}, {}, {}, {}
+        try:
+            self._plan()
+            self._plan_time_major()
+            layers = group_layers(self._params, self._paths)
+            bounds = self._rebound(layers)
+        except BaseException:
+            self._names, self._paths, self._params, self._rules, self._time_major = old
+            raise
+        for p, name in old[0].items():
+            if p not in self._names:
+                self._former[p] = name   # for the optimizer's error about a replaced parameter
+        old_open = self._open
+        self.detach()
+        self._set_layout(layers, bounds)
+        if old_open is not None:
+            # Uses of forwards not backpropagated yet keep their claim on their module's layer.
+            for group in old_open:
+                for u in list(group):
+                    l = self._layer_of.get(u.module)
+                    if l is not None:
+                        self._open[l].add(u)
+        self._attach()
+
+    def _rebound(self, layers) -> Optional[tuple]:
+        """Per-layer bounds for a re-planned model; updates the sensitivity (never down)."""
+        if self._bound_arg is None or self.clipping == "flat":
+            return None
+        if self._bound_of is None:
+            bounds, sensitivity = resolve_bounds(self._bound_arg, self.clipping, layers)
+        else:
+            new = [layer.name for layer in layers if layer.name not in self._bound_of]
+            if new:
+                raise ValueError(
+                    f"fastclip: clipping='per_layer' was given one bound per layer for the layers "
+                    f"{list(self._bound_of)}, but the model's trainable parameters changed after "
+                    f"make_private (unfrozen, replaced or added) and layer(s) {new} have no bound; "
+                    "nothing can be clipped for them, so the forward is refused. Fix: pass one "
+                    "float max_grad_norm (split evenly over the trainable layers), or make the "
+                    "model private again with one bound per layer of: "
+                    + ", ".join(layer.name for layer in layers))
+            bounds = tuple(self._bound_of[layer.name] for layer in layers)
+            sensitivity = math.sqrt(sum(c * c for c in bounds))
+        self.sensitivity = max(self.sensitivity, sensitivity)
+        return bounds
+
+    # -- what the optimizer checks before it releases a step ---------------------------------
+    def covers(self, p: Tensor) -> bool:
+        """Whether ``p`` is one of the trainable parameters the engine clips."""
+        return p in self._covered
+
+    def name_of(self, p: Tensor) -> Optional[str]:
+        """``p``'s qualified name in the model (or its former name, "former 'x'", when the
+        model no longer holds it), or None."""
+        name = self._names.get(p)
+        if name is None:
+            name = next((n for n, q in self.model.named_parameters(remove_duplicate=False)
+                         if q is p), None)
+        if name is None and p in self._former:
+            name = f"former '{self._former[p]}'"
+        elif name is not None:
+            name = f"'{name}'"
+        return name
+
+    def wrote_grad(self, p: Tensor) -> bool:
+        """Whether ``p.grad`` is None or the tensor this engine wrote its clipped sums into (or
+        was handed by :meth:`adopt_grads`): a gradient from elsewhere (a raw autograd gradient
+        computed while ``p`` was not covered, an assignment to ``p.grad``) is not."""
+        g = p.grad
+        if g is None:
+            return True
+        ref = self._grads.get(p)
+        return ref is not None and ref() is g
+
+    def adopt_grads(self, params) -> None:
+        """Count the current ``p.grad`` of ``params`` as the engine's (the optimizer's released
+        or zeroed gradients, which later backward passes may accumulate into)."""
+        for p in params:
+            if p.grad is not None:
+                self._grads[p] = weakref.ref(p.grad)
+
+    def note_grad(self, p: Tensor, before: Optional[Tensor]) -> None:
+        """After writing clipped sums into ``p.grad`` (added to ``before``, the p.grad found):
+        the result is the engine's only if ``before`` was."""
+        ref = self._grads.get(p)
+        if before is None or (ref is not None and ref() is before):
+            self._grads[p] = weakref.ref(p.grad)
+        else:
+            self._grads.pop(p, None)
+
     def _attach(self):
+        self._attached = True       # refresh() re-plans only an attached engine
         # A BatchNorm accepted in eval mode and switched to training mode later (model.train())
         # would mix the examples from its next forward on: refused there, in every mode.
         for module in self.model.modules():
@@ -233,6 +437,7 @@ class Engine:
 
     def detach(self):
         """Remove every hook: the model is exactly as it was before the engine attached."""
+        self._attached = False
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -252,6 +457,7 @@ class Engine:
 
     # -- capture ----------------------------------------------------------------------------
     def _root_pre(self, module, args, kwargs):
+        self.refresh()   # parameters unfrozen/replaced/added since the plan: clipped from now on
         self._auditor(args, kwargs)   # once: examples must not mix (a flag test afterwards)
         leaves, _ = tree_flatten((args, kwargs))
         B = next((t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0), None)
@@ -328,6 +534,8 @@ class Engine:
     def record(self, use: Use):
         """Called from a rule's backward once ``use.grads`` is set (and again for each further
         piece of a use announced in pieces, see :meth:`expect`)."""
+        if use.module not in self._rules:
+            return   # made before a re-plan (refresh) that dropped its module: nothing trainable
         if not use.recorded:
             if not self._queued or self._queued_cb() is None:
                 self._start_backward()
@@ -524,7 +732,9 @@ class Engine:
                 g = self._rules[m].clipped_grad(m, n, u, c, cache)
                 grad = g if grad is None else grad + g
             grad = grad.to(p.dtype).view_as(p)
+            before = p.grad
             if p.grad is None:
                 p.grad = grad
             else:
                 p.grad.add_(grad)
+            self.note_grad(p, before)

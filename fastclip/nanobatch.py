@@ -49,10 +49,11 @@ def _check_int(value, name: str, minimum: int = 1) -> int:
 class _Call:
     """One forward of the model: its nanobatches' graphs, completed by the backward's G."""
 
-    __slots__ = ("B", "chunks", "outs", "leaves", "tapped", "grads")
+    __slots__ = ("B", "chunks", "outs", "leaves", "tapped", "grads", "params")
 
-    def __init__(self, B, chunks, outs, leaves, tapped):
+    def __init__(self, B, chunks, outs, leaves, tapped, params):
         self.B = B
+        self.params = params    # the covered-parameter list the forward ran with
         self.chunks = chunks    # [(start, stop)] of each nanobatch
         self.outs = outs        # per nanobatch: the output tensors (graph), by output leaf
         self.leaves = leaves    # per nanobatch: per-example parameter copies (vmap), or None
@@ -128,8 +129,8 @@ class NanoBatch:
             self._pool = None
 
     def _plan_params(self):
-        """[(name, parameter)] of every trainable parameter covered, each once (the engine's
-        plan is fixed once attached, so this is formed once, at attach)."""
+        """[(name, parameter)] of every trainable parameter covered, each once; formed at
+        attach, which the engine does again when it re-plans (``Engine.refresh``)."""
         seen, out = set(), []
         for ps in self.engine._params.values():
             for _, p in ps:
@@ -138,10 +139,17 @@ class NanoBatch:
                     out.append((self.engine._names[p], p))
         return out
 
+    def busy(self) -> bool:
+        """Whether a backward has delivered output gradients not yet turned into clipped sums."""
+        return bool(self._pending) or self._queued
+
     # -- forward ----------------------------------------------------------------------------
     def _forward(self, *args, **kwargs):
         if getattr(self._local, "inside", False) or not torch.is_grad_enabled():
             return self._inner(*args, **kwargs)  # evaluation, or a nanobatch's own call
+        # Parameters unfrozen/replaced/added since attach: re-planned (this object re-attached,
+        # self._params and self._inner formed again) and covered from this forward on.
+        self.engine.refresh()
         self.engine._auditor(args, kwargs)   # once: examples must not mix (fastclip/audit.py)
         params = self._params
         if not params:
@@ -192,7 +200,7 @@ class NanoBatch:
             self._local.inside = False
         tapped = [i for i, t in enumerate(first)
                   if isinstance(t, Tensor) and t.requires_grad and t.is_floating_point()]
-        call = _Call(B, chunks, outs, chunk_leaves if k > 1 else None, tapped)
+        call = _Call(B, chunks, outs, chunk_leaves if k > 1 else None, tapped, params)
         result = list(first)
         for i, t in enumerate(first):
             if isinstance(t, Tensor) and i not in tapped:
@@ -259,6 +267,15 @@ class NanoBatch:
                              f"({sorted(sizes)}); every call must see the same batch")
         B = sizes.pop()
         params = self._params
+        if any(c.params is not params for c in calls):
+            for c in calls:
+                c.outs = c.leaves = None
+            raise RuntimeError(
+                "fastclip: a forward made before the model's trainable parameters changed "
+                "(unfrozen, frozen, replaced or added; mode='nanobatch' re-planned at a later "
+                "forward) was backpropagated after the change, so its per-example gradients do not "
+                "match the parameters now clipped; nothing was written. Fix: run the backward of "
+                "each forward before changing which parameters train")
         layer_of = {id(p): i for i, layer in enumerate(engine.layers) for p in layer.params}
         write = engine.write_grads
         if write and engine.bounds is not None:      # per layer: one group per layer
@@ -312,10 +329,12 @@ class NanoBatch:
             if total is None:
                 total = torch.zeros_like(p)
             total = total.view_as(p)
+            before = p.grad
             if p.grad is None:
                 p.grad = total
             else:
                 p.grad.add_(total)
+            engine.note_grad(p, before)
 
     def _chunk(self, calls, j, params, groups, bounds, scale, accs, sq, threads):
         """Per-example gradients of nanobatch j (summed over the calls), clipped and added."""
