@@ -35,6 +35,7 @@ from .audit import Auditor
 from .layers.direct import DIRECT
 from .layers.linear import LinearRule
 from .layers.generic import GENERIC, mixing_refusal, refusal
+from .layers.ops_rule import PENDING
 
 # Bumped whenever any module in the process registers a parameter or a submodule (a parameter
 # replaced by assignment or load_state_dict(assign=True), a head appended): an engine then walks
@@ -75,6 +76,11 @@ def _is_time_major(module: nn.Module) -> bool:
     if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
         return len(module.layers) > 0 and _is_time_major(module.layers[0])
     return False
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    """No descendant of ``module`` holds a trainable parameter."""
+    return not any(p.requires_grad for c in module.children() for p in c.parameters())
 
 
 def _refuse_batch_statistics(module, args):
@@ -191,9 +197,11 @@ class Engine:
                 continue  # the whole model's gradient per example: no per-module rule
             rule = rule_for(module)
             if rule is None:
-                # Parameters used in the module's own forward beside submodules (a position
-                # table, a class token): exact through the ops that use them (layers/direct.py).
-                rule = DIRECT if next(module.children(), None) is not None else GENERIC
+                # A leaf (no descendant holds trainable parameters): the native rule of the
+                # torch ops its forward applies to them, resolved at its first forward
+                # (layers/ops_rule.py). Parameters used beside submodules with parameters (a
+                # position table, a class token): exact through those ops (layers/direct.py).
+                rule = PENDING if _is_leaf(module) else DIRECT
             why = rule.check(module)
             if why is not None:
                 raise ValueError(f"fastclip cannot make module '{label}' ({type(module).__name__}) "
@@ -445,6 +453,11 @@ class Engine:
         self._new_backward()
         if self._nano is not None:
             self._nano.detach()
+
+    def set_rule(self, module: nn.Module, rule: Rule):
+        """Fix ``module``'s rule for good (a provisional rule resolved at the module's first
+        forward, before it makes any use)."""
+        self._rules[module] = rule
 
     def covered(self):
         """[(qualified parameter name, rule name)] for every trainable parameter."""

@@ -111,12 +111,7 @@ class DPOptimizer(Optimizer):
         self._optimizer_state_dict_post_hooks = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        covered = {id(p) for ps in engine._params.values() for _, p in ps}
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.requires_grad and id(p) not in covered:
-                    raise ValueError("the optimizer holds a trainable parameter that is not part of "
-                                     "the private model; pass the model's own parameters")
+        self._check_params(step=False)
 
     @property
     def noise_multiplier(self) -> float:
@@ -175,6 +170,57 @@ class DPOptimizer(Optimizer):
             return
         self.original_optimizer.zero_grad(set_to_none)
         self.engine.examples = 0
+        if not set_to_none:     # zeroed in place: clean, later clipped sums may add into them
+            self.engine.adopt_grads(p for g in self.param_groups for p in g["params"])
+
+    def _check_params(self, step: bool = True):
+        """Refuse, before anything is released, a trainable parameter in ``param_groups`` that
+        the engine does not clip (one the model no longer uses after a replacement, or one never
+        in it), and (``step``) a clipped parameter whose ``p.grad`` the engine did not write (a
+        raw autograd gradient). Set lookups only, no pass over gradient data. At a step the
+        engine first re-plans if the model's trainable parameters changed since its last call
+        (``Engine.refresh``), so a layer unfrozen after the last forward is covered."""
+        engine = self.engine
+        if step:
+            engine.refresh(full=True)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                if not engine.covers(p):
+                    raise ValueError(self._uncovered(p) + (
+                        "; nothing was released (no noise added, parameters unchanged)"
+                        if step else ""))
+                if step and not engine.wrote_grad(p):
+                    raise RuntimeError(
+                        f"fastclip: parameter {engine.name_of(p)} has a gradient fastclip did not "
+                        "write (computed while the parameter was not clipped: unfrozen or added "
+                        "after make_private and used outside a call of the private model, or a "
+                        "tensor assigned to p.grad); releasing it would release an unclipped "
+                        "gradient, so the step is refused: nothing was released (no noise added, "
+                        "parameters unchanged). Fix: optimizer.zero_grad(), then run the forward "
+                        "through the private model and the backward again")
+
+    def _uncovered(self, p) -> str:
+        name = self.engine.name_of(p)
+        if name is not None and name.startswith("former"):
+            return (f"fastclip: the optimizer holds the {name}, a parameter the model no longer "
+                    "uses: it was replaced after make_private (model.load_state_dict(sd, "
+                    "assign=True), module.weight = nn.Parameter(...)), so its gradient is always "
+                    "None and the optimizer would step a detached tensor while the model's new "
+                    "parameter never trains. Fix: re-create the optimizer over model.parameters() "
+                    "and call make_private again, or load with assign=False (copies into the "
+                    f"existing parameters)")
+        if name is not None:
+            return (f"fastclip: the optimizer holds parameter {name}, which fastclip does not "
+                    "clip (it became trainable after the private model's last call and the plan "
+                    "could not be updated); its gradient would be released unclipped. Fix: run "
+                    "the forward through the private model before step()")
+        return ("fastclip: the optimizer holds a parameter not in the private model (shape "
+                f"{tuple(p.shape)}): its gradient would be computed outside fastclip's clipping "
+                "and released unclipped. Fix: make it part of the model (e.g. model.head = head, "
+                "used in the model's forward; it is clipped from the next forward on) or leave it "
+                "out of the optimizer")
 
     @property
     def skips_step(self) -> bool:
@@ -309,6 +355,7 @@ class DPOptimizer(Optimizer):
             # Not the last physical batch of its logical batch: the clipped sums accumulate.
             self._partial = True
             return loss
+        self._check_params()
         self._check_batch()
         self._partial = False
         if self.reducer is not None:
@@ -318,6 +365,8 @@ class DPOptimizer(Optimizer):
         self.add_noise_and_scale()
         self.original_optimizer.step()
         self.engine.examples = 0
+        # The released gradients are the engine's to accumulate into (zero_grad(set_to_none=False)).
+        self.engine.adopt_grads(p for g in self.param_groups for p in g["params"] if p.requires_grad)
         self.accountant.step(self.noise_multiplier, self.sample_rate)
         if self.sampler is not None:
             self.sampler._handed.clear()     # the batch is released: the next step needs its own

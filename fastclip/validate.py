@@ -117,14 +117,15 @@ def validate(model: nn.Module, loss_fn: Callable, inputs, targets, mode: str = "
         with converted(model) as m:
             engine = _Probe(m, mode=mode, max_grad_norm=None, loss_reduction="sum", audit=False)
             engine.keep_norms = True
-            rules = {p: type(engine._rules[mod]).__name__
-                     for mod, ps in engine._params.items() for _, p in ps}
             try:
                 t0 = time.perf_counter()
                 losses = loss_fn(m(*inputs), targets)
                 if losses.requires_grad:
                     torch.autograd.backward(losses.sum())
                 fast_s = time.perf_counter() - t0
+                # After the forward: a leaf's operation rule is resolved at its first forward.
+                rules = {p: type(engine._rules[mod]).__name__
+                         for mod, ps in engine._params.items() for _, p in ps}
             finally:
                 engine.detach()
             contrib = getattr(engine, "contrib", {})

@@ -32,31 +32,53 @@ class _FnCapture(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
-        xs, out = ctx.sub
         use = ctx.use
         use.inputs = x.detach()
         use.grads = (g,)
-        ctx.engine.record(use)
+        # Before the sub-graph is read: a graph backpropagated again is refused here by name.
+        counted = ctx.engine.record(use)
+        xs, out = ctx.sub
         gx = None
         if ctx.needs_input_grad[3]:
-            (gx,) = torch.autograd.grad(out, xs, g)
-        ctx.sub = None
+            # A backward the engine left alone (torch.autograd.grad(loss, x)) may be followed
+            # by the training backward of the same graph: keep the sub-graph for it.
+            (gx,) = torch.autograd.grad(out, xs, g, retain_graph=not counted)
+        if counted:
+            ctx.sub = None
         return (None, None, None, gx) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
-class _Mode(TorchFunctionMode):
-    def __init__(self, engine, module, rule):
+class CaptureMode(TorchFunctionMode):
+    """The one TorchFunctionMode of the capture strategies keyed by the torch operation: active
+    only during one module's forward, it offers every torch function call to :meth:`match`."""
+
+    def __init__(self, engine, module):
         super().__init__()
-        self.engine, self.module, self.rule = engine, module, rule
+        self.engine, self.module = engine, module
+
+    def match(self, func, args, kwargs):
+        """The result of the call ``func(*args, **kwargs)`` when this mode computes it (routed
+        to a capturing autograd Function), or NotImplemented to run it as it is."""
+        return NotImplemented
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = self.match(func, args, kwargs)
+        return func(*args, **kwargs) if out is NotImplemented else out
+
+
+class _Mode(CaptureMode):
+    def __init__(self, engine, module, rule):
+        super().__init__(engine, module)
+        self.rule = rule
+
+    def match(self, func, args, kwargs):
         parse = self.rule.functions.get(func)
         if parse is not None:
             bound = parse(*args, **kwargs)
             if bound.get("weight") is self.module.weight:
                 return self.rule.capture_call(self.engine, self.module, func, bound)
-        return func(*args, **kwargs)
+        return NotImplemented
 
 
 class FunctionalRule(Rule):

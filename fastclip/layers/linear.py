@@ -8,10 +8,10 @@ from typing import Dict, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
 from .. import ops
 from . import Entry, Rule, bias_in_same_pass, keep_bias, register, scaled_rows, take_bias
+from .capture import CaptureMode
 
 
 class _LinearFn(torch.autograd.Function):
@@ -37,15 +37,10 @@ class _LinearFn(torch.autograd.Function):
         return None, None, gx, None, None
 
 
-class _Capture(TorchFunctionMode):
+class _Capture(CaptureMode):
     """Active only during one Linear's forward: routes its F.linear call to _LinearFn."""
 
-    def __init__(self, engine, module):
-        super().__init__()
-        self.engine, self.module = engine, module
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+    def match(self, func, args, kwargs):
         if func is F.linear:
             x = args[0] if args else kwargs["input"]
             w = args[1] if len(args) > 1 else kwargs.get("weight")
@@ -56,7 +51,7 @@ class _Capture(TorchFunctionMode):
                         f"{type(self.module).__name__} got a {x.dim()}-D input {tuple(x.shape)}; "
                         "per-example gradients need the batch dimension first")
                 return _LinearFn.apply(self.engine, self.engine.new_use(self.module), x, w, b)
-        return func(*args, **kwargs)
+        return NotImplemented
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -117,13 +112,17 @@ class LinearRule(Rule):
 
     def clipped_grad(self, module, name, use, c, cache):
         G = _flat(use.grads[0])
-        B, T, p = G.shape
-        c = c.to(G.dtype)
         if name == "weight":
-            A = _flat(use.inputs)
-            d = A.shape[-1]
-            # G^T diag(c) A: rescale whichever factor is smaller, then one GEMM.
-            if p <= d:
-                return scaled_rows(G, c, cache).reshape(B * T, p).t().mm(A.reshape(B * T, d))
-            return G.reshape(B * T, p).t().mm(scaled_rows(A, c, cache).reshape(B * T, d))
-        return c.matmul(G[:, 0] if T == 1 else G.sum(1))
+            return clipped_product(_flat(use.inputs), G, c, cache)
+        return c.to(G.dtype).matmul(G[:, 0] if G.shape[1] == 1 else G.sum(1))
+
+
+def clipped_product(A: Tensor, G: Tensor, c: Tensor, cache: Dict) -> Tensor:
+    """``sum_i c_i G_i^T A_i`` (p, d) from A (B, T, d), G (B, T, p), c (B,): G^T diag(c) A,
+    rescaling whichever factor is smaller, then one GEMM."""
+    B, T, p = G.shape
+    d = A.shape[-1]
+    c = c.to(G.dtype)
+    if p <= d:
+        return scaled_rows(G, c, cache).reshape(B * T, p).t().mm(A.reshape(B * T, d))
+    return G.reshape(B * T, p).t().mm(scaled_rows(A, c, cache).reshape(B * T, d))
