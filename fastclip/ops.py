@@ -32,6 +32,23 @@ except ImportError:  # same situation as _C above (warned there when both are mi
 _NATIVE_DTYPES = (torch.float32, torch.float64)
 
 
+def cast_margin(dtype: torch.dtype) -> float:
+    """Relative margin taken off a clipping bound C so that a clipped sum released in ``dtype``
+    stays <= C when measured in float64.
+
+    Bound: with u the unit roundoff of ``dtype`` (eps / 2: bf16 2^-8, fp16 2^-11, fp32 2^-24),
+    the clipped sum passes at most four roundings to ``dtype`` (the clip factor, factor x G, the
+    product's output, the sum over a parameter's uses; each at most (1 + u) elementwise), so an
+    example's released part has norm <= (1 + u)^4 (1 + e) c ||g_i||, e the float32 error of its
+    norm and product (<< u). With C scaled by (1 - 5u): (1 - 5u)(1 + u)^4 <= 1 - u for u <= 1/8,
+    which leaves u for e. float64 is the measure itself: no margin. Only an example that is
+    clipped (or near the bound) is affected: far below C its factor stays exactly 1.
+    """
+    if dtype == torch.float64:
+        return 0.0
+    return 5.0 * torch.finfo(dtype).eps / 2
+
+
 def _load_blas() -> bool:
     """Points the core at the OpenBLAS of the scipy-openblas32 wheel, once, at import.
 
@@ -1015,15 +1032,22 @@ def clip_accumulate_torch(grads, accs, groups, bounds, scale: float):
     if accs is None:
         return sq, None
     norms = sq.sqrt()
-    b = torch.as_tensor(bounds, dtype=torch.float64, device=device)
+    b = torch.as_tensor(bounds, dtype=torch.float64, device=device) * (1.0 - _accs_margin(accs))
     factors = torch.where(norms > b, b / norms, torch.ones_like(norms)) * scale
     factors = torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))
     keep = factors != 0
     for g, a, grp in zip(grads, accs, groups):
         f, rows = factors[:, int(grp)], keep[:, int(grp)]
-        # Rows with factor 0 are left out, not multiplied: 0 * NaN is NaN.
-        a += (f[rows].to(g.dtype).unsqueeze(1) * g[rows]).sum(0)
+        # Rows with factor 0 are left out, not multiplied: 0 * NaN is NaN. The product and the
+        # sum over the nanobatch in float32 or wider, rounded to the accumulator's dtype once.
+        wide = torch.promote_types(g.dtype, torch.float32)
+        a += (f[rows].to(wide).unsqueeze(1) * g[rows].to(wide)).sum(0).to(a.dtype)
     return sq, factors
+
+
+def _accs_margin(accs) -> float:
+    """The cast margin of the narrowest accumulator dtype (see :func:`cast_margin`)."""
+    return max((cast_margin(a.dtype) for a in accs), default=0.0)
 
 
 def clip_accumulate(grads, accs, groups, bounds, scale: float = 1.0, num_threads: int = 1):
@@ -1051,9 +1075,10 @@ def clip_accumulate(grads, accs, groups, bounds, scale: float = 1.0, num_threads
     if not native:
         return clip_accumulate_torch(grads, accs, groups, bounds, scale)
     # The binding checks every argument itself (tests/test_nanobatch.py's hostile inputs).
+    shrink = 1.0 if accs is None else 1.0 - _accs_margin(accs)
     sq, factors = _nanobatch.clip_accumulate_nanobatch(
         [g.detach().contiguous().numpy() for g in grads],
         None if accs is None else [a.detach().numpy() for a in accs],
-        [int(g) for g in groups], None if bounds is None else [float(b) for b in bounds],
+        [int(g) for g in groups], None if bounds is None else [float(b) * shrink for b in bounds],
         float(scale), int(num_threads))
     return torch.from_numpy(sq), None if factors is None else torch.from_numpy(factors)

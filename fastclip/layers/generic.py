@@ -47,20 +47,63 @@ def _trainable(module: nn.Module):
     return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
 
+def _rng_devices(tensors):
+    """The CUDA devices whose generators a forward over ``tensors`` may draw from."""
+    return sorted({t.device.index or 0 for t in tensors
+                   if isinstance(t, Tensor) and t.device.type == "cuda"})
+
+
+def _rng_state(cuda_devices):
+    return (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in cuda_devices])
+
+
+def _set_rng_state(state, cuda_devices):
+    torch.set_rng_state(state[0])
+    for d, s in zip(cuda_devices, state[1]):
+        torch.cuda.set_rng_state(s, d)
+
+
+def _same_state(a, b) -> bool:
+    return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+
+
+class _Random:
+    """What the finalize needs to replay a forward that drew random numbers (dropout inside a
+    custom leaf): the generators' states before it and its outputs, to check the replay."""
+    __slots__ = ("state", "devices", "outputs")
+
+    def __init__(self, state, devices, outputs):
+        self.state, self.devices, self.outputs = state, devices, outputs
+
+
 class GenericRule(Rule):
-    """Exact rule for any leaf module that treats the examples of a batch independently."""
+    """Exact rule for any leaf module that treats the examples of a batch independently.
+
+    A module whose forward draws random numbers (the default generators' states differ after
+    it) gets its per-example gradients from a replay of that very forward: the states from
+    before it restored, the module re-run on the whole batch (same shapes, so the same draws),
+    the replayed outputs checked against the recorded ones, and one vjp of that forward taken
+    per example with the cotangent restricted to the example. Re-running per example, as for a
+    deterministic module, would draw new masks: gradients of a forward that never happened."""
 
     def pre_forward(self, engine, module, args, kwargs):
         params = _trainable(module)
         for n, p in params:
             module._parameters[n] = p.detach()
-        return params
+        devices = _rng_devices(tree_flatten((args, kwargs))[0] + [p for _, p in params])
+        return params, devices, _rng_state(devices)
 
-    def post_forward(self, engine, module, params, args, kwargs, output):
+    def post_forward(self, engine, module, state, args, kwargs, output):
+        params, devices, before = state
         for n, p in params:
             module._parameters[n] = p
         if output is None:
             return None
+        random = None
+        if not _same_state(before, _rng_state(devices)):
+            outs = [t.detach() for t in tree_flatten(output)[0] if isinstance(t, Tensor)
+                    and (t.is_floating_point() or t.is_complex())]
+            random = _Random(before, devices, outs)
         leaves, out_spec = tree_flatten(output)
         out_idx = [i for i, t in enumerate(leaves)
                    if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
@@ -71,7 +114,7 @@ class GenericRule(Rule):
             return None
         # inputs = (all input leaves with tensors detached later, tensor inputs, spec)
         use = engine.new_use(module, inputs=(in_leaves, in_tensors, in_spec),
-                             extra=(out_idx, out_spec, len(leaves)))
+                             extra=(out_idx, out_spec, random))
         tapped = _Tap.apply(engine, use, len(out_idx), len(in_tensors),
                             *[leaves[i] for i in out_idx], *in_tensors, *[p for _, p in params])
         leaves = list(leaves)
@@ -89,7 +132,7 @@ class GenericRule(Rule):
         for i, t in enumerate(in_leaves):
             if isinstance(t, Tensor):
                 in_leaves[i] = next(it).detach()
-        out_idx, out_spec, _ = use.extra
+        out_idx, out_spec, random = use.extra
         B = use.batch_size
         # Tensors whose leading dimension is B are split per example; the rest (shapes broadcast
         # over the batch, non-tensors) are passed whole to every example.
@@ -120,6 +163,9 @@ class GenericRule(Rule):
         in_dims = ([0 if b else None for b in batched], tuple(None if g is None else 0 for g in grads))
         if B == 0:
             result = {n: p.new_zeros((0,) + p.shape) for n, p in params.items()}
+        elif random is not None:
+            result = self._replayed(module, params, buffers, in_leaves, in_spec, out_idx, grads,
+                                    B, random)
         else:
             try:
                 result = vmap(one, in_dims=in_dims, randomness="same")(in_leaves, grads)
@@ -135,12 +181,71 @@ class GenericRule(Rule):
         cache[key] = result
         return result
 
+    # Examples per vmapped vjp call of a replayed forward: each holds a batch-sized cotangent.
+    _REPLAY_CHUNK = 16
+
+    def _replayed(self, module, params, buffers, in_leaves, in_spec, out_idx, grads, B, random):
+        """Per-example gradients {name: (B, *shape)} of a forward that drew random numbers:
+        replayed on the whole batch from the generators' states before it."""
+        user = _rng_state(random.devices)
+        try:
+            _set_rng_state(random.state, random.devices)
+
+            def run(p):
+                args, kwargs = tree_unflatten(in_leaves, in_spec)
+                out = functional_call(module, (p, buffers), tuple(args), kwargs)
+                leaves, _ = tree_flatten(out)
+                return tuple(leaves[i] for i in out_idx)
+
+            outs, fn = vjp(run, params)
+        finally:
+            _set_rng_state(user, random.devices)   # the user's stream goes on as if untouched
+        if len(outs) != len(random.outputs) or not all(
+                torch.equal(a, b) for a, b in zip(outs, random.outputs)):
+            raise RuntimeError(
+                f"fastclip: {type(module).__name__} draws random numbers in its forward, and "
+                "replaying it from the random generators' states before that forward did not "
+                "reproduce its output (its draws depend on something else: its own "
+                "torch.Generator, a device other than its inputs', the call's history), so its "
+                "per-example gradients cannot be formed; draw from the default generator of the "
+                "inputs' device, or move the random op out of the module into a parameter-free one")
+        cots = [None if g is None else g.to(o.dtype) for o, g in zip(outs, grads)]
+
+        def restricted(idx):
+            # cotangents (k, *out.shape): the output gradient of examples idx, zero elsewhere
+            k = len(idx)
+            sel = torch.zeros((k, B), dtype=torch.bool, device=outs[0].device)
+            sel[torch.arange(k), torch.as_tensor(idx)] = True
+            return tuple(torch.zeros((k,) + o.shape, dtype=o.dtype, device=o.device) if g is None
+                         else g.unsqueeze(0) * sel.view((k, B) + (1,) * (g.dim() - 1)).to(g.dtype)
+                         for o, g in zip(outs, cots))
+
+        rows = {n: [] for n in params}
+        for s in range(0, B, self._REPLAY_CHUNK):
+            idx = list(range(s, min(B, s + self._REPLAY_CHUNK)))
+            ct = restricted(idx)
+            try:
+                part = vmap(lambda *c: fn(c)[0])(*ct)
+            except (RuntimeError, NotImplementedError, ValueError):
+                got = [fn(tuple(t[j] for t in ct))[0] for j in range(len(idx))]
+                part = {n: torch.stack([g[n] for g in got]) for n in params}
+            for n in params:
+                rows[n].append(part[n])
+        return {n: torch.cat(rows[n]) for n in params}
+
+    def sq_norms(self, entries, method, cache):
+        # float32 or wider: a bf16 / fp16 sum of squares under-clips or overflows.
+        g = sum(self.per_example_grad(m, n, u, cache) for m, n, u in entries)
+        g = g.flatten(1)
+        return g.to(torch.promote_types(g.dtype, torch.float32)).square().sum(1)
+
     def per_example_grad(self, module, name, use, cache):
         return self._per_example(module, use, cache)[name]
 
     def clipped_grad(self, module, name, use, c, cache):
         g = self._per_example(module, use, cache)[name]
-        return torch.tensordot(c.to(g.dtype), g, dims=1)
+        wide = torch.promote_types(g.dtype, torch.float32)   # rounded to p's dtype once, later
+        return torch.tensordot(c.to(wide), g.to(wide), dims=1)
 
 
 GENERIC = GenericRule()
