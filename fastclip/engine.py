@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 import weakref
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .clipping import Bound, check_clipping, group_layers, resolve_bounds
 from .layers import Rule, Use, cross_inner, rule_for
@@ -35,7 +36,7 @@ from .audit import Auditor
 from .layers.direct import DIRECT
 from .layers.linear import LinearRule
 from .layers.generic import GENERIC, mixing_refusal, refusal
-from .ops import cast_margin
+from .passes import NONE, THREADS, TWICE, Gate, partial_error
 from .layers.ops_rule import PENDING
 
 # Bumped whenever any module in the process registers a parameter or a submodule (a parameter
@@ -56,28 +57,6 @@ if _HOOKED:
         getattr(nn.modules.module, _register)(_bump_structure)
 
 MODES = ("auto", "ghost", "direct", "nanobatch")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _widen(uses: List[Use], rules: Dict) -> List:
-    """Half / bfloat16 captures of ``uses`` seen as float32 by the rules for one finalize: norms
-    and clip factors are computed in float32 or wider (a bf16 squared norm is 2^-8 off, which
-    under-clips; an fp16 one overflows and drops the example), and the clipped sum is formed in
-    float32 and rounded to the parameter's dtype once (``_write_clipped``). Returns what to put
-    back. The generic rule re-runs its module, in the module's own dtype: it widens itself."""
-    saved = []
-
-    def up(t):
-        return t.float() if isinstance(t, Tensor) and t.dtype in _LOW_PRECISION else t
-
-    for u in uses:
-        if rules.get(u.module) is GENERIC:
-            continue
-        leaves = tree_flatten((u.inputs, u.grads))[0]
-        if any(isinstance(t, Tensor) and t.dtype in _LOW_PRECISION for t in leaves):
-            saved.append((u, u.inputs, u.grads))
-            u.inputs, u.grads = tree_map(up, u.inputs), tree_map(up, u.grads)
-    return saved
 # Rules whose use is one (input, output gradient) pair that may be recorded time-major and
 # transposed to batch-first (Linear, LayerNorm and the other functional rules).
 _TRANSPOSABLE = (LinearRule, FunctionalRule)
@@ -158,9 +137,11 @@ class Engine:
         self._rules: Dict[nn.Module, Rule] = {}
         self._params: Dict[nn.Module, List] = {}       # module -> [(name, parameter)]
         self._names: Dict[nn.Parameter, str] = {}      # parameter -> qualified name, for errors
-        self._states: Dict[nn.Module, List] = defaultdict(list)  # per-call capture state stack
+        # Per thread (a TorchFunctionMode entered in a pre-hook is the thread's own): the capture
+        # state stacks and the B of each model call in progress (properties _states, _batches).
+        self._tls = threading.local()
         self._handles: List = []
-        self._batches: List[Optional[int]] = []  # B of each model call in progress
+        self._gate = Gate()      # which backward passes may enter the step (fastclip/passes.py)
         self._scratch: Dict = {}    # reusable buffers of the finalize (layers.scaled_rows)
         self._pending: List[Use] = []
         self._queued = False
@@ -473,6 +454,7 @@ class Engine:
             h.remove()
         self._handles.clear()
         self._pending.clear()
+        self._gate.clear()
         self._new_backward()
         if self._nano is not None:
             self._nano.detach()
@@ -491,6 +473,37 @@ class Engine:
                 out.append((self._names[p], rule))
         return out
 
+    # -- per-thread state -------------------------------------------------------------------
+    @property
+    def _states(self) -> Dict[nn.Module, List]:
+        """This thread's capture state stack per module (a forward in another thread, e.g. an
+        evaluation under no_grad, has its own)."""
+        try:
+            return self._tls.states
+        except AttributeError:
+            self._tls.states = defaultdict(list)
+            return self._tls.states
+
+    @property
+    def _batches(self) -> List[Optional[int]]:
+        """B of each model call in progress in this thread."""
+        try:
+            return self._tls.batches
+        except AttributeError:
+            self._tls.batches = []
+            return self._tls.batches
+
+    def __getstate__(self):
+        # copy.deepcopy(model) copies the hooks with their engine: the per-thread state is made
+        # afresh, not copied.
+        state = dict(self.__dict__)
+        state["_tls"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._tls = threading.local()
+
     # -- capture ----------------------------------------------------------------------------
     def _root_pre(self, module, args, kwargs):
         self.refresh()   # parameters unfrozen/replaced/added since the plan: clipped from now on
@@ -504,11 +517,12 @@ class Engine:
             self._batches.pop()
 
     def _expand_broadcast(self, args, kwargs):
-        """Inputs with leading dimension 1 while the batch is B > 1 (position ids of shape (1, T),
+        """Inputs with leading dimension 1 while the batch is B != 1 (position ids of shape (1, T),
         a learned token) are expanded to B, as views: each example then has its own output and
-        output gradient, so its share of the parameter gradient is seen, not the batch's sum."""
+        output gradient, so its share of the parameter gradient is seen, not the batch's sum.
+        B = 0 (an empty Poisson batch) too: the use then has no example, like the others."""
         B = self._batches[-1] if self._batches else None
-        if B is None or B <= 1:
+        if B is None or B == 1:
             return None
         leaves, spec = tree_flatten((args, kwargs))
         hit = False
@@ -567,14 +581,23 @@ class Engine:
             use.expected += 1
             self._open[self._layer_of[use.module]].add(use)
 
-    def record(self, use: Use):
+    def record(self, use: Use) -> bool:
         """Called from a rule's backward once ``use.grads`` is set (and again for each further
-        piece of a use announced in pieces, see :meth:`expect`)."""
+        piece of a use announced in pieces, see :meth:`expect`). Returns whether the use entered
+        the step: not in a backward that asks for no parameter's gradient
+        (``torch.autograd.grad(loss, x)``), which the engine leaves alone."""
         if use.module not in self._rules:
-            return   # made before a re-plan (refresh) that dropped its module: nothing trainable
+            return False  # made before a re-plan (refresh) that dropped its module: nothing trainable
+        if not self._queued or self._queued_cb() is None:
+            self._start_backward()
+        elif self._owner != threading.get_ident():
+            raise RuntimeError(THREADS)
+        if self._skip:
+            return False
         if not use.recorded:
-            if not self._queued or self._queued_cb() is None:
-                self._start_backward()
+            if use.spent:
+                raise RuntimeError(TWICE)
+            use.spent = True
             use.recorded = True
             if use.module in self._time_major:     # (T, B, ...) -> (B, T, ...), as views
                 use.inputs = use.inputs.transpose(0, 1)
@@ -588,16 +611,26 @@ class Engine:
                 self._waiting.setdefault(self._layer_of[use.module], []).append(use)
         if self._open is not None:
             self._arrived(use)
+        return True
 
     def _start_backward(self):
         """First record of a backward: queue the finalize for its end. A finalize autograd
-        dropped unrun (its backward failed) left that backward's uses behind: forget them."""
+        dropped unrun (its backward failed) left that backward's uses behind: forget them.
+        A backward that asks for no parameter's gradient is left alone to its end; one that asks
+        for some but not all is refused (fastclip/passes.py)."""
         if self._queued:
             for u in self._pending:
                 u.recorded = False
             self._pending = []
             self._new_backward()
-        cb = lambda: self._finalize()  # noqa: E731  (weakly watched: freed unrun if the backward fails)
+        params = (p for ps in self._params.values() for _, p in ps)
+        kind, self._wanted = self._gate.check(params, self._names)
+        self._skip = kind == NONE
+        self._owner = threading.get_ident()
+        if self._skip:
+            cb = lambda: self._new_backward()  # noqa: E731
+        else:
+            cb = lambda: self._finalize()  # noqa: E731  (weakly watched: freed unrun if the backward fails)
         self._queued_cb = weakref.ref(cb)
         self._queued = True
         torch.autograd.Variable._execution_engine.queue_callback(cb)
@@ -639,6 +672,9 @@ class Engine:
         self._sizes: List = []  # (module type, B) of the uses clipped so far, for errors
         self._queued = False
         self._queued_cb = None
+        self._skip = False      # this backward asks for no parameter's gradient: left alone
+        self._wanted = None     # the parameters it asks for, when not all (passes.SOME)
+        self._owner = None      # the thread that runs it
 
     # -- finalize ---------------------------------------------------------------------------
     def _finalize(self):
@@ -723,15 +759,14 @@ class Engine:
                     entries.setdefault(p, []).append((u.module, name, u))
         if not entries:
             return None
+        if self._wanted is not None:   # the backward asked for some parameters' gradients only
+            missed = [p for p in entries if p not in self._wanted]
+            if missed:
+                raise partial_error(missed, self._names)
         cache: Dict = {"scratch": self._scratch}
-        widened = _widen(uses, self._rules)
-        try:
-            sq = self._sq_norms(entries, B, cache)
-            if self.write_grads:
-                self._write_clipped(entries, uses, sq, B, C, cache)
-        finally:
-            for u, inputs, grads in widened:
-                u.inputs, u.grads = inputs, grads
+        sq = self._sq_norms(entries, B, cache)
+        if self.write_grads:
+            self._write_clipped(entries, uses, sq, B, C, cache)
         return sq
 
     def _sq_norms(self, entries: Dict[nn.Parameter, List], B: int, cache: Dict) -> Tensor:
@@ -756,29 +791,19 @@ class Engine:
         """Add ``sum_i c_i g_i`` to ``p.grad`` for every parameter of ``entries``, with
         ``c_i = min(1, C / ||g_i||)`` from the squared norms ``sq`` (times the loss scale)."""
         scale = float(B) if self.loss_reduction == "mean" else 1.0
-        norms = sq.to(torch.float64).sqrt() * scale
+        norms = sq.sqrt() * scale
+        c = torch.where(norms > C, C / norms, torch.ones_like(norms)) * scale
         bad = ~torch.isfinite(norms)
-        by_dtype: Dict[torch.dtype, Tensor] = {}
-
-        def factors(dtype: torch.dtype) -> Tensor:
-            # float64 factors; C shrunk by the margin of the dtype the sum is released in, so
-            # rounding cannot lift an example's contribution above C (ops.cast_margin).
-            if dtype not in by_dtype:
-                Cm = C * (1.0 - cast_margin(dtype))
-                c = torch.where(norms > Cm, Cm / norms, torch.ones_like(norms)) * scale
-                by_dtype[dtype] = torch.where(bad, torch.zeros_like(c), c)
-            return by_dtype[dtype]
-
         if bad.any():
             # An example whose gradient is not finite (an overflow in its forward) must not
             # poison the sum, nor show in it: it contributes nothing, like an absent example.
+            c = torch.where(bad, torch.zeros_like(c), c)
             for u in uses:
                 self._rules[u.module].zero_examples(u, bad)
             cache.clear()   # per-example results cached from the bad rows
             cache["scratch"] = self._scratch
         for p, ents in entries.items():
             grad = None
-            c = factors(p.dtype)
             for m, n, u in ents:
                 g = self._rules[m].clipped_grad(m, n, u, c, cache)
                 grad = g if grad is None else grad + g

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
@@ -38,6 +39,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import ops
+from .passes import NONE, THREADS, TWICE
 
 
 def _check_int(value, name: str, minimum: int = 1) -> int:
@@ -49,7 +51,7 @@ def _check_int(value, name: str, minimum: int = 1) -> int:
 class _Call:
     """One forward of the model: its nanobatches' graphs, completed by the backward's G."""
 
-    __slots__ = ("B", "chunks", "outs", "leaves", "tapped", "grads", "params")
+    __slots__ = ("B", "chunks", "outs", "leaves", "tapped", "grads", "params", "spent")
 
     def __init__(self, B, chunks, outs, leaves, tapped, params):
         self.B = B
@@ -59,6 +61,7 @@ class _Call:
         self.leaves = leaves    # per nanobatch: per-example parameter copies (vmap), or None
         self.tapped = tapped    # indices of the output leaves that carry gradients
         self.grads = None
+        self.spent = False      # taken into a step by a backward (fastclip/passes.py)
 
 
 class _Tap(torch.autograd.Function):
@@ -90,9 +93,16 @@ class NanoBatch:
         self._local = threading.local()   # re-entrance guard (functional_call calls the model)
         self._pending: List[_Call] = []
         self._queued = False
+        self._queued_cb = None      # weakly: freed unrun when its backward fails
+        self._skip = False          # the backward in progress asks for no parameter's gradient
+        self._owner = None          # the thread that runs it
         self._pool: Optional[ThreadPoolExecutor] = None
         self._warned_vmap = False
         self._params = []           # [(name, parameter)], set at attach
+        # fastclip.validate: norms-only backward passes keep each parameter's squared norms,
+        # param_sq (B, P) float64 in self._params order.
+        self.by_param = False
+        self.param_sq: Optional[Tensor] = None
 
     def __getstate__(self):
         # copy.deepcopy(model) copies the wrapped forward with its NanoBatch: threads and the
@@ -147,6 +157,17 @@ class NanoBatch:
     def _forward(self, *args, **kwargs):
         if getattr(self._local, "inside", False) or not torch.is_grad_enabled():
             return self._inner(*args, **kwargs)  # evaluation, or a nanobatch's own call
+        if torch.compiler.is_compiling():
+            # torch.compile after make_private: traced, the nanobatch graphs are not the ones the
+            # finalize differentiates (its backward failed deep inside autograd). Raising while
+            # traced makes dynamo run this frame eagerly (exact); under fullgraph=True the
+            # error reaches the user.
+            raise RuntimeError(
+                "fastclip: the forward of a model made private with mode='nanobatch' cannot be "
+                "traced by torch.compile (the model was compiled after make_private, with "
+                "fullgraph=True). Compile the model before make_private (model = "
+                "torch.compile(model), then make_private(model, ...): each nanobatch runs the "
+                "compiled forward), or use mode='auto'")
         # Parameters unfrozen/replaced/added since attach: re-planned (this object re-attached,
         # self._params and self._inner formed again) and covered from this forward on.
         self.engine.refresh()
@@ -250,11 +271,35 @@ class NanoBatch:
     # -- backward ---------------------------------------------------------------------------
     def ready(self, call: _Call, grads):
         """From _Tap's backward: the call's output gradients are known."""
+        if not self._queued or self._queued_cb() is None:
+            self._start_backward(call)
+        elif self._owner != threading.get_ident():
+            raise RuntimeError(THREADS)
+        if self._skip:
+            return
+        if call.spent:
+            raise RuntimeError(TWICE)
+        call.spent = True
         call.grads = grads
         self._pending.append(call)
-        if not self._queued:
-            self._queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+
+    def _start_backward(self, call: _Call):
+        """First call of a backward: what it asks for (fastclip/passes.py; every covered
+        parameter is an input of _Tap, so asking for a part of them is refused), and the
+        finalize queued for its end. A backward that failed left its calls: dropped unreleased."""
+        self._pending, self._queued = [], False
+        engine = self.engine
+        kind, _ = engine._gate.check((p for _, p in call.params), engine._names,
+                                     all_in_graph=True)
+        self._skip = kind == NONE
+        self._owner = threading.get_ident()
+        cb = self._end_skipped if self._skip else self._finalize   # a new bound method each time
+        self._queued_cb = weakref.ref(cb)
+        self._queued = True
+        torch.autograd.Variable._execution_engine.queue_callback(cb)
+
+    def _end_skipped(self):
+        self._queued = self._skip = False
 
     def _finalize(self):
         calls, self._pending, self._queued = self._pending, [], False
@@ -282,7 +327,9 @@ class NanoBatch:
             groups, bounds = [layer_of[id(p)] for _, p in params], engine.bounds
         else:                                        # flat, or norms only
             groups, bounds = [0] * len(params), (engine.sensitivity,) if write else None
-        L = len(bounds) if bounds is not None else 1
+        if self.by_param and not write:              # validate: one group per parameter
+            groups = list(range(len(params)))
+        L = len(bounds) if bounds is not None else max(groups, default=0) + 1
         scale = float(B) if engine.loss_reduction == "mean" else 1.0
         n_chunks = len(calls[0].chunks) if B > 0 else 0
         T = max(1, min(self.num_threads, n_chunks))
@@ -317,6 +364,8 @@ class NanoBatch:
             for c in calls:
                 c.outs = c.leaves = None   # free the nanobatch graphs
         norms = sq.sum(1).sqrt()
+        if self.by_param and not write:
+            self.param_sq = sq
         engine.examples += B
         if engine.keep_norms:
             engine.norms_log.append(norms)

@@ -99,7 +99,7 @@ def validate(model: nn.Module, loss_fn: Callable, inputs, targets, mode: str = "
         inputs: a tensor (B, ...) or tuple of tensors; keep B small (the exact path runs one
             backward per example).
         targets: whatever ``loss_fn`` takes.
-        mode: "auto", "ghost" or "direct".
+        mode: "auto", "ghost", "direct" or "nanobatch".
         tol: the relative error under which a parameter counts as agreeing.
         verbose: print the report.
 
@@ -116,19 +116,24 @@ def validate(model: nn.Module, loss_fn: Callable, inputs, targets, mode: str = "
     try:
         with converted(model) as m:
             engine = _Probe(m, mode=mode, max_grad_norm=None, loss_reduction="sum", audit=False)
-            engine.keep_norms = True
-            try:
+            try:   # from here on the hooks are attached: detached whatever happens
+                engine.keep_norms = True
+                nano = engine._nano
+                if nano is not None:
+                    nano.by_param = True   # each parameter's squared norms (nanobatch.param_sq)
                 t0 = time.perf_counter()
                 losses = loss_fn(m(*inputs), targets)
                 if losses.requires_grad:
                     torch.autograd.backward(losses.sum())
                 fast_s = time.perf_counter() - t0
                 # After the forward: a leaf's operation rule is resolved at its first forward.
-                rules = {p: type(engine._rules[mod]).__name__
+                rules = {p: "NanoBatch" if nano is not None else type(engine._rules[mod]).__name__
                          for mod, ps in engine._params.items() for _, p in ps}
             finally:
                 engine.detach()
             contrib = getattr(engine, "contrib", {})
+            if nano is not None and nano.param_sq is not None:
+                contrib = {p: nano.param_sq[:, i] for i, (_, p) in enumerate(nano._params)}
             fast_norms = engine.norms_log[0] if engine.norms_log else torch.zeros(B, dtype=torch.float64)
         # exact: float64 copy, one backward per example
         ref = copy.deepcopy(model).double()

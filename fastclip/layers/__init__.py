@@ -35,10 +35,12 @@ class Use:
         expected: ``engine.record`` calls the forward announced and the backward has not made
             yet (``engine.new_use`` / ``engine.expect``; per-layer clipping only).
         recorded: whether the engine holds the use for the backward in progress.
+        spent: whether a backward has taken the use into a step (a graph backpropagated again
+            would count its examples twice: the engine refuses it).
     """
 
     __slots__ = ("module", "inputs", "grads", "batch_size", "extra", "expected", "recorded",
-                 "__weakref__")
+                 "spent", "__weakref__")
 
     def __init__(self, module: nn.Module, inputs: Any = None, extra: Any = None):
         self.module = module
@@ -48,6 +50,7 @@ class Use:
         self.extra = extra
         self.expected = 0
         self.recorded = False
+        self.spent = False
 
 
 # One entry of a parameter's uses: (module, name of the parameter in that module, use).

@@ -33,7 +33,9 @@ from . import Rule, Use
 
 class _Mix(torch.autograd.Function):
     """The mixing op. Inputs: the data tensors that require grad, then the followed leaves (so
-    the outputs require grad even when the data does not; they get no gradient from here)."""
+    the outputs require grad even when the data does not), then the module's own parameters (so
+    their gradient nodes are in the graph, where the engine asks whether a backward computes
+    their gradients, fastclip/passes.py); neither gets a gradient from here."""
 
     @staticmethod
     def forward(ctx, engine, use, run, n_data, *tensors):
@@ -51,22 +53,26 @@ class _Mix(torch.autograd.Function):
         outs = use.extra["outs"]
         use.grads = tuple(grads)
         pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        gd = [None] * len(ctx.subs)
-        if pairs and ctx.subs:
-            got = torch.autograd.grad([o for o, _ in pairs], ctx.subs, [g for _, g in pairs],
+        subs = ctx.subs
+        # Before the sub-graph is read: a graph backpropagated again is refused here by name.
+        counted = ctx.engine.record(use)
+        gd = [None] * len(subs)
+        if pairs and subs:
+            got = torch.autograd.grad([o for o, _ in pairs], subs, [g for _, g in pairs],
                                       retain_graph=True, allow_unused=True)
             gd = list(got)
-        ctx.subs = None
-        ctx.engine.record(use)
+        if counted:   # a backward the engine left alone may be followed by the training one
+            ctx.subs = None
         return (None, None, None, None) + tuple(gd) + (None,) * (
             len(ctx.needs_input_grad) - 4 - len(gd))
 
 
 class _Follow(TorchFunctionMode):
-    def __init__(self, engine, module, leaves: Dict[str, Tensor]):
+    def __init__(self, engine, module, leaves: Dict[str, Tensor], params: List[Tensor]):
         super().__init__()
         self.engine, self.module = engine, module
         self.leaves = leaves                       # parameter name -> fresh leaf q
+        self.params = params                       # the parameters q stands for
         self.followed: Dict[int, Tensor] = {id(q): q for q in leaves.values()}
 
     def _is_followed(self, t) -> bool:
@@ -107,7 +113,8 @@ class _Follow(TorchFunctionMode):
             return [t for t in flat if isinstance(t, Tensor) and t.is_floating_point()]
 
         use = self.engine.new_use(self.module, extra={"leaves": dict(self.leaves), "B": B})
-        res = _Mix.apply(self.engine, use, run, len(needs), *needs, *self.leaves.values())
+        res = _Mix.apply(self.engine, use, run, len(needs), *needs, *self.leaves.values(),
+                         *self.params)
         flat = list(out_spec["flat"])
         it = iter(res)
         for i, t in enumerate(flat):
@@ -135,7 +142,7 @@ class DirectRule(Rule):
             q.register_hook(_guard(engine, module, n))
             leaves[n] = q
             module._parameters[n] = q
-        mode = _Follow(engine, module, leaves)
+        mode = _Follow(engine, module, leaves, [p for _, p in own])
         mode.__enter__()
         return own, mode
 

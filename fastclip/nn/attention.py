@@ -44,8 +44,7 @@ class _ProjFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         use = ctx.use
         wname, bname, rows = ctx.info
-        use.extra.setdefault("proj", []).append(ProjPart(wname, bname, rows, x.detach(), g))
-        _record(ctx.engine, use, g)
+        _record(ctx.engine, use, g, "proj", ProjPart(wname, bname, rows, x.detach(), g))
         gx = g.matmul(w) if ctx.needs_input_grad[3] else None
         return None, None, None, gx, None, None
 
@@ -61,15 +60,19 @@ class _TokenFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        ctx.use.extra.setdefault("token", []).append((ctx.name, g[:, 0]))
-        _record(ctx.engine, ctx.use, g)
+        _record(ctx.engine, ctx.use, g, "token", (ctx.name, g[:, 0]))
         return None, None, None, None, None
 
 
-def _record(engine, use, g):
+def _record(engine, use, g, kind, part):
+    parts = use.extra.setdefault(kind, [])
+    parts.append(part)
     if use.grads is None:
         use.grads = (g,)
-    engine.record(use)  # every piece: the use is complete when all have come
+    # every piece: the use is complete when all have come. A backward the engine leaves alone
+    # (torch.autograd.grad(loss, x)) adds nothing: the training backward adds the parts again.
+    if not engine.record(use):
+        parts.pop()
 
 
 def _merge_masks(attn_mask, key_padding_mask, B, H, L, S, dtype):

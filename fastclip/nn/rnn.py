@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .. import ops
+from ..passes import TWICE
 from .capture import current_capture
 
 
@@ -71,6 +72,10 @@ class _RecurrentFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_hn, d_cn=None):
         x, w_ih, w_hh = ctx.saved_tensors
+        if ctx.inner is None:   # freed by the backward that used it
+            raise RuntimeError(TWICE if ctx.capture is not None else
+                               "Trying to backward through a fastclip.nn recurrent layer a second "
+                               "time; its saved states were freed by the first backward")
         saved, h_prev, c_prev, tanh_c = ctx.inner
         need = ctx.needs_input_grad
         g_ih, g_hh, d_x, d_h0, d_c0, g_sum, g_hh_sum = ops.rnn_backward(
@@ -78,15 +83,18 @@ class _RecurrentFn(torch.autograd.Function):
             ctx.reverse, need_input_grad=need[4])
         if g_hh is None:
             g_hh, g_hh_sum = g_ih, g_sum
-        ctx.inner = None
         gw_ih = gw_hh = gb_ih = gb_hh = None
         if ctx.capture is not None:
             engine, use, key = ctx.capture
             use.extra[key] = RecurrentPart(x.detach(), h_prev, g_ih, g_hh, g_sum, g_hh_sum)
             if use.grads is None:
                 use.grads = (g_ih,)
-            engine.record(use)  # every piece: the use is complete when all have come
+            # every piece: the use is complete when all have come. A backward the engine left
+            # alone (torch.autograd.grad(loss, x)) may be followed by the training one: keep.
+            if engine.record(use):
+                ctx.inner = None
         else:
+            ctx.inner = None
             B, T = g_ih.shape[:2]
             G, Gh = g_ih.reshape(B * T, -1), g_hh.reshape(B * T, -1)
             if need[7]:
