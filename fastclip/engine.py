@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .clipping import Bound, check_clipping, group_layers, resolve_bounds
 from .layers import Rule, Use, cross_inner, rule_for
@@ -37,6 +37,7 @@ from .layers.direct import DIRECT
 from .layers.linear import LinearRule
 from .layers.generic import GENERIC, mixing_refusal, refusal
 from .passes import NONE, THREADS, TWICE, Gate, partial_error
+from .ops import cast_margin
 from .layers.ops_rule import PENDING
 
 # Bumped whenever any module in the process registers a parameter or a submodule (a parameter
@@ -57,6 +58,28 @@ if _HOOKED:
         getattr(nn.modules.module, _register)(_bump_structure)
 
 MODES = ("auto", "ghost", "direct", "nanobatch")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _widen(uses: List[Use], rules: Dict) -> List:
+    """Half / bfloat16 captures of ``uses`` seen as float32 by the rules for one finalize: norms
+    and clip factors are computed in float32 or wider (a bf16 squared norm is 2^-8 off, which
+    under-clips; an fp16 one overflows and drops the example), and the clipped sum is formed in
+    float32 and rounded to the parameter's dtype once (``_write_clipped``). Returns what to put
+    back. The generic rule re-runs its module, in the module's own dtype: it widens itself."""
+    saved = []
+
+    def up(t):
+        return t.float() if isinstance(t, Tensor) and t.dtype in _LOW_PRECISION else t
+
+    for u in uses:
+        if rules.get(u.module) is GENERIC:
+            continue
+        leaves = tree_flatten((u.inputs, u.grads))[0]
+        if any(isinstance(t, Tensor) and t.dtype in _LOW_PRECISION for t in leaves):
+            saved.append((u, u.inputs, u.grads))
+            u.inputs, u.grads = tree_map(up, u.inputs), tree_map(up, u.grads)
+    return saved
 # Rules whose use is one (input, output gradient) pair that may be recorded time-major and
 # transposed to batch-first (Linear, LayerNorm and the other functional rules).
 _TRANSPOSABLE = (LinearRule, FunctionalRule)
@@ -764,9 +787,14 @@ class Engine:
             if missed:
                 raise partial_error(missed, self._names)
         cache: Dict = {"scratch": self._scratch}
-        sq = self._sq_norms(entries, B, cache)
-        if self.write_grads:
-            self._write_clipped(entries, uses, sq, B, C, cache)
+        widened = _widen(uses, self._rules)
+        try:
+            sq = self._sq_norms(entries, B, cache)
+            if self.write_grads:
+                self._write_clipped(entries, uses, sq, B, C, cache)
+        finally:
+            for u, inputs, grads in widened:
+                u.inputs, u.grads = inputs, grads
         return sq
 
     def _sq_norms(self, entries: Dict[nn.Parameter, List], B: int, cache: Dict) -> Tensor:
@@ -791,19 +819,29 @@ class Engine:
         """Add ``sum_i c_i g_i`` to ``p.grad`` for every parameter of ``entries``, with
         ``c_i = min(1, C / ||g_i||)`` from the squared norms ``sq`` (times the loss scale)."""
         scale = float(B) if self.loss_reduction == "mean" else 1.0
-        norms = sq.sqrt() * scale
-        c = torch.where(norms > C, C / norms, torch.ones_like(norms)) * scale
+        norms = sq.to(torch.float64).sqrt() * scale
         bad = ~torch.isfinite(norms)
+        by_dtype: Dict[torch.dtype, Tensor] = {}
+
+        def factors(dtype: torch.dtype) -> Tensor:
+            # float64 factors; C shrunk by the margin of the dtype the sum is released in, so
+            # rounding cannot lift an example's contribution above C (ops.cast_margin).
+            if dtype not in by_dtype:
+                Cm = C * (1.0 - cast_margin(dtype))
+                c = torch.where(norms > Cm, Cm / norms, torch.ones_like(norms)) * scale
+                by_dtype[dtype] = torch.where(bad, torch.zeros_like(c), c)
+            return by_dtype[dtype]
+
         if bad.any():
             # An example whose gradient is not finite (an overflow in its forward) must not
             # poison the sum, nor show in it: it contributes nothing, like an absent example.
-            c = torch.where(bad, torch.zeros_like(c), c)
             for u in uses:
                 self._rules[u.module].zero_examples(u, bad)
             cache.clear()   # per-example results cached from the bad rows
             cache["scratch"] = self._scratch
         for p, ents in entries.items():
             grad = None
+            c = factors(p.dtype)
             for m, n, u in ents:
                 g = self._rules[m].clipped_grad(m, n, u, c, cache)
                 grad = g if grad is None else grad + g
