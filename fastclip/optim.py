@@ -42,6 +42,15 @@ class DPOptimizer(Optimizer):
     logical batch is partly accumulated (after such a skipped step, until the step that ends the
     logical batch). So noise is added and the step accounted once per logical batch.
 
+    The drawn batch. With the Poisson loader of :func:`make_private`, each :meth:`step` must
+    release exactly one batch the loader handed out since the last step, each of its examples
+    covered once by the step's backward passes (``engine.examples``; the physical batches of a
+    logical batch add up). Anything else is refused before anything is released, with the reason:
+    no batch handed out (training on the original loader or tensors of one's own, a second step
+    on one batch), several batches stepped as one (including a skipped step on an empty batch),
+    or another number of examples (a batch backpropagated twice). An empty batch is an ordinary
+    noise-only step, with or without a backward.
+
     Args:
         optimizer: the torch optimizer over the model's parameters.
         engine: the attached :class:`fastclip.engine.Engine`.
@@ -391,10 +400,16 @@ class DPOptimizer(Optimizer):
         """Restore a state dict from :meth:`state_dict`: the run continues exactly (same noise,
         same batches, same epsilon) when the model and loader are built as before.
 
+        Every part is validated before any is applied: a refused state dict changes nothing
+        (accountant, noise multiplier, generators, sampler, wrapped optimizer). A checkpoint saved
+        with another ``secure_mode`` loads with a warning (the accounting resumes exactly, the
+        randomness does not). :func:`fastclip.save_checkpoint` writes checkpoints atomically.
+
         Raises:
             ValueError: the state dict has no privacy state (it was saved from a non-private
                 optimizer: loading it would silently restart the accounting at 0 steps), or it
-                does not fit this run (another sample rate or dataset size for the sampler).
+                does not fit this run (another sample rate or dataset size for the sampler), or
+                a part of it is not valid (accountant history, generator states).
         """
         if _KEY not in state_dict:
             raise ValueError("this state dict has no privacy state (accountant, noise generator, "
@@ -518,7 +533,11 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
             ``torch.get_num_threads()``).
         loss_reduction: "mean" or "sum": how the training loss combines per-example losses.
         poisson_sampling: replace the loader's sampling by Poisson sampling at rate 1/len(loader)
-            (the loader's dataset must be map-style, with a length).
+            (the loader's dataset must be map-style, with a length) over the index set its
+            sampler draws from: the dataset, or a ``SubsetRandomSampler``'s indices (N is then
+            their number). Other samplers (weighted, with replacement, custom) are refused; see
+            :func:`fastclip.data.poisson_loader`. Train on the returned loader: ``step`` refuses a
+            step that is not exactly one of its batches.
         generator: torch.Generator for the noise; None seeds one from torch's default generator.
         sampling_generator: torch.Generator for the Poisson sampling; None derives one from
             ``generator`` when given (one seed makes the whole run reproducible), else from

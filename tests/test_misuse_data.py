@@ -596,3 +596,61 @@ def test_the_kill_test_can_fail_plain_torch_save_loses_the_checkpoint(tmp_path):
     with pytest.raises(Exception):
         ckpt = fastclip.load_checkpoint(path)
         assert ckpt["step"] == 1
+
+
+# ---- distributed: one rank's refusal is every rank's --------------------------------------------
+
+def _refusing_worker(rank, port, outdir):
+    import torch.distributed as dist
+    from datetime import timedelta
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"          # localhost only
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    try:
+        m, opt, loader = private(_model(), C, loader=DataLoader(_data(40), batch_size=8),
+                                 distributed=True, generator=torch.Generator().manual_seed(7))
+        x, y, _ = next(iter(loader))
+        before = flat_params(m)
+        opt.zero_grad()
+        _loss(m, x, y).backward()
+        if rank == 0:
+            _loss(m, x, y).backward()                # rank 0's shard backpropagated twice
+        try:
+            opt.step()
+            error = None
+        except RuntimeError as e:
+            error = str(e)
+        unchanged = torch.equal(before, flat_params(m))
+        opt.zero_grad()                              # redone once on every rank: released
+        _loss(m, x, y).backward()
+        opt.step()
+        torch.save({"size": len(x), "error": error, "unchanged": unchanged, "steps": opt.steps,
+                    "params": flat_params(m)}, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_refusal_on_one_rank_refuses_the_step_on_every_rank(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_refusing_worker, args=(port, str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + 120
+    try:
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "the ranks did not finish (one waits for the other)"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["size"] > 0
+    assert f"covered {2 * r0['size']} examples" in r0["error"]
+    assert "another rank refused this step" in r1["error"]
+    assert r0["unchanged"] and r1["unchanged"]
+    assert r0["steps"] == r1["steps"] == 1 and torch.equal(r0["params"], r1["params"])
