@@ -310,8 +310,9 @@ class DPOptimizer(Optimizer):
                        "the private loader since the last step, and step() would release them as "
                        f"one (the backward passes covered {covered} examples); the accountant counts "
                        "one Poisson-sampled batch per step. Fix: call step() once for every batch "
-                       "the loader yields, an empty one included (a noise-only step); for batches "
-                       "larger than memory use fastclip.BatchMemoryManager")
+                       "the loader yields, an empty one included (a noise-only step), and take no "
+                       "batch from it for anything else (to look at a batch, use the original "
+                       "loader); for batches larger than memory use fastclip.BatchMemoryManager")
             elif covered != handed[0]:
                 cause = ("each example counted, and its influence bounded, more than once: "
                          "backward() called on two forward passes of the same batch, or the batch "
