@@ -492,7 +492,8 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
                  sampling_generator: Optional[torch.Generator] = None,
                  secure_mode: bool = False,
                  accountant: str = "rdp",
-                 distributed: Optional[bool] = None) -> Tuple[nn.Module, DPOptimizer, Optional[DataLoader]]:
+                 distributed: Optional[bool] = None,
+                 audit: bool = True) -> Tuple[nn.Module, DPOptimizer, Optional[DataLoader]]:
     """Make a model, its optimizer and (optionally) its loader differentially private.
 
     After this, the usual loop ``zero_grad(); loss_fn(model(x), y).mean().backward(); step()``
@@ -553,6 +554,16 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
             clipped sums are all-reduced at ``step``, noise of std ``noise_multiplier *
             max_grad_norm`` is added once, and every rank takes the same step. The model must
             not be wrapped in DistributedDataParallel (refused).
+        audit: the first-step audit (default on, :mod:`fastclip.audit`): at the first forward
+            with two or more examples, a few examples are recomputed alone (eval mode, RNG and
+            train/eval modes restored) and the model is refused if their outputs differ from
+            their rows of the batched output (batch statistics, attention across the batch), or
+            if an output that requires grad has no batch dimension (a loss computed inside the
+            model, e.g. Hugging Face ``model(..., labels=...).loss``: use
+            :func:`fastclip.lm_loss` on the logits). Afterwards a forward costs one flag test.
+            ``audit=False`` skips it: you are then responsible for each example's gradient
+            depending on that example alone (the loss you compute from the outputs is never
+            audited under make_private: it must be per example too).
 
     Returns:
         (model, DPOptimizer, loader or None); the loader is a
@@ -585,7 +596,8 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
     model = convert_recurrent(model)
     try:
         engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
-                        clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads)
+                        clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads,
+                        audit=audit)
     except Exception:
         for parent, name, child in recurrent:
             parent._modules[name] = child
