@@ -31,7 +31,7 @@ class DropLeaf(nn.Module):
 
     def forward(self, x, mask=None):
         x = F.dropout(x, 0.5, self.training) if mask is None else x * mask * 2.0
-        return x @ self.w.t() + self.b
+        return x @ torch.tanh(self.w).t() + self.b   # tanh(w): no op rule, the generic one
 
 
 class DropNet(nn.Module):
@@ -139,10 +139,10 @@ class OwnGenerator(nn.Module):
 
     def forward(self, x):
         if not self.training:   # like dropout: random in training only
-            return x @ self.w.t()
+            return x @ torch.tanh(self.w).t()   # tanh(w): no op rule, the generic one
         scale = 1.0 + 0.0 * torch.rand(1, dtype=x.dtype)        # one default-generator draw
         keep = torch.rand(x.shape, generator=self.gen, dtype=x.dtype) > 0.5
-        return (x * keep * scale) @ self.w.t()
+        return (x * keep * scale) @ torch.tanh(self.w).t()
 
 
 def test_replay_that_does_not_reproduce_the_forward_is_refused():
@@ -165,7 +165,7 @@ class Custom(nn.Module):
         self.w = nn.Parameter(torch.randn(3, 4) * 0.5)
 
     def forward(self, x):
-        return x @ self.w.t()
+        return x @ torch.tanh(self.w).t()   # tanh(w): no op rule, the generic one
 
 
 def _lp_model(kind):
@@ -263,3 +263,15 @@ def test_low_precision_unclipped_is_the_plain_gradient(dtype):
     _mse(plain(x), y).sum().backward()
     want = torch.cat([p.grad.double().flatten() for p in plain.parameters()])
     torch.testing.assert_close(got, want, rtol=2 * torch.finfo(dtype).eps, atol=1e-3)
+
+
+def test_the_custom_leaves_are_on_the_generic_rule():
+    """What the tests above exercise: the generic rule (no native or op rule for tanh(w))."""
+    for model, x, names in [(DropNet().double(), torch.randn(2, 5, dtype=torch.float64), ("leaf.w", "leaf.b")),
+                            (nn.Sequential(Custom()), torch.randn(2, 4), ("0.w",)),
+                            (nn.Sequential(OwnGenerator()), torch.randn(2, 5), ("0.w",))]:
+        eng = fastclip.Engine(model, max_grad_norm=1.0, loss_reduction="sum")
+        model(x)
+        rules = dict(eng.covered())
+        eng.detach()
+        assert all(rules[n] == "GenericRule" for n in names), rules
