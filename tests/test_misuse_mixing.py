@@ -92,7 +92,7 @@ def test_batch_statistics_leak_and_refusal():
         return F.cross_entropy(m(x[idx]), y[idx], reduction="none").sum()
 
     leak = influence(step_update(base, fl, audit=False), B)
-    assert leak > 1.2 * C, leak       # the leak is real without the audit
+    assert leak > 1.1 * C, leak       # 1.21: the leak is real without the audit
     msg = assert_refused_before_release(base, fl, B)
     assert "batch" in msg and "audit=False" in msg
 
