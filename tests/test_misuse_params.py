@@ -445,3 +445,43 @@ def test_refresh_sees_every_kind_of_change_and_nothing_else():
     e.detach()
     m[0].weight.requires_grad_(True)
     assert not e.refresh()                  # a detached engine stays detached
+
+
+@pytest.mark.parametrize("clipping", CLIPPINGS)
+@pytest.mark.parametrize("mode", ["auto", "ghost", "direct"])
+@pytest.mark.parametrize("change", ["unfreeze", "freeze"])
+def test_forward_before_the_change_backpropagated_with_one_after(change, mode, clipping):
+    """loss1 from a forward before the change, loss2 after it (the engine re-planned in
+    between), one backward of loss1 + loss2: each example's gradient is that of its two losses,
+    over the parameters trainable now (a layer frozen in forward 1 was a constant there)."""
+    x, y = data(torch.float64)
+    m = mlp()
+    if change == "unfreeze":
+        m[0].requires_grad_(False)
+    m, opt, _ = private(m, C=C, mode=mode, clipping=clipping)
+    start = flat_params(m)
+    opt.zero_grad()
+    loss1 = CE(m(x), y).sum()
+    m[0 if change == "unfreeze" else 4].requires_grad_(change == "unfreeze")
+    loss2 = CE(m(x * 0.5), y).sum()
+    (loss1 + loss2).backward()
+    opt.step()
+    before, after = plain(start), plain(start)
+    if change == "unfreeze":
+        before[0].requires_grad_(False)
+    else:
+        after[4].requires_grad_(False)
+    g1 = R.per_example_grads(before, CE, x, y)
+    g2 = R.per_example_grads(after, CE, x * 0.5, y)
+    g = {n: g1.get(n, 0) + g2[n] for n in g2}   # the parameters trainable now
+    groups = ([list(g)] if clipping == "flat" else
+              [[n for n in g if n.startswith(layer + ".")] for layer in layer_names(after)])
+    bound = C if clipping == "flat" else C / math.sqrt(len(groups))
+    want = {}
+    for names in groups:
+        norm = sum(g[n].flatten(1).square().sum(1) for n in names).sqrt()
+        for n in names:
+            want[n] = torch.tensordot(torch.clamp(bound / norm, max=1.0), g[n], dims=1)
+    ref = torch.cat([want[n].flatten() if n in want else torch.zeros(p.numel(), dtype=torch.float64)
+                     for n, p in after.named_parameters()])
+    assert_close(start - flat_params(m), ref, torch.float64)
