@@ -169,6 +169,8 @@ class Auditor:
         self._skip = not enabled
         self._passed = set()     # call signatures audited (or reported unauditable)
         self._running = False
+        self._loss_done = False  # the training loop's loss audited (probe)
+        self._probe_cls = None
 
     def __call__(self, args, kwargs) -> None:
         """Called at the start of every model call (engine root pre-hook / nanobatch forward)."""
@@ -276,6 +278,173 @@ class Auditor:
     @staticmethod
     def _refuse(message: str):
         raise MixingError(message)
+
+    # -- the user's loss (make_private), checked at the first backward ----------------------
+    def probe(self, output, B: Optional[int]):
+        """The model's output, its per-example tensors turned into probes while the loss of the
+        training loop has not been audited yet (see :class:`_LossProbe`); else ``output``."""
+        if (self._skip or self._loss_done or B is None or B < 2 or not torch.is_grad_enabled()
+                or self.engine._finalizing or torch.compiler.is_compiling()):
+            return output
+        if self._probe_cls is None:
+            state = _ProbeState(self)
+            self._probe_cls = type("_LossProbe", (_LossProbe,), {"_state": state})
+        cls, state = self._probe_cls, self._probe_cls._state
+        fresh = []
+
+        def wrap(t):
+            if (t.requires_grad and t.dim() > 0 and t.shape[0] == B and t.is_floating_point()
+                    and type(t) is Tensor):
+                fresh.append((t, B))
+                return t.as_subclass(cls)
+            return t
+
+        output = _map_tensors(output, wrap)
+        state.outputs = (state.outputs + fresh)[-_KEEP * max(len(fresh), 1):]
+        return output
+
+    def _loss_checked(self, found):
+        """Called by the probe at the first backward of a probed loss."""
+        if found is None:
+            self._loss_done = True
+            self._probe_cls._state.done = True
+            self._probe_cls._state.outputs = []
+            return
+        if isinstance(found, Exception):
+            self._loss_done = True
+            self._probe_cls._state.done = True
+            self._probe_cls._state.outputs = []
+            warnings.warn(f"fastclip: the first-step audit could not differentiate the loss twice "
+                          f"({type(found).__name__}: {found}): the training loss was NOT checked "
+                          "for mixing examples. You are responsible for each example's loss "
+                          f"depending on its own output alone. {_FIX_LOSS}", RuntimeWarning,
+                          stacklevel=5)
+            return
+        # Audited again at the next backward: a caught exception must not let a step through.
+        raise MixingError(f"fastclip: the loss mixes examples: {found}, so each example's "
+                          "gradient depends on the others and clipping cannot bound its "
+                          f"influence; the backward is refused before any gradient is written. "
+                          f"Fix: {_FIX_LOSS}. (make_private(audit=False) skips this check; you "
+                          "are then responsible for the privacy guarantee)")
+
+
+# -- the training loop's own loss (make_private): probed on the first step --------------------
+
+_BACKWARDS = (Tensor.backward, torch.autograd.backward)
+_KEEP = 4     # forwards whose outputs a pending loss audit holds (a siamese loss has two)
+
+
+class _LossProbe(Tensor):
+    """The model's outputs on an audited step. Tensor ops propagate the type (torch's default
+    ``__torch_function__``), so the user's loss is a probe too, and its ``backward`` reaches
+    :meth:`_ProbeState.check` before anything runs. A subclass per audit carries its state."""
+
+    _state: "_ProbeState"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        state = cls._state
+        if func in _BACKWARDS and not state.done:
+            state.check(func, args, kwargs)
+        if func is torch.autograd.grad or func in _BACKWARDS:
+            # Gradients (an FGSM step's input gradient) are plain tensors: nothing downstream of
+            # them is the loss of this forward.
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+class _ProbeState:
+    """What one pending loss audit holds: the outputs of the last forwards (B each)."""
+
+    def __init__(self, auditor):
+        self.auditor = auditor
+        self.outputs: List[Tuple[Tensor, int]] = []
+        self.done = False
+
+    def check(self, func, args, kwargs):
+        """The loss must not mix examples through the model outputs: for a per-example loss
+        (any sum or mean of per-example terms), d loss / d y_i depends on y_i alone, so the
+        Hessian of the loss in the outputs is block-diagonal by example. One double backward per
+        probed example j: H v (v random on row j) must vanish on every other row."""
+        if func is Tensor.backward:
+            loss = args[0]
+            grad = kwargs.get("gradient", args[1] if len(args) > 1 else None)
+        else:
+            tensors = args[0] if args else kwargs["tensors"]
+            loss = tensors if isinstance(tensors, Tensor) else next(iter(tensors), None)
+            g = kwargs.get("grad_tensors", args[1] if len(args) > 1 else None)
+            grad = g if g is None or isinstance(g, Tensor) else next(iter(g), None)
+        with torch._C.DisableTorchFunctionSubclass():
+            found = self._mixing(loss, grad)
+        self.auditor._loss_checked(found)
+
+    def _mixing(self, loss, grad):
+        """None (no mixing, or nothing to check), a string describing the mixing, or an
+        exception the check could not get past."""
+        if not isinstance(loss, Tensor) or not loss.requires_grad:
+            return None
+        ys = [(y, B) for y, B in self.outputs if y.requires_grad]
+        if not ys:
+            return None
+        try:
+            G = torch.autograd.grad(loss, [y for y, _ in ys], grad_outputs=grad, create_graph=True,
+                                    retain_graph=True, allow_unused=True)
+            for (y, B), g in zip(ys, G):
+                if g is None or not g.requires_grad or B < 2:
+                    continue   # the loss does not use y, or is linear in it: nothing can mix
+                for j in sorted({0, B // 2}):
+                    v = torch.zeros_like(g)
+                    v[j] = torch.randn(g[j].shape, dtype=g.dtype, device=g.device,
+                                       generator=_generator(g.device))
+                    H = torch.autograd.grad((g * v).sum(), [x for x, _ in ys], retain_graph=True,
+                                            allow_unused=True)
+                    for (x, Bx), h in zip(ys, H):
+                        if h is None or h.dim() == 0 or not h.numel():
+                            continue
+                        # Row j of every output is example j (several forwards of one batch:
+                        # a siamese loss); only the other rows must not respond.
+                        scale = float(h.abs().max())
+                        others = torch.cat([h[:j], h[j + 1:]])
+                        worst = float(others.abs().max()) if others.numel() else 0.0
+                        if worst > _tol_hessian(h.dtype) * max(scale, 1e-30) and worst > 0:
+                            return (f"the gradient of the loss with respect to example {j}'s "
+                                    f"output changes with other examples' outputs (relative "
+                                    f"{worst / max(scale, 1e-30):.2e}, B={B})")
+        except RuntimeError as exc:     # an op without double backward
+            return exc
+        return None
+
+
+def _generator(device):
+    # A private generator: the audit must not move the user's random stream.
+    return torch.Generator(device=device).manual_seed(0)
+
+
+def _tol_hessian(dtype) -> float:
+    # Structurally zero for a per-example loss (0 times finite values), so far below rounding.
+    return 1e-6 if dtype in (torch.float32, torch.float64) else 1e-3
+
+
+def _map_tensors(obj, fn):
+    """``obj`` with ``fn`` applied to every tensor inside tuples, lists, namedtuples and
+    mappings (Hugging Face ModelOutput, whose items are set in place)."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        new = {k: _map_tensors(v, fn) for k, v in obj.items()}
+        if isinstance(obj, dict) and type(obj) is not dict:
+            for k, v in new.items():
+                if v is not obj[k]:
+                    obj[k] = v
+            return obj
+        return type(obj)(new) if type(obj) is dict else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*[_map_tensors(v, fn) for v in obj])
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
 
 
 def audit_loss(loss_fn: Callable, output, targets, B: int) -> None:

@@ -29,16 +29,16 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from .audit import Auditor
 from .clipping import Bound, check_clipping, group_layers, resolve_bounds
 from .layers import Rule, Use, cross_inner, rule_for
 from .layers.capture import FunctionalRule
-from .audit import Auditor
 from .layers.direct import DIRECT
 from .layers.linear import LinearRule
 from .layers.generic import GENERIC, mixing_refusal, refusal
-from .passes import NONE, THREADS, TWICE, Gate, partial_error
 from .ops import cast_margin
 from .layers.ops_rule import PENDING
+from .passes import NONE, THREADS, TWICE, Gate, partial_error
 
 # Bumped whenever any module in the process registers a parameter or a submodule (a parameter
 # replaced by assignment or load_state_dict(assign=True), a head appended): an engine then walks
@@ -537,7 +537,9 @@ class Engine:
 
     def _root_post(self, module, args, output):
         if self._batches:
-            self._batches.pop()
+            # Until the training loss has been audited once, the outputs are probes whose
+            # backward checks that the loss does not mix examples (fastclip/audit.py).
+            return self._auditor.probe(output, self._batches.pop())
 
     def _expand_broadcast(self, args, kwargs):
         """Inputs with leading dimension 1 while the batch is B != 1 (position ids of shape (1, T),

@@ -229,7 +229,8 @@ class NanoBatch:
         if tapped:
             for i, t in zip(tapped, _Tap.apply(self, call, *[p for _, p in params])):
                 result[i] = t
-        return tree_unflatten(result, out_spec)
+        # Probes until the training loss has been audited once (fastclip/audit.py).
+        return self.engine._auditor.probe(tree_unflatten(result, out_spec), B)
 
     def _vmapped(self, params, part, batched, spec, m):
         """Forward of m examples with one copy of each parameter per example (vmap), so the

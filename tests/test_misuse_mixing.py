@@ -237,17 +237,71 @@ def test_contrastive_loss_leaks_under_make_private_without_audit():
     assert leak > 1.3 * C, leak
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="the loss is not audited under make_private yet (only the model and, in "
-                          "the functional API, loss_fn): see the audit module docstring")
-def test_contrastive_loss_refused_under_make_private():
+@pytest.mark.parametrize("mode", MODES)
+def test_contrastive_loss_refused_under_make_private(mode):
+    """The user's own loss is probed on the first step: its backward is refused before any
+    gradient is written, and again on the next try."""
+    base, x, B, fl = _contrastive_case()
+    assert_loss_refused(base, fl, B, mode=mode)
+
+
+def assert_loss_refused(base, forward_loss, B, mode="auto"):
+    m = copy.deepcopy(base)
+    before = flat_params(m)
+    m, opt, _ = _private(m, mode=mode)
+    for attempt in range(2):    # refused again: a caught exception does not let a step through
+        opt.zero_grad()
+        with pytest.raises(MixingError, match="the loss mixes examples") as info:
+            forward_loss(m, list(range(B))).backward()
+        assert "lm_loss" in str(info.value) and "audit=False" in str(info.value)
+    assert torch.equal(flat_params(m), before)
+    assert opt.steps == 0 and all(p.grad is None for p in m.parameters())
+    opt.engine.detach()
+
+
+def test_loss_probe_through_torch_autograd_backward_and_two_forwards():
+    """torch.autograd.backward(loss) is probed like loss.backward(); a loss over two forwards
+    (a siamese pair loss: example i against example i of the other forward) is per example and
+    passes, while pairing examples of one forward is refused."""
     base, x, B, fl = _contrastive_case()
     m, opt, _ = _private(copy.deepcopy(base))
-    try:
-        fl(m, list(range(B))).backward()
-    except MixingError:
-        return
-    assert False, "a mixing loss passed make_private's first step"
+    with pytest.raises(MixingError, match="the loss mixes examples"):
+        torch.autograd.backward(fl(m, list(range(B))))
+    assert all(p.grad is None for p in m.parameters())
+    opt.engine.detach()
+
+    def siamese(m, idx):
+        z1, z2 = m(x[idx]), m(x[idx].flip(1))
+        return ((z1 - z2).square().sum(1)).sum()
+
+    upd = step_update(base, siamese)
+    want = [influence(upd, B)]
+    assert want[0] <= C * (1 + 1e-9)
+
+    def neighbours(m, idx):
+        z = m(x[idx])
+        return (z[1:] * z[:-1]).sum()     # example i paired with example i - 1 of the batch
+
+    assert_loss_refused(base, neighbours, B)
+
+
+def test_loss_probe_passes_ordinary_losses_and_stops_after_the_first_step():
+    base = Encoder().double()
+    x, y = _data(6, 4, seed=3), torch.randint(0, 8, (6,))
+    m, opt, _ = _private(copy.deepcopy(base))
+    for step in range(3):
+        opt.zero_grad()
+        out = m(x)
+        assert (type(out) is not torch.Tensor) == (step == 0)    # probed until audited once
+        F.cross_entropy(out, y, reduction="none").mean().backward()
+        opt.step()
+    assert opt.steps == 3
+    # a loss that is linear in the outputs has nothing to mix
+    m, opt, _ = _private(copy.deepcopy(base))
+    opt.zero_grad()
+    (m(x) * _data(6, 8, seed=4)).sum().backward()
+    opt.step()
+    assert opt.steps == 1
 
 
 @pytest.mark.parametrize("fn", ["clipped_grad", "per_sample_grad_norms"])
