@@ -103,12 +103,14 @@ def test_adversarial_training_releases_the_clipped_sum_on_the_adversarial_batch(
         def loop(m):
             m, opt, _ = private(m, C, mode=mode, clipping=clipping)
             opt.engine.keep_norms = True
+            opt.zero_grad()        # the usual loop: zero_grad, attack, backward, step
             xa = adversarial(m, x[idx], y[idx], steps)
             # The input-gradient passes left the engine and p.grad untouched.
             assert all(p.grad is None for p in m.parameters())
             assert opt.engine.examples == 0 and opt.engine.norms_log == []
             seen[tuple(idx)] = xa
-            train_step(m, opt, xa, y[idx])
+            CE(m(xa), y[idx]).sum().backward()
+            opt.step()
             assert len(opt.engine.norms_log) == 1
             return m
         return released(base, loop)
@@ -127,19 +129,20 @@ def test_nanobatch_refuses_input_gradients_before_anything_is_written():
     assert all(p.grad is None for p in m.parameters()) and opt.engine.examples == 0
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_backward_towards_inputs_only_leaves_the_engine_alone(mode):
-    """loss.backward(inputs=[t]) for a tensor t that is not a parameter: no gradient written, no
-    example counted; the next training backward is the clipped sum."""
+@pytest.mark.parametrize("mode", SINGLE)
+def test_backward_towards_the_input_only_leaves_the_engine_alone(mode):
+    """loss.backward(inputs=[x]) for the model's input x: no parameter gradient written, no
+    example counted (before: a clipped sum written and the batch counted); the next training
+    backward is the clipped sum."""
     base, x, y = setup()
     m, opt, _ = private(copy.deepcopy(base), C, mode=mode)
-    out = m(x)
-    t = out.detach().requires_grad_()
+    opt.engine.keep_norms = True
+    xr = x.clone().requires_grad_()
+    CE(m(xr), y).sum().backward(inputs=[xr])
+    assert xr.grad is not None
+    assert all(p.grad is None for p in m.parameters())
+    assert opt.engine.examples == 0 and opt.engine.norms_log == []
     before = flat_params(m)
-    # A loss built from the model's output and a leaf t: backward towards t only.
-    (CE(out * t, y).sum()).backward(inputs=[t])
-    assert t.grad is not None
-    assert all(p.grad is None for p in m.parameters()) and opt.engine.examples == 0
     train_step(m, opt, x, y)
     torch.testing.assert_close(before - flat_params(m), reference(base, x, y, mode, "flat"),
                                **tol(torch.float64))
@@ -454,3 +457,40 @@ def test_empty_batch_with_broadcast_position_ids_releases_the_noise_only_step(mo
         fastclip.clipped_grad(r, CE, (ids, pos), y, C, mode=mode, clipping=clipping)
         ref = torch.cat([p.grad.double().flatten() for p in r.parameters()])
     torch.testing.assert_close(released(base, loop), ref, rtol=1e-9, atol=1e-10)
+
+
+# ---- modules that record in pieces (fastclip.nn LSTM, MultiheadAttention) ------------------------
+class Seq(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(4, 5, num_layers=2, batch_first=True)
+        self.att = nn.MultiheadAttention(5, 1, batch_first=True, add_bias_kv=True)
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h, _ = self.rnn(x)
+        a, _ = self.att(h, h, h, need_weights=False)
+        return self.fc(a.mean(1))
+
+
+@pytest.mark.parametrize("mode", SINGLE)
+def test_pieced_modules_saliency_then_training_and_twice(mode):
+    """An input-gradient pass through the LSTM and attention adds no piece to their uses (the
+    training backward of the same graph is the exact clipped sum); a third backward is refused."""
+    torch.manual_seed(0)
+    base = Seq().double()
+    x, y = 3 * torch.randn(3, 4, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    m, opt, _ = private(copy.deepcopy(base), C, mode=mode)
+    before = flat_params(m)
+    xr = x.clone().requires_grad_()
+    loss = CE(m(xr), y).sum()
+    torch.autograd.grad(loss, xr, retain_graph=True)
+    assert all(p.grad is None for p in m.parameters())
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already backpropagated once"):
+        loss.backward()
+    opt.step()
+    ref = clipped_sum(copy.deepcopy(base), CE, x, y, C)
+    torch.testing.assert_close(before - flat_params(m),
+                               torch.cat([ref[n].flatten() for n, _ in base.named_parameters()]),
+                               rtol=1e-9, atol=1e-10)
