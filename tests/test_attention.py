@@ -403,10 +403,16 @@ class GPT2ish(nn.Module):
 
 
 @pytest.mark.parametrize("B", [0, 1, 3])
-def test_custom_library_leaves_use_the_generic_rule(B):
+def test_custom_library_leaves_use_the_op_rule(B):
     m = GPT2ish().double()
+    tok = torch.randint(0, 10, (B, 6))
     e = fastclip.Engine(m)
-    rules = dict(e.covered())
-    e.detach()
-    assert rules["c_attn.weight"] == "GenericRule" and rules["norm.weight"] == "GenericRule"
-    check(m, torch.randint(0, 10, (B, 6)), torch.randint(0, 2, (B,)))
+    try:
+        assert dict(e.covered())["c_attn.weight"] == "PendingOpsRule"   # until its first forward
+        m(tok)
+        rules = dict(e.covered())
+    finally:
+        e.detach()
+    # addmm with the weight stored (in, out) and a broadcast RMSNorm scale (layers/ops_rule.py)
+    assert rules["c_attn.weight"] == rules["c_attn.bias"] == rules["norm.weight"] == "OpsRule"
+    check(m, tok, torch.randint(0, 2, (B,)))
