@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .audit import Auditor
-from .clipping import Bound, check_clipping, group_layers, resolve_bounds
+from .clipping import (Bound, check_clipping, check_gamma, clip_factors, group_layers,
+                       is_automatic, is_per_layer, resolve_bounds)
 from .layers import Rule, Use, cross_inner, rule_for
 from .layers.capture import FunctionalRule
 from .layers.direct import DIRECT
@@ -146,11 +147,15 @@ class Engine:
 
     def __init__(self, model: nn.Module, mode: str = "auto", max_grad_norm: Optional[Bound] = None,
                  loss_reduction: str = "mean", clipping: str = "flat", nanobatch_size: int = 1,
-                 num_threads: Optional[int] = None, audit: bool = True):
+                 num_threads: Optional[int] = None, audit: bool = True, gamma: float = 0.01):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.mode = check_mode(mode)
         self.clipping = check_clipping(clipping)
+        # Automatic clipping's C / (||g|| + gamma) (fastclip/clipping.py: clip_factors).
+        self.automatic, self.gamma = is_automatic(clipping), check_gamma(gamma)
+        # Adaptive clipping: examples with ||g_i|| <= C since the optimizer's last step.
+        self.unclipped = 0
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.model = model
@@ -378,7 +383,7 @@ class Engine:
 
     def _rebound(self, layers) -> Optional[tuple]:
         """Per-layer bounds for a re-planned model; updates the sensitivity (never down)."""
-        if self._bound_arg is None or self.clipping == "flat":
+        if self._bound_arg is None or not is_per_layer(self.clipping):
             return None
         if self._bound_of is None:
             bounds, sensitivity = resolve_bounds(self._bound_arg, self.clipping, layers)
@@ -728,6 +733,9 @@ class Engine:
         if self.bounds is None:
             B = self._batch_size(uses)
             sq = self._clip_params(uses, B, self.max_grad_norm)
+            if sq is not None and self.clipping == "adaptive" and self.write_grads:
+                scale = float(B) if self.loss_reduction == "mean" else 1.0
+                self.unclipped += int((sq.sqrt() * scale <= self.max_grad_norm).sum())
         else:
             by_layer: Dict[int, List[Use]] = {}
             for u in uses:
@@ -829,8 +837,8 @@ class Engine:
             # float64 factors; C shrunk by the margin of the dtype the sum is released in, so
             # rounding cannot lift an example's contribution above C (ops.cast_margin).
             if dtype not in by_dtype:
-                Cm = C * (1.0 - cast_margin(dtype))
-                c = torch.where(norms > Cm, Cm / norms, torch.ones_like(norms)) * scale
+                c = clip_factors(norms, C * (1.0 - cast_margin(dtype)), self.automatic,
+                                 self.gamma) * scale
                 by_dtype[dtype] = torch.where(bad, torch.zeros_like(c), c)
             return by_dtype[dtype]
 

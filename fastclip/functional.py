@@ -76,7 +76,8 @@ def per_sample_grad_norms(model: nn.Module, loss_fn: Callable, inputs, targets,
 
 def clipped_grad(model: nn.Module, loss_fn: Callable, inputs, targets, max_grad_norm: Bound,
                  mode: str = "auto", clipping: str = "flat", nanobatch_size: int = 1,
-                 num_threads: Optional[int] = None, audit: bool = True) -> Tensor:
+                 num_threads: Optional[int] = None, audit: bool = True,
+                 gamma: float = 0.01) -> Tensor:
     """Set ``p.grad = sum_i clip(g_i)`` for every trainable parameter (no noise, no scaling).
 
     Flat: ``clip(g) = g * min(1, C / ||g||)`` with ``||g||`` over all trainable parameters.
@@ -86,7 +87,10 @@ def clipped_grad(model: nn.Module, loss_fn: Callable, inputs, targets, max_grad_
         model, loss_fn, inputs, targets, mode, nanobatch_size, num_threads, audit: as
             :func:`per_sample_grad_norms` (a refusal comes before any gradient is written).
         max_grad_norm: C > 0, or (per_layer) a list of one bound per layer.
-        clipping: "flat" (one bound over all parameters) or "per_layer".
+        clipping: "flat" (one bound over all parameters), "per_layer", "automatic" or
+            "automatic_per_layer" (``clip(g) = C g / (||g|| + gamma)``, see
+            :mod:`fastclip.clipping`; "adaptive" needs the optimizer: use make_private).
+        gamma: automatic clipping's stabiliser, > 0.
 
     Returns:
         Tensor (B,) float64: the per-example norms (over all parameters) before clipping.
@@ -94,7 +98,7 @@ def clipped_grad(model: nn.Module, loss_fn: Callable, inputs, targets, max_grad_
     with converted(model) as model:  # torch.nn RNN/GRU/LSTM -> fastclip.nn, put back after
         engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction="sum",
                         clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads,
-                        audit=audit)
+                        audit=audit, gamma=gamma)
         params = [p for ps in engine._params.values() for _, p in ps]
         for p in params:
             p.grad = None

@@ -39,6 +39,7 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import ops
+from .clipping import clip_factors
 from .passes import NONE, THREADS, TWICE
 
 
@@ -365,6 +366,8 @@ class NanoBatch:
             for c in calls:
                 c.outs = c.leaves = None   # free the nanobatch graphs
         norms = sq.sum(1).sqrt()
+        if write and engine.clipping == "adaptive":
+            engine.unclipped += int((norms <= engine.max_grad_norm).sum())
         if self.by_param and not write:
             self.param_sq = sq
         engine.examples += B
@@ -409,6 +412,23 @@ class NanoBatch:
                     per[i] = g if i not in per else per[i] + g
         idx = sorted(per)
         if not idx:
+            return
+        if accs is not None and self.engine.automatic:
+            # Automatic clipping: the native loop computes min(1, C / norm) factors itself, so the
+            # norms come from it (norms only) and the factors from clipping.clip_factors.
+            grads, sums = [per[i] for i in idx], [accs[i] for i in idx]
+            res_sq, _ = ops.clip_accumulate(grads, None, [groups[i] for i in idx], None, scale,
+                                            threads)
+            shrink = 1.0 - max(ops.cast_margin(a.dtype) for a in sums)
+            b = torch.as_tensor(bounds, dtype=torch.float64, device=res_sq.device) * shrink
+            f = clip_factors(res_sq.sqrt(), b, True, self.engine.gamma) * scale
+            for g, a, grp in zip(grads, sums, (groups[i] for i in idx)):
+                fl = f[:, grp].to(g.device)
+                rows = fl != 0
+                # In float32 or wider, rounded to the accumulator's dtype once (as ops does).
+                wide = torch.promote_types(g.dtype, torch.float32)
+                a += (fl[rows].to(wide).unsqueeze(1) * g[rows].to(wide)).sum(0).to(a.dtype)
+            sq[s:e] += res_sq.to(sq.device)
             return
         res_sq, _ = ops.clip_accumulate(
             [per[i] for i in idx], None if accs is None else [accs[i] for i in idx],

@@ -16,7 +16,7 @@ from . import accounting, distributed as _dist, ops
 from .accounting import (PrivacyAccountant, check_accountant, check_noise_multiplier,
                          check_sample_rate)
 from .data import PoissonBatchSampler, _check_generator_state, poisson_loader, poisson_source
-from .clipping import Bound, check_clipping
+from .clipping import ADAPTIVE_KEYS, AdaptiveClipping, Bound, adaptive_from, check_clipping
 from .engine import Engine
 from .nn.rnn import convert_recurrent
 
@@ -66,17 +66,22 @@ class DPOptimizer(Optimizer):
             None); see :func:`make_private`.
         sampler: the :class:`fastclip.data.PoissonBatchSampler` feeding the run, whose state the
             optimizer's state_dict carries.
-        accountant: default accountant of :meth:`epsilon`, "rdp" or "pld".
+        accountant: default accountant of :meth:`epsilon`, "rdp", "pld" or "opacus_rdp".
         reducer: a :class:`fastclip.distributed.GradReducer` for a multi-process run: ``step``
             all-reduces the clipped sums first, and each step's noise seed is rank 0's (see
             :mod:`fastclip.distributed`). None: this process alone.
+        adaptive: the :class:`fastclip.clipping.AdaptiveClipping` of ``clipping="adaptive"``:
+            each step adds gradient noise at its adjusted noise multiplier, releases the noised
+            count of unclipped examples and moves the engine's bound; the accountant counts
+            the step at ``noise_multiplier``.
     """
 
     def __init__(self, optimizer: Optimizer, engine: Engine, noise_multiplier: float,
                  expected_batch_size: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, sample_rate: Optional[float] = None,
                  *, secure_mode: bool = False, sampler: Optional[PoissonBatchSampler] = None,
-                 accountant: str = "rdp", reducer: Optional["_dist.GradReducer"] = None):
+                 accountant: str = "rdp", reducer: Optional["_dist.GradReducer"] = None,
+                 adaptive: Optional[AdaptiveClipping] = None):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DPOptimizer):
@@ -109,6 +114,14 @@ class DPOptimizer(Optimizer):
         self.sampler = sampler
         self.accountant = PrivacyAccountant(accountant)
         self.reducer = reducer
+        if adaptive is not None:
+            if reducer is not None:
+                raise ValueError("fastclip: clipping='adaptive' is not supported in a multi-process "
+                                 "run yet (the count of unclipped examples would have to be "
+                                 "all-reduced); use clipping='flat' or one process")
+            adaptive.grad_noise_multiplier(sigma)   # refuses sigma >= 2 * unclipped_num_std
+            self._set_bound(adaptive.max_grad_norm, engine)
+        self.adaptive = adaptive
         # Logical batches (BatchMemoryManager): the iteration feeding physical batches, whether
         # the current one ends its logical batch, and whether p.grad holds part of a logical batch.
         self._logical_owner = None
@@ -128,7 +141,21 @@ class DPOptimizer(Optimizer):
 
     @noise_multiplier.setter
     def noise_multiplier(self, value: float):
-        self._noise_multiplier = check_noise_multiplier(value)
+        value = check_noise_multiplier(value)
+        if self.adaptive is not None:
+            self.adaptive.grad_noise_multiplier(value)
+        self._noise_multiplier = value
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The current flat clipping bound C (adaptive clipping moves it after every step); for
+        per-layer clipping the sensitivity sqrt(sum_l C_l^2)."""
+        return self.engine.sensitivity
+
+    @staticmethod
+    def _set_bound(C: float, engine: Engine) -> None:
+        """Adaptive clipping: the engine clips flat to C from the next backward on."""
+        engine.sensitivity = engine.max_grad_norm = float(C)
 
     @property
     def steps(self) -> int:
@@ -175,10 +202,20 @@ class DPOptimizer(Optimizer):
         return f"DPOptimizer(noise_multiplier={self.noise_multiplier}, {self.original_optimizer!r})"
 
     def zero_grad(self, set_to_none: bool = True):
+        """Clear the gradients and the count of examples the next step will release.
+
+        Does nothing while a logical batch of :class:`fastclip.BatchMemoryManager` is partly
+        accumulated (its clipped sums must reach the step that ends it).
+
+        Args:
+            set_to_none: as :meth:`torch.optim.Optimizer.zero_grad`: ``p.grad = None`` (default),
+                or zeroed in place (the engine then adds the next clipped sums into them).
+        """
         if self._partial:       # the clipped sums of an unfinished logical batch stay
             return
         self.original_optimizer.zero_grad(set_to_none)
         self.engine.examples = 0
+        self.engine.unclipped = 0
         if not set_to_none:     # zeroed in place: clean, later clipped sums may add into them
             self.engine.adopt_grads(p for g in self.param_groups for p in g["params"])
 
@@ -332,8 +369,14 @@ class DPOptimizer(Optimizer):
             raise RuntimeError(why + "; nothing was released (no noise added, parameters unchanged)")
 
     def add_noise_and_scale(self):
-        """Turn the accumulated clipped sums into the private gradient, in place."""
-        std = self.noise_multiplier * self.sensitivity
+        """Turn the accumulated clipped sums into the private gradient, in place: Gaussian noise
+        of std ``noise_multiplier * sensitivity`` (adaptive clipping: the adjusted gradient noise
+        multiplier, :meth:`fastclip.clipping.AdaptiveClipping.grad_noise_multiplier`), then the
+        division by the (expected) batch size for ``loss_reduction="mean"``."""
+        sigma = self.noise_multiplier
+        if self.adaptive is not None:
+            sigma = self.adaptive.grad_noise_multiplier(sigma)
+        std = sigma * self.sensitivity
         if self.engine.loss_reduction == "mean":
             denom = self.expected_batch_size if self.expected_batch_size is not None \
                 else max(self.engine.examples, 1)
@@ -357,6 +400,27 @@ class DPOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One DP-SGD step: checks that the step releases exactly the batch the private loader
+        drew (every covered parameter's gradient written by fastclip), all-reduces the clipped
+        sums in a multi-process run, adds the noise, scales for ``loss_reduction="mean"``, runs
+        the wrapped optimizer's step and records the step in the accountant. Adaptive clipping
+        then releases the noised count of unclipped examples and moves the bound.
+
+        While a :class:`fastclip.BatchMemoryManager` feeds a physical batch that is not the last
+        of its logical batch, only the closure runs (the clipped sums keep accumulating).
+
+        Args:
+            closure: optional, re-evaluates the model and returns the loss (run with grad
+                enabled, before anything else).
+
+        Returns:
+            the closure's loss, or None.
+
+        Raises:
+            RuntimeError, ValueError: the step would release something other than the drawn
+                batch's clipped sums (the message names the cause and the fix); nothing is
+                released then.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -374,13 +438,30 @@ class DPOptimizer(Optimizer):
         self._check_finite()
         self.add_noise_and_scale()
         self.original_optimizer.step()
+        if self.adaptive is not None:
+            self._adapt()
         self.engine.examples = 0
+        self.engine.unclipped = 0
         # The released gradients are the engine's to accumulate into (zero_grad(set_to_none=False)).
         self.engine.adopt_grads(p for g in self.param_groups for p in g["params"] if p.requires_grad)
         self.accountant.step(self.noise_multiplier, self.sample_rate)
         if self.sampler is not None:
             self.sampler._handed.clear()     # the batch is released: the next step needs its own
         return loss
+
+    def _adapt(self) -> None:
+        """Adaptive clipping after a released step: the noised fraction of unclipped examples
+        moves the bound (:meth:`fastclip.clipping.AdaptiveClipping.update`). The count's noise
+        is drawn from the step's own seed stream (``os.urandom`` in secure mode)."""
+        engine = self.engine
+        seed = self._step_seed()
+        gen = torch.Generator().manual_seed(seed & ((1 << 63) - 1))
+        noise = float(torch.randn((), generator=gen, dtype=torch.float64))
+        denom = (self.sampler.num_samples * self.sample_rate if self.sampler is not None
+                 else self.expected_batch_size if self.expected_batch_size is not None
+                 else max(engine.examples, 1))
+        self._set_bound(self.adaptive.update(engine.unclipped, engine.examples, denom, noise),
+                        engine)
 
     def state_dict(self) -> dict:
         """The wrapped optimizer's state dict (keys "state", "param_groups") plus a "fastclip"
@@ -395,6 +476,8 @@ class DPOptimizer(Optimizer):
             "generator": None if self.generator is None else self.generator.get_state(),
             "sampler": None if self.sampler is None else self.sampler.state_dict(),
         }
+        if self.adaptive is not None:
+            sd[_KEY]["adaptive"] = self.adaptive.state_dict()
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -439,6 +522,17 @@ class DPOptimizer(Optimizer):
         gen = priv.get("generator")
         if self.generator is not None and gen is not None:
             _check_generator_state(gen, "the noise")
+        adaptive = None
+        if self.adaptive is not None:
+            if priv.get("adaptive") is None:
+                raise ValueError("fastclip: this optimizer clips adaptively but the checkpoint has "
+                                 "no adaptive clipping state (it was saved from a run with another "
+                                 "clipping); resume with the clipping it was saved with")
+            adaptive = AdaptiveClipping.from_state_dict(priv["adaptive"])
+            adaptive.grad_noise_multiplier(sigma)
+        elif priv.get("adaptive") is not None:
+            raise ValueError("fastclip: the checkpoint was saved from a run with clipping='adaptive' "
+                             "(its bound moved during training); resume it with clipping='adaptive'")
         secure = priv.get("secure_mode")
         if secure is not None and bool(secure) != self.secure_mode:
             # The accounting resumes exactly either way; the randomness does not.
@@ -461,16 +555,20 @@ class DPOptimizer(Optimizer):
             self.sampler.load_state_dict(priv["sampler"])
         self.accountant = accountant
         self._noise_multiplier = sigma
+        if adaptive is not None:
+            self.adaptive = adaptive
+            self._set_bound(adaptive.max_grad_norm, self.engine)
         if self.generator is not None and gen is not None:
             self.generator.set_state(gen)
         self.engine.examples = 0
+        self.engine.unclipped = 0
 
     def epsilon(self, delta: float, accountant: Optional[str] = None) -> float:
         """Epsilon spent by the steps taken so far, at ``delta`` (Poisson sampling assumed).
 
         Args:
             delta: in (0, 1).
-            accountant: "rdp" or "pld"; None uses the optimizer's default (``make_private``'s
+            accountant: "rdp", "pld" or "opacus_rdp"; None uses the optimizer's default (``make_private``'s
                 ``accountant``).
 
         Raises:
@@ -493,7 +591,14 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
                  secure_mode: bool = False,
                  accountant: str = "rdp",
                  distributed: Optional[bool] = None,
-                 audit: bool = True) -> Tuple[nn.Module, DPOptimizer, Optional[DataLoader]]:
+                 audit: bool = True,
+                 gamma: float = 0.01,
+                 target_unclipped_quantile: Optional[float] = None,
+                 clipbound_learning_rate: Optional[float] = None,
+                 max_clipbound: Optional[float] = None,
+                 min_clipbound: Optional[float] = None,
+                 unclipped_num_std: Optional[float] = None,
+                 ) -> Tuple[nn.Module, DPOptimizer, Optional[DataLoader]]:
     """Make a model, its optimizer and (optionally) its loader differentially private.
 
     After this, the usual loop ``zero_grad(); loss_fn(model(x), y).mean().backward(); step()``
@@ -530,7 +635,15 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
             over ``num_threads`` CPU threads; exact for any model, see :mod:`fastclip.nanobatch`).
         clipping: "flat" (one bound C over all parameters) or "per_layer" (each layer clipped
             to its own bound; noise std ``noise_multiplier * optimizer.sensitivity``, which is
-            C for a float C split evenly over the layers).
+            C for a float C split evenly over the layers); "automatic" / "automatic_per_layer"
+            (every example normalised: factor ``C / (||g_i|| + gamma)``, sensitivity C); or
+            "adaptive" (flat, the bound follows a quantile of the norms; see
+            :class:`fastclip.clipping.AdaptiveClipping`). The table is in
+            :mod:`fastclip.clipping`.
+        gamma: automatic clipping's stabiliser, > 0 (default 0.01).
+        target_unclipped_quantile, clipbound_learning_rate, max_clipbound, min_clipbound,
+            unclipped_num_std: adaptive clipping's settings, Opacus' names, all required with
+            ``clipping="adaptive"`` (``max_grad_norm`` is the initial bound).
         nanobatch_size, num_threads: mode "nanobatch" only (defaults 1 and
             ``torch.get_num_threads()``).
         loss_reduction: "mean" or "sum": how the training loss combines per-example losses.
@@ -546,7 +659,7 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
             torch's default generator.
         secure_mode: draw noise seeds and Poisson samples from ``os.urandom`` (see above);
             ``generator`` and ``sampling_generator`` must then be None.
-        accountant: default accountant of ``optimizer.epsilon``: "rdp" or "pld".
+        accountant: default accountant of ``optimizer.epsilon``: "rdp", "pld" or "opacus_rdp".
         distributed: multi-process training on ``torch.distributed`` (see
             :mod:`fastclip.distributed`): None (default) turns it on when a process group with
             more than one process is initialised, True forces it, False keeps this process on
@@ -576,6 +689,12 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
     check_noise_multiplier(noise_multiplier)
     check_accountant(accountant)
     check_clipping(clipping)
+    adaptive = adaptive_from(clipping, max_grad_norm, dict(
+        target_unclipped_quantile=target_unclipped_quantile,
+        clipbound_learning_rate=clipbound_learning_rate, max_clipbound=max_clipbound,
+        min_clipbound=min_clipbound, unclipped_num_std=unclipped_num_std))
+    if adaptive is not None:
+        adaptive.grad_noise_multiplier(noise_multiplier)
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError("make_private takes the model itself, not a DistributedDataParallel wrapper: "
                         "DDP would all-reduce unclipped gradients; in a torch.distributed run "
@@ -597,7 +716,7 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
     try:
         engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
                         clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads,
-                        audit=audit)
+                        audit=audit, gamma=gamma)
     except Exception:
         for parent, name, child in recurrent:
             parent._modules[name] = child
@@ -625,7 +744,8 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
                 expected = sampler.num_samples * q
         dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier, expected, generator, q,
                                    secure_mode=secure_mode, sampler=sampler, accountant=accountant,
-                                   reducer=None if ranks is None else _dist.GradReducer())
+                                   reducer=None if ranks is None else _dist.GradReducer(),
+                                   adaptive=adaptive)
     except Exception:
         engine.detach()
         for parent, name, child in recurrent:
@@ -651,7 +771,7 @@ def make_private_with_epsilon(model: nn.Module, optimizer: Optimizer, loader: Da
         target_delta: in (0, 1).
         epochs: number of epochs the run will train, an integer > 0.
         max_grad_norm: C > 0.
-        accountant: "rdp" or "pld", for the calibration and ``optimizer.epsilon``'s default.
+        accountant: "rdp", "pld" or "opacus_rdp", for the calibration and ``optimizer.epsilon``'s default.
         **kwargs: any other option of :func:`make_private` (mode, clipping, loss_reduction,
             generator, sampling_generator, secure_mode).
 
