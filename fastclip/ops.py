@@ -49,6 +49,27 @@ def cast_margin(dtype: torch.dtype) -> float:
     return 5.0 * torch.finfo(dtype).eps / 2
 
 
+def as_computed(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` in the dtype the op that produced an output of ``dtype`` computed in (``dtype``
+    itself): under autocast a float32 input is cast to bf16/fp16 before a linear or conv (the
+    weight gradient autocast forms is G^T A_bf16, not G^T A), or a bf16 input to float32 before
+    an op on autocast's float32 list (CUDA layer_norm); a bf16 input times a float32 parameter is
+    promoted. The cast is autocast's own (round to nearest), so A is bit for bit what the op
+    saw. Integer inputs (embedding ids) are kept."""
+    if x.is_floating_point() and dtype.is_floating_point and x.dtype != dtype:
+        return x.to(dtype)
+    return x
+
+
+def widened(t):
+    """``t`` in float32 or wider (a bf16 / fp16 factor for a norm or a clipped sum: the engine
+    widens ``use.inputs`` / ``use.grads`` itself, a rule that keeps its factors elsewhere calls
+    this); other tensors and None as they are. Exact: every bf16/fp16 value is a float32."""
+    if isinstance(t, Tensor) and t.is_floating_point() and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
+
+
 def _load_blas() -> bool:
     """Points the core at the OpenBLAS of the scipy-openblas32 wheel, once, at import.
 

@@ -23,8 +23,10 @@ def _blocks(entries, name):
                 by_rows.setdefault(part.rows, []).append(part)
     out = {}
     for rows, parts in by_rows.items():
-        A = torch.cat([_flat(p.A) for p in parts], 1)
-        G = torch.cat([_flat(p.G) for p in parts], 1)
+        # bf16 / fp16 factors (autocast, low-precision parameters) seen in float32: norms and
+        # clipped sums in float32 or wider, rounded to the parameter's dtype once by the engine.
+        A = ops.widened(torch.cat([_flat(p.A) for p in parts], 1))
+        G = ops.widened(torch.cat([_flat(p.G) for p in parts], 1))
         out[rows] = (A, G)
     return out
 
@@ -58,14 +60,15 @@ class AttentionRule(ModuleCaptureRule):
         m = u0.module
         p = getattr(m, name)
         B = max(u0.batch_size, 0)
+        wide = torch.promote_types(p.dtype, torch.float32)
         if name in ("bias_k", "bias_v"):
-            g = p.new_zeros((B, p.shape[-1]), dtype=p.dtype)
+            g = p.new_zeros((B, p.shape[-1]), dtype=wide)
             for u in uses:
                 for n, t in u.extra.get("token", ()):
                     if n == name:
                         g = g + t.to(g.dtype)
             return g.view((B,) + p.shape)
-        out = p.new_zeros((B,) + p.shape)
+        out = p.new_zeros((B,) + p.shape, dtype=wide)
         for (r0, r1), (A, G) in _blocks([(m, name, u) for u in uses], name).items():
             if name.endswith("weight"):
                 if name == "in_proj_weight":
@@ -78,10 +81,11 @@ class AttentionRule(ModuleCaptureRule):
 
     def clipped_grad(self, module, name, use, c, cache):
         p = getattr(module, name)
+        wide = torch.promote_types(p.dtype, torch.float32)
         if name in ("bias_k", "bias_v"):
-            return torch.tensordot(c.to(p.dtype), self.per_example_grad(module, name, use, cache),
+            return torch.tensordot(c.to(wide), self.per_example_grad(module, name, use, cache),
                                    dims=1)
-        out = torch.zeros_like(p)
+        out = torch.zeros_like(p, dtype=wide)
         for (r0, r1), (A, G) in _blocks([(module, name, use)], name).items():
             B, T, rows = G.shape
             Gc = G * c.to(G.dtype).view(-1, 1, 1)

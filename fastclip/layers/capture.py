@@ -15,16 +15,22 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ..nn.capture import pop_capture, push_capture
+from ..ops import as_computed
 from . import Rule, Use
 
 
 class _FnCapture(torch.autograd.Function):
+    """Runs ``call`` in the caller's autocast state (a Function's forward keeps it: autocast is
+    dispatcher state, not reset by ``apply``), so the sub-graph holds autocast's own casts and
+    the input gradient computed through it is autocast's."""
+
     @staticmethod
     def forward(ctx, engine, use, call, x, *params):
         with torch.enable_grad():
             xs = x.detach().requires_grad_(x.requires_grad)
             out = call(xs, *[p.detach() if p is not None else None for p in params])
         ctx.engine, ctx.use, ctx.sub = engine, use, (xs, out)
+        ctx.out_dtype = out.dtype
         # Saved through autograd so an in-place change of x before backward is an error.
         ctx.save_for_backward(x)
         return out.detach()
@@ -33,7 +39,8 @@ class _FnCapture(torch.autograd.Function):
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
         use = ctx.use
-        use.inputs = x.detach()
+        # Cast here, not in the forward: no second copy of x held until the backward.
+        use.inputs = as_computed(x.detach(), ctx.out_dtype)
         use.grads = (g,)
         # Before the sub-graph is read: a graph backpropagated again is refused here by name.
         counted = ctx.engine.record(use)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from .. import ops
 from . import Rule, Use
 
 
@@ -179,6 +180,9 @@ class DirectRule(Rule):
             for n, g in zip(names, got):
                 if g is not None:
                     result[n] = g
+        # bf16 / fp16 parameters: norms and clipped sums in float32 or wider (the engine rounds
+        # the sum to the parameter's dtype once); a bf16 sum of squares under-clips.
+        result = {n: ops.widened(g) for n, g in result.items()}
         cache[key] = result
         return result
 

@@ -8,6 +8,7 @@ gives the per-example gradients of the module's parameters (memory B x module pa
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict
 
 import torch
@@ -67,6 +68,26 @@ def _same_state(a, b) -> bool:
     return torch.equal(a[0], b[0]) and all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
 
 
+def _autocast_state(tensors):
+    """{device type: (enabled, dtype)} of autocast for the CPU and the devices of ``tensors``:
+    the state the module's forward ran in, which its re-run at finalize must take again."""
+    types = {"cpu"} | {t.device.type for t in tensors if isinstance(t, Tensor)}
+    return {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in sorted(types)}
+
+
+def _in_autocast(state) -> contextlib.ExitStack:
+    """Enter the autocast ``state`` (from :func:`_autocast_state`) where it differs from the
+    current one. The finalize runs at the end of the backward, usually outside the user's
+    ``torch.autocast`` block: a re-run there would compute a float32 forward whose per-example
+    gradients are not those of the bf16 forward that made the loss (and whose replayed output
+    would not match)."""
+    stack = contextlib.ExitStack()
+    for device, (enabled, dtype) in state.items():
+        if (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) != (enabled, dtype):
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+    return stack
+
+
 class _Random:
     """What the finalize needs to replay a forward that drew random numbers (dropout inside a
     custom leaf): the generators' states before it and its outputs, to check the replay."""
@@ -113,8 +134,9 @@ class GenericRule(Rule):
         if not out_idx:
             return None
         # inputs = (all input leaves with tensors detached later, tensor inputs, spec)
+        amp = _autocast_state(in_tensors + [p for _, p in params])
         use = engine.new_use(module, inputs=(in_leaves, in_tensors, in_spec),
-                             extra=(out_idx, out_spec, random))
+                             extra=(out_idx, out_spec, random, amp))
         tapped = _Tap.apply(engine, use, len(out_idx), len(in_tensors),
                             *[leaves[i] for i in out_idx], *in_tensors, *[p for _, p in params])
         leaves = list(leaves)
@@ -132,7 +154,13 @@ class GenericRule(Rule):
         for i, t in enumerate(in_leaves):
             if isinstance(t, Tensor):
                 in_leaves[i] = next(it).detach()
-        out_idx, out_spec, random = use.extra
+        out_idx, out_spec, random, amp = use.extra
+        with _in_autocast(amp):
+            result = self._per_example_in(module, use, in_leaves, in_spec, out_idx, random)
+        cache[key] = result
+        return result
+
+    def _per_example_in(self, module, use, in_leaves, in_spec, out_idx, random):
         B = use.batch_size
         # Tensors whose leading dimension is B are split per example; the rest (shapes broadcast
         # over the batch, non-tensors) are passed whole to every example.
@@ -178,7 +206,6 @@ class GenericRule(Rule):
                     gi = tuple(None if g is None else g[i] for g in grads)
                     rows.append(one(li, gi))
                 result = {n: torch.stack([r[n] for r in rows]) for n in params}
-        cache[key] = result
         return result
 
     # Examples per vmapped vjp call of a replayed forward: each holds a batch-sized cotangent.

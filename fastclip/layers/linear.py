@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops import as_computed
 from . import Entry, Rule, bias_in_same_pass, keep_bias, register, scaled_rows, take_bias
 from .capture import CaptureMode
 
@@ -30,10 +31,14 @@ class _LinearFn(torch.autograd.Function):
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         use = ctx.use
-        use.inputs = x.detach()
+        # Under autocast F.linear ran in g's dtype on x and the weight cast to it: record A as
+        # the product saw it, and form the input gradient as autocast's own graph does
+        # (g @ W_bf16, widened to x's dtype by autograd), whatever the autocast state of the
+        # backward itself.
+        use.inputs = as_computed(x.detach(), g.dtype)
         use.grads = (g,)
         ctx.engine.record(use)
-        gx = g.matmul(weight) if ctx.needs_input_grad[2] else None
+        gx = g.matmul(as_computed(weight, g.dtype)) if ctx.needs_input_grad[2] else None
         return None, None, gx, None, None
 
 

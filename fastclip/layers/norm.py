@@ -110,21 +110,28 @@ class NormRule(FunctionalRule):
         opts, x, g = use.extra, use.inputs, use.grads[0]
         func = opts["func"]
         bias = getattr(use.module, "bias", None) is not None
-        g = g.to(x.dtype) if g.dtype != x.dtype else g
+        # rms_norm's eps=None: torch takes the eps of its float32 opmath type for a bf16 layer,
+        # as ops.norm_affine_grads does for the widened x below.
+        eps = opts["eps"]
+        # In float32 or wider, as torch's own kernels accumulate a bf16/fp16 layer (x_hat in
+        # float32): formed here in the backward, before the engine widens the other captures,
+        # and a bf16 x_hat would be 2^-8 off per entry.
+        wide = torch.promote_types(x.dtype, torch.float32)
+        x, g = x.to(wide), g.to(wide)
         if func in (F.layer_norm, F.rms_norm):
             shape = opts["normalized_shape"]
             k = 1 if isinstance(shape, int) else len(shape)
             kind = "layer_norm" if func is F.layer_norm else "rms_norm"
-            return ops.norm_affine_grads(kind, x, g, eps=opts["eps"], normalized_ndim=k, bias=bias)
+            return ops.norm_affine_grads(kind, x, g, eps=eps, normalized_ndim=k, bias=bias)
         if func is F.group_norm:
             return ops.norm_affine_grads("group_norm", x, g, eps=opts["eps"],
                                          num_groups=int(opts["num_groups"]), bias=bias)
         if func is F.batch_norm:    # eval mode: x_hat from the running statistics, per channel
             return ops.norm_affine_grads("instance_norm", x, g, eps=opts["eps"], bias=bias,
-                                         running_mean=opts["running_mean"],
-                                         running_var=opts["running_var"])
+                                         running_mean=opts["running_mean"].to(wide),
+                                         running_var=opts["running_var"].to(wide))
         stats = {} if opts["use_input_stats"] else dict(
-            running_mean=opts["running_mean"], running_var=opts["running_var"])
+            running_mean=opts["running_mean"].to(wide), running_var=opts["running_var"].to(wide))
         return ops.norm_affine_grads("instance_norm", x, g, eps=opts["eps"], bias=bias, **stats)
 
     @staticmethod

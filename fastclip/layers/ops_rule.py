@@ -468,14 +468,17 @@ class OpsRule(Rule):
         if kind == "lin":
             use.inputs, use.grads = _rows(x, B), (_rows(g, B),)
             for n, role in e["roles"].items():
-                if role[0] == "shift":
-                    pe[n] = role[1] * use.grads[0].sum(1)
+                if role[0] == "shift":   # summed in float32 or wider, as for "ew" below
+                    g0 = use.grads[0]
+                    pe[n] = role[1] * g0.to(torch.promote_types(g0.dtype, torch.float32)).sum(1)
         elif kind == "emb":
             use.inputs, use.grads = _rows(x, B, last=False), (_rows(g, B),)
         elif kind == "ew":
             (n, role), = e["roles"].items()
-            # x may be broadcast too (over dims other than 0): g has the output's shape.
-            prod = g * x if role[0] == "scale" else g * role[1]
+            # x may be broadcast too (over dims other than 0): g has the output's shape. Summed
+            # over the positions in float32 or wider (a bf16 sum of T terms is ~T 2^-8 off).
+            wide = torch.promote_types(g.dtype, torch.float32)
+            prod = g.to(wide) * x.to(wide) if role[0] == "scale" else g.to(wide) * role[1]
             pe[n] = _reduce_to(prod, B, e["pshape"][n])
             use.inputs = use.grads = None     # (B, *shape) is all the finalize needs
 

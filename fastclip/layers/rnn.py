@@ -9,7 +9,7 @@ import re
 import torch
 
 from .. import ops
-from ..nn.rnn import GRU, LSTM, RNN
+from ..nn.rnn import GRU, LSTM, RNN, RecurrentPart
 from .capture import ModuleCaptureRule
 from . import register, scaled_rows
 
@@ -28,6 +28,17 @@ def _factors(part, which: str):
     return (part.x, part.g_ih) if which == "ih" else (part.h_prev, part.g_hh)
 
 
+def _wide(part):
+    """The part with bf16 / fp16 factors seen in float32 (ops.widened): norms and clipped sums
+    are formed in float32 or wider and rounded to the parameter's dtype once, by the engine."""
+    if part is None or part.x.dtype not in (torch.float16, torch.bfloat16):
+        return part
+    w = ops.widened
+    gi = w(part.g_ih)
+    return RecurrentPart(w(part.x), w(part.h_prev), gi, gi if part.shared_g else w(part.g_hh),
+                         w(part.g_sum), w(part.g_hh_sum))
+
+
 @register(RNN, GRU, LSTM)
 class RecurrentRule(ModuleCaptureRule):
     def check(self, module):
@@ -38,7 +49,7 @@ class RecurrentRule(ModuleCaptureRule):
     def sq_norms(self, entries, method, cache):
         kind, which, key = _parse(entries[0][1])
         uses = [u for _, _, u in entries]
-        parts = [u.extra[key] for u in uses if key in u.extra]
+        parts = [_wide(u.extra[key]) for u in uses if key in u.extra]
         B = uses[0].batch_size
         if not parts:  # no gradient reached this layer/direction: its gradient is zero
             return torch.zeros(max(B, 0), dtype=torch.float64,
@@ -67,7 +78,7 @@ class RecurrentRule(ModuleCaptureRule):
 
     def per_example_grad(self, module, name, use, cache):
         kind, which, key = _parse(name)
-        part = use.extra.get(key)
+        part = _wide(use.extra.get(key))
         p = getattr(module, name)
         if part is None:
             return torch.zeros((max(use.batch_size, 0),) + tuple(p.shape), dtype=p.dtype,
@@ -79,7 +90,7 @@ class RecurrentRule(ModuleCaptureRule):
 
     def clipped_grad(self, module, name, use, c, cache):
         kind, which, key = _parse(name)
-        part = use.extra.get(key)
+        part = _wide(use.extra.get(key))
         if part is None:
             p = getattr(module, name)
             return torch.zeros(p.shape, dtype=p.dtype, device=p.device)

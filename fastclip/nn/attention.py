@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .capture import current_capture
+from ..ops import as_computed
 
 
 class ProjPart:
@@ -44,8 +45,10 @@ class _ProjFn(torch.autograd.Function):
         x, w = ctx.saved_tensors
         use = ctx.use
         wname, bname, rows = ctx.info
-        _record(ctx.engine, use, g, "proj", ProjPart(wname, bname, rows, x.detach(), g))
-        gx = g.matmul(w) if ctx.needs_input_grad[3] else None
+        # Under autocast the projection ran in g's dtype (fastclip.layers.linear._LinearFn).
+        _record(ctx.engine, use, g, "proj",
+                ProjPart(wname, bname, rows, as_computed(x.detach(), g.dtype), g))
+        gx = g.matmul(as_computed(w, g.dtype)) if ctx.needs_input_grad[3] else None
         return None, None, None, gx, None, None
 
 

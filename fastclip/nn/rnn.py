@@ -162,6 +162,15 @@ class _RecurrentMixin:
                                       f"Expected {self.input_size}, got {x.shape[-1]}")
         if not x.is_floating_point():
             raise TypeError(f"{name}: input must be floating point, got {x.dtype}")
+        # Under torch.autocast the recurrence runs in the parameters' dtype, like an op on
+        # autocast's float32 list: a bf16 input (an autocast Linear's or Embedding's output) is
+        # widened exactly, the native float32 loops keep the state over time in float32 (torch's
+        # own CPU LSTM fails under fp16 autocast), and the recorded factors are those it computed
+        # with. The output is float32; the next autocast op casts it as it does any input.
+        amp = torch.is_autocast_enabled(x.device.type)
+        wdtype = self.weight_ih_l0.dtype
+        if amp and x.dtype != wdtype:
+            x = x.to(wdtype)
         B = x.shape[0]
         h0 = c0 = None
         if hx is not None:
@@ -173,6 +182,8 @@ class _RecurrentMixin:
             for sname, s in zip(("h_0", "c_0"), states):
                 if not isinstance(s, Tensor):
                     raise TypeError(f"{name}: {sname} must be a Tensor, got {type(s).__name__}")
+                if amp and s.is_floating_point() and s.dtype != x.dtype:
+                    s = s.to(x.dtype)   # the states too, under autocast (above)
                 want = (L * D, B, h) if batched else (L * D, h)
                 if tuple(s.shape) != want:
                     raise RecurrentInputError(f"{name}: Expected hidden size {want} for {sname}, "
