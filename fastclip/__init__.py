@@ -1,8 +1,10 @@
 """fastclip: fast, exact per-example gradient clipping for differentially private training.
 
 Public API (see DESIGN.md): :func:`per_sample_grad_norms`, :func:`clipped_grad`,
-:func:`make_private`.
+:func:`make_private`; :class:`PrivacyEngine` for code written for Opacus.
 """
+import logging as _logging
+
 from .engine import Engine
 from .functional import clipped_grad, per_sample_grad_norms
 from .audit import MixingError
@@ -13,10 +15,17 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .data import BatchMemoryManager
 from .fix import fix
 from .optim import DPOptimizer, make_private, make_private_with_epsilon
+from .privacy_engine import PrivacyEngine
 from .validate import validate
 
 __version__ = "0.1.0"
-__all__ = ["BatchMemoryManager", "Engine", "DPOptimizer", "MixingError", "PrivacyAccountant", "Rule",
+
+# Library logging: fastclip logs to "fastclip" (and "fastclip.accounting", ...) and configures
+# no handler itself; the application decides what is shown.
+_logging.getLogger("fastclip").addHandler(_logging.NullHandler())
+
+__all__ = ["BatchMemoryManager", "Engine", "DPOptimizer", "MixingError", "PrivacyAccountant",
+           "PrivacyEngine", "Rule",
            "clipped_grad", "lm_loss",
            "fix", "load_checkpoint", "make_private", "make_private_with_epsilon",
            "per_sample_grad_norms", "register", "save_checkpoint", "validate", "__version__"]
