@@ -47,6 +47,10 @@ class Workload:
     batches: List[Tuple[Tensor, Tensor]]
     loss_fn: nn.Module = field(default_factory=lambda: nn.CrossEntropyLoss(reduction="none"))
     description: str = ""
+    # Mixed precision: every method's forward and loss run under torch.autocast(dtype) (the
+    # backward outside it, as torch recommends); only the methods named in ``methods`` run.
+    autocast: Optional[torch.dtype] = None
+    methods: Optional[Sequence[str]] = None
 
 
 WorkloadBuilder = Callable[[int, torch.Generator], Workload]
@@ -173,6 +177,22 @@ def _transformer_workload(batch_size: int, gen: torch.Generator, n_batches: int 
                                                 f"T={T}")
 
 
+def _bf16(builder: WorkloadBuilder) -> WorkloadBuilder:
+    """``builder``'s workload trained under torch.autocast(bfloat16): non-private vs fastclip."""
+
+    def build(batch_size: int, gen: torch.Generator) -> Workload:
+        wl = builder(batch_size, gen)
+        wl.autocast, wl.methods = torch.bfloat16, ("non-private", "fastclip")
+        wl.description += ", autocast bf16"
+        return wl
+
+    return build
+
+
+register_workload("mlp-bf16", default_batch_size=256)(_bf16(_mlp_workload))
+register_workload("transformer-bf16", default_batch_size=32)(_bf16(_transformer_workload))
+
+
 # --------------------------------------------------------------------------------------------
 # methods: each prepares (a copy of) the model and returns a step(x, y) closure
 # --------------------------------------------------------------------------------------------
@@ -188,17 +208,20 @@ def _sgd(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1)
 
 
-def _plain_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module) -> StepFn:
+def _plain_loop(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                amp: Optional[torch.dtype] = None) -> StepFn:
     def step(x: Tensor, y: Tensor) -> None:
         optimizer.zero_grad()
-        loss_fn(model(x), y).mean().backward()
+        with torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            loss = loss_fn(model(x), y).mean()
+        loss.backward()
         optimizer.step()
 
     return step
 
 
 def setup_nonprivate(wl: Workload, model: nn.Module, batch_size: int) -> StepFn:
-    return _plain_loop(model, _sgd(model), wl.loss_fn)
+    return _plain_loop(model, _sgd(model), wl.loss_fn, wl.autocast)
 
 
 def setup_fastclip(wl: Workload, model: nn.Module, batch_size: int) -> StepFn:
@@ -211,7 +234,7 @@ def setup_fastclip(wl: Workload, model: nn.Module, batch_size: int) -> StepFn:
         noise_multiplier=1.0, max_grad_norm=1.0,
         mode="auto", loss_reduction="mean", poisson_sampling=False,
     )
-    return _plain_loop(model, optimizer, wl.loss_fn)
+    return _plain_loop(model, optimizer, wl.loss_fn, wl.autocast)
 
 
 def _opacus_replace_lstm(model: nn.Module) -> None:
@@ -379,6 +402,8 @@ def run_workload(name: str, batch_size: Optional[int], warmup: int, steps: int,
     results: List[Result] = []
     steppers: Dict[str, StepFn] = {}
     for m in METHODS:
+        if wl.methods is not None and m.name not in wl.methods:
+            continue
         r = Result(name, m.name, bs)
         results.append(r)
         try:
@@ -456,9 +481,10 @@ def format_table(results: List[Result], memory: bool) -> str:
         by_wl.setdefault(r.workload, {})[r.method] = r
     for wl, rs in by_wl.items():
         any_r = next(iter(rs.values()))
-        row = [wl, str(any_r.batch_size)] + [_cell(rs[m]) for m in methods]
+        # "-": a method the workload does not run (the bf16 rows: non-private and fastclip)
+        row = [wl, str(any_r.batch_size)] + [_cell(rs[m]) if m in rs else "-" for m in methods]
         if memory:
-            row.append(" / ".join(_mem(rs[m]) for m in methods))
+            row.append(" / ".join(_mem(rs[m]) if m in rs else "-" for m in methods))
         rows.append(row)
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
