@@ -623,11 +623,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"comma-separated workload names (available: {', '.join(WORKLOADS)}) or 'all'")
     p.add_argument("--steps", type=int, default=20, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps per method")
-    p.add_argument("--batch-size", type=int, default=None, help="override every workload's batch size")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="override every workload's batch size (None: each workload's own)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's default, usually the core count)")
+                   help="torch intra-op threads; None: torch's default, usually the core count")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the models and batches")
     p.add_argument("--sequential", action="store_true",
                    help="time each method's steps in one block instead of round-robin across methods")
     p.add_argument("--no-memory", action="store_true", help="skip the per-step peak memory measurement")

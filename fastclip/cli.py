@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastclip {demo,bench} [options]``.
+"""Command line: ``python -m fastclip {demo,bench} [options]``; ``python -m fastclip --version``.
 
 * ``demo``  -- DP-SGD on scikit-learn's bundled handwritten digits: a small CNN trained with
   fastclip (noise calibrated to a target epsilon) beside the same model trained without privacy;
@@ -13,10 +13,13 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m fastclip`` argument parser (subcommands demo and bench)."""
+    import fastclip
     from fastclip import benchmark, demo
 
     parser = argparse.ArgumentParser(prog="python -m fastclip",
                                      description="fastclip: fast, exact per-example gradient clipping for DP-SGD.")
+    parser.add_argument("--version", action="version", version=f"fastclip {fastclip.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="{demo,bench}")
     sub.required = True
 
@@ -29,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=demo.demo)
 
     b = sub.add_parser("bench", help="end-to-end step time: non-private vs fastclip vs Opacus",
-                       description=benchmark.__doc__.split("\n\n")[0])
+                       description=benchmark.__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     benchmark.add_arguments(b)
     b.set_defaults(func=benchmark.run)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -38,7 +38,7 @@ def load_digits_split(seed: int = 0, test_size: float = 0.2) -> Tuple[Tensor, Te
         from sklearn.model_selection import train_test_split
     except ImportError as e:  # a runtime dependency; say how to get it rather than a bare traceback
         raise ImportError("the demo needs scikit-learn (its bundled digits data set): "
-                          "pip install torch==2.13.0 scikit-learn") from e
+                          "pip install torch==2.13.0 \".[demo]\" (or pip install scikit-learn)") from e
     digits = load_digits()
     x_tr, x_te, y_tr, y_te = train_test_split(digits.images, digits.target, test_size=test_size,
                                               stratify=digits.target, random_state=seed)

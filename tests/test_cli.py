@@ -92,3 +92,15 @@ def test_bench_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkey
 def test_bench_unknown_workload(capsys):
     assert main(["bench", "--workloads", "nope", "--steps", "1"]) == 2
     assert "unknown workload" in capsys.readouterr().err
+
+
+def test_version_and_bench_help_shows_defaults(capsys):
+    import fastclip
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastclip {fastclip.__version__}"
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 20)" in out and "(default: cpu)" in out
