@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -191,6 +193,66 @@ def _bf16(builder: WorkloadBuilder) -> WorkloadBuilder:
 
 register_workload("mlp-bf16", default_batch_size=256)(_bf16(_mlp_workload))
 register_workload("transformer-bf16", default_batch_size=32)(_bf16(_transformer_workload))
+
+
+class HFLogits(nn.Module):
+    """A Hugging Face model called without ``labels=`` (its ``.loss`` is a batch mean, which
+    fastclip refuses), returning the logits tensor that every method's loss takes."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.token_types = "token_type_ids" in inspect.signature(model.forward).parameters
+
+    def forward(self, ids: Tensor) -> Tensor:
+        # Position (and BERT's token type) ids passed per example, (B, T), not the models' (1, T)
+        # default: Opacus' Embedding hooks need the batch dimension (fastclip needs neither).
+        pos = torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
+        extra = {"token_type_ids": torch.zeros_like(ids)} if self.token_types else {}
+        return self.model(input_ids=ids, position_ids=pos, **extra).logits
+
+
+class LMLoss(nn.Module):
+    """Per-example next-token loss, ``fastclip.lm_loss`` (each example over its own tokens)."""
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        from fastclip.losses import lm_loss
+
+        return lm_loss(logits, labels)
+
+
+def _hf_workload(kind: str, batch_size: int, gen: torch.Generator, n_batches: int = 4,
+                 T: int = 128, vocab: int = 1024) -> Workload:
+    # Imported here: transformers takes seconds to import and is only in the bench extra.
+    import transformers
+
+    # No dropout (as the transformer workload): every method then computes the same function.
+    common = dict(vocab_size=vocab)   # attention: transformers' default implementation (sdpa)
+    if kind == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=4, n_embd=256, n_head=4, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **common))
+        ids = [torch.randint(0, vocab, (batch_size, T), generator=gen) for _ in range(n_batches)]
+        return Workload(HFLogits(model), [(x, x) for x in ids], loss_fn=LMLoss(),
+                        description=f"transformers GPT2LMHeadModel, 4 layers, d256, 4 heads, "
+                                    f"vocab {vocab} (tied lm_head), T={T}, fastclip.lm_loss")
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
+        max_position_embeddings=T, num_labels=2, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0, **common))
+    batches = [(torch.randint(0, vocab, (batch_size, T), generator=gen),
+                torch.randint(0, 2, (batch_size,), generator=gen)) for _ in range(n_batches)]
+    return Workload(HFLogits(model), batches,
+                    description=f"transformers BertForSequenceClassification, 4 layers, d256, "
+                                f"4 heads, FFN 1024, vocab {vocab}, T={T}, 2 classes")
+
+
+# Registered only where transformers is installed (the bench extra brings it).
+if importlib.util.find_spec("transformers") is not None:
+    register_workload("gpt2", default_batch_size=16)(
+        lambda batch_size, gen: _hf_workload("gpt2", batch_size, gen))
+    register_workload("bert", default_batch_size=16)(
+        lambda batch_size, gen: _hf_workload("bert", batch_size, gen))
 
 
 # --------------------------------------------------------------------------------------------
