@@ -19,6 +19,13 @@ least two examples (with one example there is nothing to mix):
   the model) are refused: their gradient is the batch's, not an example's.
 * loss (functional API, where ``loss_fn`` is known): the same comparison on the loss, values
   and ``d loss_i / d output_i`` against the rows of the batched gradient.
+* loss of the training loop (make_private, where the user computes it): until it has been
+  audited once, the model's per-example outputs are returned as probes (a Tensor subclass that
+  ops propagate, so the loss is one too, behind an identity node that marks each output). The
+  loss's ``backward()`` first checks, by one double backward per probed example j, that
+  ``d loss / d output_j`` does not respond to other examples' outputs (an in-batch contrastive
+  loss does; any sum or mean of per-example terms does not), then runs. A normaliser computed
+  from the targets alone (a batch-wide token count) is invisible to this check.
 
 After the audit has passed for a call signature, a forward with that signature costs a set
 lookup. A refused signature is audited (and refused) again at every forward, so a caught
@@ -28,14 +35,18 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 import warnings
 from collections.abc import Mapping
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .layers.capture import ModuleCaptureRule
 
 __all__ = ["Auditor", "MixingError", "audit_loss"]
 
@@ -144,6 +155,41 @@ def _no_capture(engine):
             nano._local.inside = inside
 
 
+class _LeadingDims:
+    """Records the leading size of the first tensor input of each leaf in a forward."""
+
+    def __init__(self, modules: Dict[nn.Module, str]):
+        self.paths = modules
+        self.dims: Dict[nn.Module, Dict[str, int]] = {}
+        self.phase = None
+        self.thread = threading.get_ident()
+        self.handles = [m.register_forward_pre_hook(self._hook, with_kwargs=True) for m in modules]
+
+    def _hook(self, module, args, kwargs):
+        if self.phase is None or threading.get_ident() != self.thread:
+            return      # another thread running the model (an evaluation thread)
+        t = next((x for x in tree_flatten((args, kwargs))[0]
+                  if isinstance(x, Tensor) and x.dim() > 0), None)
+        if t is not None:
+            self.dims.setdefault(module, {}).setdefault(self.phase, t.shape[0])
+
+    def run(self, phase, model, args, kwargs):
+        self.phase = phase
+        try:
+            return model(*args, **kwargs)
+        finally:
+            self.phase = None
+
+    def constant(self) -> Dict[nn.Module, Tuple[str, int]]:
+        """Leaves whose input had the same leading size != 1 batched and for one example."""
+        return {m: (self.paths[m], d["batched"]) for m, d in self.dims.items()
+                if "single" in d and d["batched"] == d["single"] != 1}
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
 def _slice_leaves(leaves, batched_at, i):
     return [t[i:i + 1] if k in batched_at else t for k, t in enumerate(leaves)]
 
@@ -170,12 +216,16 @@ class Auditor:
         self._passed = set()     # call signatures audited (or reported unauditable)
         self._running = False
         self._loss_done = False  # the training loop's loss audited (probe)
+        # Leaves whose input does not follow the batch: {module: (path, leading dim)}.
+        self._constant_leading: Dict[nn.Module, Tuple[str, int]] = {}
         self._probe_cls = None
 
     def __call__(self, args, kwargs) -> None:
         """Called at the start of every model call (engine root pre-hook / nanobatch forward)."""
         if self._skip or self._running:
             return
+        if self._constant_leading:
+            self._refuse_constant_leading()     # every forward, not just the audited one
         key = (tuple(type(a) for a in args), tuple((k, v is None) for k, v in kwargs.items()))
         if key in self._passed or not torch.is_grad_enabled() or self.engine._finalizing:
             return
@@ -206,8 +256,18 @@ class Auditor:
         devices = [t.device for t in leaves if isinstance(t, Tensor)]
         devices += [p.device for p in itertools.islice(model.parameters(), 1)]
         with _quiet_model(model, devices), _no_capture(self.engine):
-            with torch.enable_grad():     # to see which outputs carry gradients
-                out = model(*args, **kwargs)
+            leading = _LeadingDims(self._layered_leaves())
+            try:
+                with torch.enable_grad():     # to see which outputs carry gradients
+                    out = leading.run("batched", model, args, kwargs)
+                with torch.no_grad():
+                    try:
+                        a, kw = tree_unflatten(_slice_leaves(leaves, set(batched_at), 0), spec)
+                        leading.run("single", model, a, kw)
+                    except Exception:   # noqa: BLE001  (_compare below reports it)
+                        pass
+            finally:
+                leading.remove()
             named = [(n, t.detach()) for n, t in _named_tensors(out)]
             for n, t in _named_tensors(out):
                 if t.requires_grad and (t.dim() == 0 or t.shape[0] != B):
@@ -226,6 +286,11 @@ class Auditor:
                 return True
             with torch.no_grad():
                 found = self._compare(model, leaves, spec, batched_at, B, rows)
+        if found is None or found[3] is not None:
+            # Checked after the comparison: a model that mixes (attention across the batch also
+            # changes its leaves' layout) gets the mixing message and its fix.
+            self._constant_leading = leading.constant()
+            self._refuse_constant_leading()
         if found is None:
             return True
         name, i, rel, exc = found
@@ -279,6 +344,33 @@ class Auditor:
     def _refuse(message: str):
         raise MixingError(message)
 
+    def _layered_leaves(self) -> Dict[nn.Module, str]:
+        """The leaves whose rule reads the batch from dim 0 of their input: {module: path}.
+        Recurrent and attention drop-ins, and the leaves of time-major transformers, know their
+        layout from the module; nanobatch mode has no per-leaf rule."""
+        eng = self.engine
+        if eng._nano is not None:
+            return {}
+        return {m: eng._paths.get(m, "?") for m, r in eng._rules.items()
+                if not isinstance(r, ModuleCaptureRule) and m not in eng._time_major}
+
+    def _refuse_constant_leading(self):
+        """A covered leaf whose input keeps its leading size when the batch shrinks to one
+        example (T5's relative position bias: an Embedding of (q, k) buckets shared by every
+        example) would have its rows taken for examples, which is right only when the size
+        happens to be B. Refused while the leaf has trainable parameters."""
+        live = [(path, n) for m, (path, n) in self._constant_leading.items()
+                if any(p.requires_grad for p in m.parameters(recurse=False))]
+        if not live:
+            return
+        names = ", ".join(f"'{path}' (leading size {n})" for path, n in live)
+        raise MixingError(
+            f"fastclip: the input of {names} does not have the batch dimension first: its leading "
+            "size is the same for one example alone as for the batch (e.g. position buckets "
+            "shared by every example, broadcast over the batch later), so its parameters' "
+            "per-example gradients cannot be formed at that layer. Freeze its parameters "
+            "(requires_grad_(False)) or use mode='nanobatch' (exact for any model)")
+
     # -- the user's loss (make_private), checked at the first backward ----------------------
     def probe(self, output, B: Optional[int]):
         """The model's output, its per-example tensors turned into probes while the loss of the
@@ -289,31 +381,25 @@ class Auditor:
         if self._probe_cls is None:
             state = _ProbeState(self)
             self._probe_cls = type("_LossProbe", (_LossProbe,), {"_state": state})
-        cls, state = self._probe_cls, self._probe_cls._state
-        fresh = []
+        cls = self._probe_cls
 
         def wrap(t):
             if (t.requires_grad and t.dim() > 0 and t.shape[0] == B and t.is_floating_point()
                     and type(t) is Tensor):
-                fresh.append((t, B))
-                return t.as_subclass(cls)
+                return _Mark.apply(B, t).as_subclass(cls)
             return t
 
-        output = _map_tensors(output, wrap)
-        state.outputs = (state.outputs + fresh)[-_KEEP * max(len(fresh), 1):]
-        return output
+        return _map_tensors(output, wrap)
 
     def _loss_checked(self, found):
         """Called by the probe at the first backward of a probed loss."""
         if found is None:
             self._loss_done = True
             self._probe_cls._state.done = True
-            self._probe_cls._state.outputs = []
             return
         if isinstance(found, Exception):
             self._loss_done = True
             self._probe_cls._state.done = True
-            self._probe_cls._state.outputs = []
             warnings.warn(f"fastclip: the first-step audit could not differentiate the loss twice "
                           f"({type(found).__name__}: {found}): the training loss was NOT checked "
                           "for mixing examples. You are responsible for each example's loss "
@@ -331,7 +417,22 @@ class Auditor:
 # -- the training loop's own loss (make_private): probed on the first step --------------------
 
 _BACKWARDS = (Tensor.backward, torch.autograd.backward)
-_KEEP = 4     # forwards whose outputs a pending loss audit holds (a siamese loss has two)
+_WALK = 100_000   # nodes of the loss's graph searched for the marked outputs (a loss is small)
+
+
+class _Mark(torch.autograd.Function):
+    """Identity on a probed model output whose backward node carries B: the loss audit finds the
+    outputs by walking the loss's graph, so it holds no tensor and keeps no graph alive."""
+
+    @staticmethod
+    def forward(ctx, B, x):
+        ctx.B = B
+        # A copy, not a view: a view returned from a custom Function may not be changed in place.
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g
 
 
 class _LossProbe(Tensor):
@@ -356,11 +457,10 @@ class _LossProbe(Tensor):
 
 
 class _ProbeState:
-    """What one pending loss audit holds: the outputs of the last forwards (B each)."""
+    """One pending loss audit: whether it is done (it holds no tensor)."""
 
     def __init__(self, auditor):
         self.auditor = auditor
-        self.outputs: List[Tuple[Tensor, int]] = []
         self.done = False
 
     def check(self, func, args, kwargs):
@@ -380,27 +480,44 @@ class _ProbeState:
             found = self._mixing(loss, grad)
         self.auditor._loss_checked(found)
 
+    @staticmethod
+    def _marks(loss: Tensor):
+        """The _Mark nodes (probed model outputs) the loss was computed from."""
+        stack, seen, marks = [loss.grad_fn], set(), []
+        while stack and len(seen) < _WALK:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if isinstance(node, _Mark._backward_cls):
+                marks.append(node)
+                continue            # the model's graph below: not the loss
+            stack.extend(f for f, _ in node.next_functions)
+        return marks
+
     def _mixing(self, loss, grad):
         """None (no mixing, or nothing to check), a string describing the mixing, or an
         exception the check could not get past."""
-        if not isinstance(loss, Tensor) or not loss.requires_grad:
+        if not isinstance(loss, Tensor) or not loss.requires_grad or loss.grad_fn is None:
             return None
-        ys = [(y, B) for y, B in self.outputs if y.requires_grad]
-        if not ys:
+        marks = self._marks(loss)
+        if not marks:
             return None
+        edges = [GradientEdge(m, 0) for m in marks]
         try:
-            G = torch.autograd.grad(loss, [y for y, _ in ys], grad_outputs=grad, create_graph=True,
+            G = torch.autograd.grad(loss, edges, grad_outputs=grad, create_graph=True,
                                     retain_graph=True, allow_unused=True)
-            for (y, B), g in zip(ys, G):
+            for mark, g in zip(marks, G):
+                B = mark.B
                 if g is None or not g.requires_grad or B < 2:
-                    continue   # the loss does not use y, or is linear in it: nothing can mix
+                    continue   # the loss does not use this output, or is linear in it
                 for j in sorted({0, B // 2}):
                     v = torch.zeros_like(g)
                     v[j] = torch.randn(g[j].shape, dtype=g.dtype, device=g.device,
                                        generator=_generator(g.device))
-                    H = torch.autograd.grad((g * v).sum(), [x for x, _ in ys], retain_graph=True,
+                    H = torch.autograd.grad((g * v).sum(), edges, retain_graph=True,
                                             allow_unused=True)
-                    for (x, Bx), h in zip(ys, H):
+                    for h in H:
                         if h is None or h.dim() == 0 or not h.numel():
                             continue
                         # Row j of every output is example j (several forwards of one batch:

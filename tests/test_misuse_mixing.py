@@ -566,3 +566,44 @@ def test_lm_loss_ignore_index_low_precision_and_errors():
         fastclip.lm_loss(logits, labels[:, :3])
     with pytest.raises(TypeError, match="integer"):
         fastclip.lm_loss(logits, labels.float())
+
+
+# -- a leaf whose input does not follow the batch (T5's relative position bias) ---------------
+class SharedBias(nn.Module):
+    """An Embedding looked up on (q, q) position buckets shared by every example, broadcast over
+    the batch afterwards: its rows are positions, not examples."""
+
+    def __init__(self, q):
+        super().__init__()
+        self.q = q
+        self.bias = nn.Embedding(2 * q, 4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        rel = torch.arange(self.q)[:, None] - torch.arange(self.q)[None] + self.q
+        return self.lin(x) + self.bias(rel).mean((0, 1))
+
+
+@pytest.mark.parametrize("q", [3, 5])      # q == B (rows look like examples) and q != B
+@pytest.mark.parametrize("mode", ["auto", "ghost", "direct"])
+def test_leaf_input_without_batch_dimension_refused_even_when_its_size_is_B(q, mode):
+    B = 3
+    x = _data(B, 4, seed=5)
+    base = SharedBias(q).double()
+    m, opt, _ = _private(copy.deepcopy(base), mode=mode)
+    before = flat_params(m)
+    for attempt in range(2):      # every forward, not just the first
+        with pytest.raises(MixingError, match=r"'bias' \(leading size %d\).*requires_grad_\(False\)"
+                                              r".*nanobatch" % q):
+            m(x)
+    assert torch.equal(flat_params(m), before) and opt.steps == 0
+    # the fix the message names: freezing it makes the step exact
+    m.bias.weight.requires_grad_(False)
+    opt.zero_grad()
+    m(x).square().sum(1).sum().backward()
+    opt.step()
+    assert opt.steps == 1
+    opt.engine.detach()
+    # nanobatch mode differentiates whole examples: exact with the table trainable
+    upd = step_update(base, lambda m, idx: m(x[idx]).square().sum(1).sum(), mode="nanobatch")
+    assert influence(upd, B) <= C * (1 + 1e-9)
