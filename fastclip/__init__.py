@@ -12,9 +12,8 @@ from .losses import lm_loss
 from .layers import Rule, register
 from .accounting import PrivacyAccountant
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import BatchMemoryManager
 from .fix import fix
-from .optim import DPOptimizer, make_private, make_private_with_epsilon
+from .optim import BatchMemoryManager, DPOptimizer, make_private, make_private_with_epsilon
 from .privacy_engine import PrivacyEngine
 from .validate import validate
 

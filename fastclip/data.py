@@ -11,13 +11,13 @@ resumed from :meth:`PoissonBatchSampler.state_dict` draws exactly the batches th
 run would have drawn. With ``secure=True`` the draws come from ``os.urandom`` instead (not
 reproducible, not predictable).
 
-:class:`BatchMemoryManager` hands each batch (a logical batch) out as physical batches of a
-bounded size, with one optimizer step per logical batch, for logical batches larger than memory.
+:func:`split_batch` cuts a collated batch into physical batches; the optimizer's
+:class:`fastclip.optim.BatchMemoryManager` hands logical batches out that way (it lives with the
+optimizer whose logical-batch protocol it drives, so this module does not import the optimizer).
 """
 from __future__ import annotations
 
 import os
-import weakref
 from collections import deque
 from typing import Iterator, List, Optional, Sequence
 
@@ -454,99 +454,3 @@ def split_batch(batch, max_physical_batch_size: int) -> List:
         return [batch]
     M = max_physical_batch_size
     return [_narrow(batch, s, min(M, B - s)) for s in range(0, B, M)]
-
-
-class BatchMemoryManager:
-    """Logical batches larger than memory: each batch of ``data_loader`` (one *logical* batch,
-    e.g. a Poisson batch of :func:`fastclip.make_private`'s loader) is handed out as
-    *physical* batches of at most ``max_physical_batch_size`` examples, with one optimizer step
-    per logical batch::
-
-        model, optimizer, loader = fastclip.make_private(model, optimizer, loader, ...)
-        with BatchMemoryManager(loader, max_physical_batch_size=64, optimizer=optimizer) as batches:
-            for x, y in batches:
-                optimizer.zero_grad()
-                loss_fn(model(x), y).mean().backward()
-                optimizer.step()
-
-    Before each physical batch the manager tells the :class:`fastclip.DPOptimizer` whether it
-    is the last of its logical batch. On every other one, ``optimizer.step()`` does nothing but
-    run its closure, and ``optimizer.zero_grad()`` does nothing once the logical batch has begun,
-    so the engine's clipped sums add up in ``p.grad`` over the physical batches. At the last one,
-    ``step()`` is a full DP-SGD step on the whole logical batch: the clipped sums all-reduced
-    across ranks (distributed runs), noise of std ``noise_multiplier * sensitivity`` added once,
-    "mean" divided by the optimizer's ``expected_batch_size`` (the expected *logical* batch
-    size), one step accounted. The update equals the unsplit batch's up to floating-point
-    rounding, and epsilon is unchanged. Each physical backward's "mean" is over the physical
-    batch (the engine rescales by the examples of each backward).
-
-    An empty logical batch (Poisson sampling draws 0 examples with probability (1-q)^N) is
-    handed out as one empty physical batch, so the loop still calls ``step()`` and releases the
-    noise-only step the privacy analysis assumes. No other physical batch is empty.
-
-    Normal behaviour (one step per ``step()`` call) comes back when the iteration ends: at the
-    end of the loader, on ``break`` or an exception out of the loop (the iteration is closed), or
-    on leaving the ``with`` block. A logical batch left unfinished then is discarded: its partial
-    clipped sums are zeroed, never released. Checkpoints (``optimizer.state_dict()``, the
-    sampler's state) count logical batches; save them after the step that ends a logical batch
-    (``optimizer.skips_step`` is False) and a resumed run continues exactly.
-
-    Args:
-        data_loader: any iterable of collated batches (tensors batch-first, possibly nested in
-            tuples, lists and dicts), typically the loader :func:`fastclip.make_private` returns.
-        max_physical_batch_size: the most examples in one physical batch, an integer >= 1.
-        optimizer: the :class:`fastclip.DPOptimizer` stepped once per logical batch.
-
-    Raises:
-        TypeError: ``optimizer`` is not a DPOptimizer, or ``data_loader`` is not iterable.
-        ValueError: ``max_physical_batch_size`` is not an integer >= 1.
-    """
-
-    def __init__(self, data_loader, max_physical_batch_size: int, optimizer):
-        from .optim import DPOptimizer      # optim imports this module
-        if not isinstance(optimizer, DPOptimizer):
-            raise TypeError(f"optimizer must be the fastclip.DPOptimizer that make_private returns, "
-                            f"got {type(optimizer).__name__}")
-        if (isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
-                or max_physical_batch_size < 1):
-            raise ValueError(f"max_physical_batch_size must be an integer >= 1, "
-                             f"got {max_physical_batch_size!r}")
-        if not hasattr(data_loader, "__iter__"):
-            raise TypeError(f"data_loader must be an iterable of batches (a DataLoader), "
-                            f"got {type(data_loader).__name__}")
-        self.data_loader = data_loader
-        self.max_physical_batch_size = max_physical_batch_size
-        self.optimizer = optimizer
-        self._iteration = None
-
-    def __enter__(self) -> "BatchMemoryManager":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """End the current iteration (if any): the optimizer steps on every call again."""
-        ref, self._iteration = self._iteration, None
-        it = ref() if ref is not None else None
-        if it is not None:
-            it.close()
-
-    def __iter__(self):
-        self.close()
-        it = self._physical_batches()
-        # A weak reference: a loop left by ``break`` drops the last reference to its iteration,
-        # which closes it (and restores the optimizer) at once.
-        self._iteration = weakref.ref(it)
-        return it
-
-    def _physical_batches(self):
-        opt, token = self.optimizer, object()
-        try:
-            for batch in self.data_loader:
-                parts = split_batch(batch, self.max_physical_batch_size)
-                for i, part in enumerate(parts):
-                    opt._set_physical_batch(token, last=i == len(parts) - 1)
-                    yield part
-        finally:
-            opt._end_logical_batches(token)

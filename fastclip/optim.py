@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import weakref
 from collections import OrderedDict
 from typing import Optional, Tuple
 
@@ -15,7 +16,8 @@ from torch.utils.data import DataLoader
 from . import accounting, distributed as _dist, ops
 from .accounting import (PrivacyAccountant, check_accountant, check_noise_multiplier,
                          check_sample_rate)
-from .data import PoissonBatchSampler, _check_generator_state, poisson_loader, poisson_source
+from .data import (PoissonBatchSampler, _check_generator_state, poisson_loader, poisson_source,
+                   split_batch)
 from .clipping import ADAPTIVE_KEYS, AdaptiveClipping, Bound, adaptive_from, check_clipping
 from .engine import Engine
 from .nn.rnn import convert_recurrent
@@ -35,7 +37,7 @@ class DPOptimizer(Optimizer):
     optimizer's state, everything a resumed run needs to continue exactly: the accountant's
     history, the noise generator's state and the Poisson sampler's position and generator state.
 
-    Logical batches (:class:`fastclip.data.BatchMemoryManager`): while the manager feeds a
+    Logical batches (:class:`BatchMemoryManager`): while the manager feeds a
     physical batch that is not the last of its logical batch, :meth:`step` only runs the closure
     (if any) and leaves the clipped sums in ``p.grad`` to accumulate: no reduction across ranks,
     no noise, no parameter change, no accounted step. :meth:`zero_grad` does nothing while a
@@ -271,7 +273,7 @@ class DPOptimizer(Optimizer):
     @property
     def skips_step(self) -> bool:
         """True while the current physical batch is not the last of its logical batch
-        (:class:`fastclip.data.BatchMemoryManager`): :meth:`step` then accumulates only."""
+        (:class:`BatchMemoryManager`): :meth:`step` then accumulates only."""
         return not self._last_physical
 
     def _set_physical_batch(self, owner, last: bool) -> None:
@@ -579,6 +581,101 @@ class DPOptimizer(Optimizer):
             raise ValueError("epsilon needs the Poisson sampling rate: pass the DataLoader to "
                              "make_private with poisson_sampling=True")
         return self.accountant.epsilon(delta, accountant)
+
+
+class BatchMemoryManager:
+    """Logical batches larger than memory: each batch of ``data_loader`` (one *logical* batch,
+    e.g. a Poisson batch of :func:`fastclip.make_private`'s loader) is handed out as
+    *physical* batches of at most ``max_physical_batch_size`` examples, with one optimizer step
+    per logical batch::
+
+        model, optimizer, loader = fastclip.make_private(model, optimizer, loader, ...)
+        with BatchMemoryManager(loader, max_physical_batch_size=64, optimizer=optimizer) as batches:
+            for x, y in batches:
+                optimizer.zero_grad()
+                loss_fn(model(x), y).mean().backward()
+                optimizer.step()
+
+    Before each physical batch the manager tells the :class:`fastclip.DPOptimizer` whether it
+    is the last of its logical batch. On every other one, ``optimizer.step()`` does nothing but
+    run its closure, and ``optimizer.zero_grad()`` does nothing once the logical batch has begun,
+    so the engine's clipped sums add up in ``p.grad`` over the physical batches. At the last one,
+    ``step()`` is a full DP-SGD step on the whole logical batch: the clipped sums all-reduced
+    across ranks (distributed runs), noise of std ``noise_multiplier * sensitivity`` added once,
+    "mean" divided by the optimizer's ``expected_batch_size`` (the expected *logical* batch
+    size), one step accounted. The update equals the unsplit batch's up to floating-point
+    rounding, and epsilon is unchanged. Each physical backward's "mean" is over the physical
+    batch (the engine rescales by the examples of each backward).
+
+    An empty logical batch (Poisson sampling draws 0 examples with probability (1-q)^N) is
+    handed out as one empty physical batch, so the loop still calls ``step()`` and releases the
+    noise-only step the privacy analysis assumes. No other physical batch is empty.
+
+    Normal behaviour (one step per ``step()`` call) comes back when the iteration ends: at the
+    end of the loader, on ``break`` or an exception out of the loop (the iteration is closed), or
+    on leaving the ``with`` block. A logical batch left unfinished then is discarded: its partial
+    clipped sums are zeroed, never released. Checkpoints (``optimizer.state_dict()``, the
+    sampler's state) count logical batches; save them after the step that ends a logical batch
+    (``optimizer.skips_step`` is False) and a resumed run continues exactly.
+
+    Args:
+        data_loader: any iterable of collated batches (tensors batch-first, possibly nested in
+            tuples, lists and dicts), typically the loader :func:`fastclip.make_private` returns.
+        max_physical_batch_size: the most examples in one physical batch, an integer >= 1.
+        optimizer: the :class:`fastclip.DPOptimizer` stepped once per logical batch.
+
+    Raises:
+        TypeError: ``optimizer`` is not a DPOptimizer, or ``data_loader`` is not iterable.
+        ValueError: ``max_physical_batch_size`` is not an integer >= 1.
+    """
+
+    def __init__(self, data_loader, max_physical_batch_size: int, optimizer):
+        if not isinstance(optimizer, DPOptimizer):
+            raise TypeError(f"optimizer must be the fastclip.DPOptimizer that make_private returns, "
+                            f"got {type(optimizer).__name__}")
+        if (isinstance(max_physical_batch_size, bool) or not isinstance(max_physical_batch_size, int)
+                or max_physical_batch_size < 1):
+            raise ValueError(f"max_physical_batch_size must be an integer >= 1, "
+                             f"got {max_physical_batch_size!r}")
+        if not hasattr(data_loader, "__iter__"):
+            raise TypeError(f"data_loader must be an iterable of batches (a DataLoader), "
+                            f"got {type(data_loader).__name__}")
+        self.data_loader = data_loader
+        self.max_physical_batch_size = max_physical_batch_size
+        self.optimizer = optimizer
+        self._iteration = None
+
+    def __enter__(self) -> "BatchMemoryManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """End the current iteration (if any): the optimizer steps on every call again."""
+        ref, self._iteration = self._iteration, None
+        it = ref() if ref is not None else None
+        if it is not None:
+            it.close()
+
+    def __iter__(self):
+        self.close()
+        it = self._physical_batches()
+        # A weak reference: a loop left by ``break`` drops the last reference to its iteration,
+        # which closes it (and restores the optimizer) at once.
+        self._iteration = weakref.ref(it)
+        return it
+
+    def _physical_batches(self):
+        opt, token = self.optimizer, object()
+        try:
+            for batch in self.data_loader:
+                parts = split_batch(batch, self.max_physical_batch_size)
+                for i, part in enumerate(parts):
+                    opt._set_physical_batch(token, last=i == len(parts) - 1)
+                    yield part
+        finally:
+            opt._end_logical_batches(token)
 
 
 def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLoader], *,

@@ -1,4 +1,4 @@
-"""Logical batches larger than memory (fastclip.data.BatchMemoryManager): a logical batch split
+"""Logical batches larger than memory (fastclip.optim.BatchMemoryManager): a logical batch split
 into physical batches gives the update of the whole batch in one backward (noise once, one step
 accounted, "mean" over the expected logical batch size), empty logical batches still step, no
 other physical batch is empty, leaving the loop restores one step per call, checkpoints resume
@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fastclip
 import reference as R
-from fastclip.data import BatchMemoryManager, split_batch
+from fastclip.data import split_batch
+from fastclip.optim import BatchMemoryManager
 
 MODES = ["auto", "ghost", "direct", "nanobatch"]
 DELTA = 1e-5
