@@ -807,10 +807,11 @@ class Engine:
                 u.inputs, u.grads = inputs, grads
         return sq
 
-    def _sq_norms(self, entries: Dict[nn.Parameter, List], B: int, cache: Dict) -> Tensor:
-        """sum over ``entries``' parameters of each example's squared gradient norm, (B,) float64."""
-        ref = next(iter(entries))
-        sq = torch.zeros(B, dtype=torch.float64, device=ref.device)
+    def param_sq_norms(self, entries: Dict[nn.Parameter, List], cache: Dict) -> Dict[nn.Parameter, Tensor]:
+        """Each parameter's per-example squared gradient norm, {p: (B,) float64}, for the
+        ``entries`` of one clipping step ({p: [(module, name, use), ...]}): what
+        :meth:`_sq_norms` sums, and what ``fastclip.validate`` reports per parameter."""
+        out: Dict[nn.Parameter, Tensor] = {}
         for p, ents in entries.items():
             # ||sum of parts||^2 = sum of each rule's part norms + 2 * cross terms, so a weight
             # tied across layer types is exact without a per-example copy of every part.
@@ -818,10 +819,22 @@ class Engine:
             for e in ents:
                 by_rule.setdefault(id(self._rules[e[0]]), []).append(e)
             groups = [(self._rules[g[0][0]], g) for g in by_rule.values()]
+            sq = None
             for i, (rule, group) in enumerate(groups):
-                sq += rule.sq_norms(group, self.mode, cache).to(torch.float64)
+                part = rule.sq_norms(group, self.mode, cache).to(torch.float64)
+                sq = part if sq is None else sq + part
                 for rule_b, group_b in groups[i + 1:]:
-                    sq += 2 * cross_inner(rule, group, rule_b, group_b, self.mode, cache).to(torch.float64)
+                    sq = sq + 2 * cross_inner(rule, group, rule_b, group_b, self.mode,
+                                              cache).to(torch.float64)
+            out[p] = sq
+        return out
+
+    def _sq_norms(self, entries: Dict[nn.Parameter, List], B: int, cache: Dict) -> Tensor:
+        """sum over ``entries``' parameters of each example's squared gradient norm, (B,) float64."""
+        ref = next(iter(entries))
+        sq = torch.zeros(B, dtype=torch.float64, device=ref.device)
+        for part in self.param_sq_norms(entries, cache).values():
+            sq += part
         return sq
 
     def _write_clipped(self, entries: Dict[nn.Parameter, List], uses: List[Use], sq: Tensor,

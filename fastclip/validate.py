@@ -9,40 +9,27 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 from torch import Tensor, nn
 
 from .engine import Engine
-from .layers import cross_inner
 from .nn.rnn import converted
 
 
 class _Probe(Engine):
-    """The engine, also keeping each parameter's per-example squared norm (B,)."""
+    """The engine, also keeping each parameter's per-example squared norm (B,): the very values
+    the engine sums into the clipping norms (:meth:`Engine.param_sq_norms`)."""
 
-    def _clip(self, uses):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.contrib: Dict[nn.Parameter, Tensor] = {}
-        entries: Dict = {}
-        for u in uses:
-            for name, p in self._params[u.module]:
-                if p.requires_grad:
-                    entries.setdefault(p, []).append((u.module, name, u))
-        cache: Dict = {"scratch": {}}
-        for p, ents in entries.items():
-            by_rule: Dict[int, List] = {}
-            for e in ents:
-                by_rule.setdefault(id(self._rules[e[0]]), []).append(e)
-            groups = [(self._rules[g[0][0]], g) for g in by_rule.values()]
-            sq = 0
-            for i, (rule, group) in enumerate(groups):
-                sq = sq + rule.sq_norms(group, self.mode, cache).to(torch.float64)
-                for rule_b, group_b in groups[i + 1:]:
-                    sq = sq + 2 * cross_inner(rule, group, rule_b, group_b, self.mode,
-                                              cache).to(torch.float64)
-            self.contrib[p] = sq
-        super()._clip(uses)
+
+    def param_sq_norms(self, entries, cache):
+        parts = super().param_sq_norms(entries, cache)
+        self.contrib.update(parts)
+        return parts
 
 
 class Report:
