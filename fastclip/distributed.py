@@ -48,6 +48,7 @@ step).
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -141,6 +142,7 @@ class GradReducer:
             raise ValueError(f"bucket_cap_mb must be > 0, got {bucket_cap_mb}")
         self.bucket_cap_mb = bucket_cap_mb
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._checked = False
 
     def buckets(self, params: List[nn.Parameter]) -> List[List[nn.Parameter]]:
         """Parameters grouped by (dtype, device), in order, cut at ``bucket_cap_mb``."""
@@ -157,10 +159,34 @@ class GradReducer:
             b[1] += p.numel() * p.element_size()
         return out
 
+    def _check_replicas(self, params: List[nn.Parameter]) -> None:
+        """At the first step: every rank must hold the same parameters (count, sizes, values),
+        else the bucketed all-reduce would sum different tensors (pipeline stages whose shapes
+        happen to agree) or deadlock. One all-reduce of 6 numbers."""
+        with torch.no_grad():
+            sig = [float(len(params)), float(sum(p.numel() for p in params)),
+                   float(sum(p.detach().double().sum().item() * (i + 1)
+                             for i, p in enumerate(params)))]
+        t = torch.tensor(sig + [-v for v in sig], dtype=torch.float64, device=_comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        hi, lo = t[:3].tolist(), (-t[3:]).tolist()
+        if hi != lo:
+            raise RuntimeError(
+                f"fastclip: the ranks hold different parameters (counts {lo[0]:g}..{hi[0]:g}, "
+                f"elements {lo[1]:g}..{hi[1]:g}, or values); data-parallel training all-reduces "
+                "the clipped sums of one model replicated on every rank, so the step is refused: "
+                "nothing was released. Fix: build the model from the same seed on every rank or "
+                "call fastclip.distributed.broadcast_parameters(model) before training; for "
+                "pipeline stages (a different module per rank) pass make_private(..., "
+                "pipeline=True)")
+
     @torch.no_grad()
     def reduce(self, params: List[nn.Parameter], engine) -> None:
         """Sum ``p.grad`` over ranks for every parameter in ``params`` (the same list, in the same
         order, on every rank), and ``engine.examples`` with them."""
+        if not self._checked:
+            self._check_replicas(params)
+            self._checked = True
         if not params:
             return
         meta_device = _comm_device()
@@ -191,3 +217,116 @@ class GradReducer:
                     p.grad = flat[off:off + n].view(p.shape)    # a view, as DDP's bucket views
                 off += n
                 k += 1
+
+
+# ---- pipeline parallelism (torch.distributed.pipelining) -------------------------------------
+
+PIPELINE_GRADS = ("fastclip: the gradient of {name} was changed in place after fastclip wrote its "
+                  "clipped sum (torch.distributed.pipelining's schedules divide every gradient by "
+                  "the number of micro-batches unless they are built with scale_grads=False; "
+                  "clip_grad_norm_ or another in-place edit does the same); the noise is scaled "
+                  "to the clipped sums as fastclip wrote them, so the step is refused: nothing was "
+                  "released (no noise added, parameters unchanged). Fix: build the schedule with "
+                  "scale_grads=False (e.g. ScheduleGPipe(stage, n_microbatches, loss_fn, "
+                  "scale_grads=False)): fastclip already divides by the batch size for "
+                  "loss_reduction='mean' (each micro-batch's loss is its own mean), then "
+                  "optimizer.zero_grad() and run the step again")
+
+
+def pipeline_bounds(clipping: str, max_grad_norm, layers: int):
+    """Per-layer bounds of this stage when every rank of the default group is one pipeline stage:
+    a float C is split evenly over the layers of ALL stages (C / sqrt(L_total) each, as one
+    process splits it over the whole model), so the whole model's sensitivity is C. Returns the
+    list of this stage's bounds (float C), or ``max_grad_norm`` unchanged (a list, or flat
+    clipping). Collective: every rank must call it."""
+    from .clipping import is_per_layer
+    t = torch.tensor([float(layers)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t)
+    if not is_per_layer(clipping) or isinstance(max_grad_norm, (list, tuple)):
+        return max_grad_norm
+    total = int(t.item())
+    return [float(max_grad_norm) / math.sqrt(total)] * layers
+
+
+class PipelineExchange:
+    """What the stages of a pipeline (one :class:`torch.distributed.pipelining.PipelineStage`
+    per rank of the default group, each stage module made private on its rank) agree on, and
+    the one collective of flat clipping.
+
+    * Sensitivity: the whole model's. Flat clipping: C, the same on every stage (checked).
+      Per-layer: ``sqrt(sum over every stage's layers of C_l^2)``; every stage adds noise of std
+      ``noise_multiplier * that`` to its own parameters, so each coordinate of the whole update
+      carries the noise once, as in one process.
+    * Noise streams: the parameters of stage s continue the numbering of stages 0..s-1, and the
+      step's seed is rank 0's, so the noise equals one process's on the whole model (the
+      optimizers holding the stage parameters in model order) and no two parameters share a
+      stream.
+    * Flat clipping: a clip factor needs the norm over every stage's parameters. Each stage keeps
+      its backward passes' uses (micro-batches, in backward order, the same on every stage for
+      GPipe and 1F1B) and their squared norms; at ``optimizer.step`` one all-reduce (SUM) of the
+      B squared norms gives the whole model's, and only then are the clipped sums formed.
+
+    Args:
+        engine: this stage's engine; ``clipping`` its clipping (the same on every stage).
+        params: the optimizer's trainable parameters, in order.
+
+    Collective (every rank constructs one, in the same order).
+    """
+
+    def __init__(self, engine, clipping: str, params: List[nn.Parameter]):
+        from .clipping import is_per_layer
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.per_layer = is_per_layer(clipping)
+        self.local_sensitivity = float(engine.sensitivity)
+        mine = [clipping, float(engine.max_grad_norm or 0.0), self.local_sensitivity, len(params)]
+        every = [None] * self.world_size
+        dist.all_gather_object(every, mine)
+        clippings = [e[0] for e in every]
+        if len(set(clippings)) != 1:
+            raise ValueError(f"fastclip: the pipeline stages clip differently (clipping per rank: "
+                             f"{clippings}); every stage must be made private with the same "
+                             "clipping")
+        if not self.per_layer:
+            bounds = [e[1] for e in every]
+            if len(set(bounds)) != 1:
+                raise ValueError(f"fastclip: flat clipping bounds the whole model's per-example "
+                                 f"gradient by one C, but the stages were given max_grad_norm="
+                                 f"{bounds} (per rank); pass the same max_grad_norm on every stage")
+            self.sensitivity = bounds[0]
+        else:
+            self.sensitivity = math.sqrt(sum(e[2] ** 2 for e in every))
+        self.noise_offset = sum(e[3] for e in every[:self.rank])
+
+    def check_sensitivity(self, engine) -> None:
+        if float(engine.sensitivity) != self.local_sensitivity:
+            raise RuntimeError(
+                f"fastclip: this pipeline stage's clipping changed after make_private (its "
+                f"sensitivity went from {self.local_sensitivity} to {engine.sensitivity}: a layer "
+                "unfrozen or added), and the other stages' noise was agreed for the old one; the "
+                "step is refused: nothing was released. Fix: make every stage private again")
+
+    @torch.no_grad()
+    def exchange(self, engine) -> None:
+        """Flat clipping: sum the held-back squared norms over the stages (one all-reduce of B
+        numbers, after one of the micro-batch sizes), then write this stage's clipped sums.
+        Every stage counts the same examples in the same micro-batches, or every stage refuses."""
+        sizes = engine.deferred_sizes()
+        dev = _comm_device()
+        n = torch.tensor([len(sizes), -len(sizes)], dtype=torch.int64, device=dev)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        ok = int(n[0]) == -int(n[1]) == len(sizes)
+        if ok:
+            s = torch.tensor(sizes + [-b for b in sizes], dtype=torch.int64, device=dev)
+            dist.all_reduce(s, op=dist.ReduceOp.MAX)
+            ok = s[:len(sizes)].tolist() == (-s[len(sizes):]).tolist() == sizes
+        if not ok:
+            engine.drop_deferred()
+            raise RuntimeError(
+                f"fastclip: the pipeline stages backpropagated different micro-batches this step "
+                f"(this stage: sizes {sizes}); flat clipping pairs each example's squared norms "
+                "across stages by position, so the step is refused on every stage: nothing was "
+                "released. Fix: run the schedule's step once per batch on every stage (the same "
+                "n_microbatches), with one optimizer.step() after it")
+        sq = engine.deferred_sq_norms().to(dev)
+        dist.all_reduce(sq)
+        engine.write_deferred(sq)

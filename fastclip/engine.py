@@ -177,6 +177,11 @@ class Engine:
         self.norms_log: List[Tensor] = []   # per backward: per-example norms (B,), when kept
         self.keep_norms = False
         self.examples = 0                    # examples seen since reset_count()
+        # Flat clipping across pipeline stages (fastclip.distributed.PipelineExchange): each
+        # backward's squared norms are computed and its uses kept, and no clipped sum is formed
+        # until every stage's norms are summed (write_deferred). [(uses, B, local sq (B,))]
+        self.defer_flat = False
+        self._deferred: List = []
         self._paths: Dict[nn.Module, str] = {}
         self._nano = None
         if self.mode == "nanobatch":
@@ -195,6 +200,7 @@ class Engine:
         self._bound_of = (dict(zip((layer.name for layer in self.layers), self.bounds))
                           if isinstance(max_grad_norm, (list, tuple)) else None)
         self._grads: Dict[nn.Parameter, weakref.ref] = {}   # p -> the p.grad this engine wrote
+        self._versions: Dict[nn.Parameter, int] = {}  # p -> that p.grad's version when written
         self._former: Dict[nn.Parameter, str] = {}  # parameters the model no longer has -> name
         self._set_layout(self.layers, self.bounds)
         self._new_backward()
@@ -347,7 +353,7 @@ class Engine:
                 without a bound); the engine keeps its previous plan.
         """
         if (not self._attached or self._batches or self._finalizing or self._queued
-                or self._pending or self._waiting
+                or self._pending or self._waiting or self._deferred
                 or (self._nano is not None and self._nano.busy())):
             return False
         if not self._changed(full):
@@ -431,12 +437,19 @@ class Engine:
         ref = self._grads.get(p)
         return ref is not None and ref() is g
 
+    def grad_edited(self, p: Tensor) -> bool:
+        """Whether ``p.grad`` (one this engine wrote) was changed in place since it was written
+        (its version counter moved): e.g. divided by a pipeline schedule's ``scale_grads``."""
+        g = p.grad
+        return g is not None and self.wrote_grad(p) and self._versions.get(p, g._version) != g._version
+
     def adopt_grads(self, params) -> None:
         """Count the current ``p.grad`` of ``params`` as the engine's (the optimizer's released
         or zeroed gradients, which later backward passes may accumulate into)."""
         for p in params:
             if p.grad is not None:
                 self._grads[p] = weakref.ref(p.grad)
+                self._versions[p] = p.grad._version
 
     def note_grad(self, p: Tensor, before: Optional[Tensor]) -> None:
         """After writing clipped sums into ``p.grad`` (added to ``before``, the p.grad found):
@@ -444,6 +457,7 @@ class Engine:
         ref = self._grads.get(p)
         if before is None or (ref is not None and ref() is before):
             self._grads[p] = weakref.ref(p.grad)
+            self._versions[p] = p.grad._version
         else:
             self._grads.pop(p, None)
 
@@ -732,7 +746,8 @@ class Engine:
         together; per layer, the uses of each layer not clipped yet in this backward."""
         if self.bounds is None:
             B = self._batch_size(uses)
-            sq = self._clip_params(uses, B, self.max_grad_norm)
+            sq = (self._defer(uses, B) if self.defer_flat and self.write_grads
+                  else self._clip_params(uses, B, self.max_grad_norm))
             if sq is not None and self.clipping == "adaptive" and self.write_grads:
                 scale = float(B) if self.loss_reduction == "mean" else 1.0
                 self.unclipped += int((sq.sqrt() * scale <= self.max_grad_norm).sum())
@@ -749,6 +764,72 @@ class Engine:
         self.examples += B
         if self.keep_norms:
             self.norms_log.append(sq.sqrt() * scale)
+
+    def _entries(self, uses: List[Use]) -> Dict[nn.Parameter, List]:
+        entries: Dict[nn.Parameter, List] = {}
+        for u in uses:
+            for name, p in self._params[u.module]:
+                if p.requires_grad:
+                    entries.setdefault(p, []).append((u.module, name, u))
+        return entries
+
+    def _defer(self, uses: List[Use], B: int) -> Optional[Tensor]:
+        """Flat clipping across pipeline stages: this backward's per-example squared norms over
+        this stage's parameters, its uses kept (with their activations and output gradients) for
+        :meth:`write_deferred` once the other stages' norms are known. Nothing is written."""
+        entries = self._entries(uses)
+        if not entries:
+            return None
+        if self._wanted is not None:
+            missed = [p for p in entries if p not in self._wanted]
+            if missed:
+                raise partial_error(missed, self._names)
+        widened = _widen(uses, self._rules)
+        try:
+            sq = self._sq_norms(entries, B, {"scratch": self._scratch})
+        finally:
+            for u, inputs, grads in widened:
+                u.inputs, u.grads = inputs, grads
+        self._deferred.append((uses, B, sq))
+        return sq
+
+    def deferred_sq_norms(self) -> Tensor:
+        """The squared norms of every deferred backward since the last step, concatenated in
+        backward order ((sum of B,) float64; empty if none)."""
+        if not self._deferred:
+            return torch.zeros(0, dtype=torch.float64)
+        return torch.cat([sq for _, _, sq in self._deferred])
+
+    def deferred_sizes(self) -> List[int]:
+        """B of each deferred backward, in order."""
+        return [B for _, B, _ in self._deferred]
+
+    def write_deferred(self, sq_total: Tensor) -> None:
+        """Form the clipped sums of every deferred backward from ``sq_total`` (the squared norms
+        over the whole model: every stage's, summed), add them to ``p.grad`` and drop the uses."""
+        deferred, self._deferred = self._deferred, []
+        if sq_total.numel() != sum(B for _, B, _ in deferred):
+            raise RuntimeError(f"fastclip: {sq_total.numel()} summed squared norms for "
+                               f"{sum(B for _, B, _ in deferred)} examples held back")
+        off = 0
+        for uses, B, sq in deferred:
+            part = sq_total[off:off + B].to(device=sq.device, dtype=torch.float64)
+            off += B
+            prev, self._finalizing = self._finalizing, True  # rules re-run modules: no capture
+            widened = _widen(uses, self._rules)
+            try:
+                self._write_clipped(self._entries(uses), uses, part, B, self.max_grad_norm,
+                                    {"scratch": self._scratch})
+            finally:
+                self._finalizing = prev
+                for u, inputs, grads in widened:
+                    u.inputs, u.grads = inputs, grads
+            for u in uses:
+                self._rules[u.module].release(u)
+
+    def drop_deferred(self) -> None:
+        """Forget the deferred backward passes (zero_grad): nothing of them is released."""
+        self._deferred = []
 
     def _clip_layer(self, l: int, uses: List[Use]):
         """Per-layer clipping of layer ``l`` to its bound C_l from all of its uses in this

@@ -18,7 +18,8 @@ from .accounting import (PrivacyAccountant, check_accountant, check_noise_multip
                          check_sample_rate)
 from .data import (PoissonBatchSampler, _check_generator_state, poisson_loader, poisson_source,
                    split_batch)
-from .clipping import ADAPTIVE_KEYS, AdaptiveClipping, Bound, adaptive_from, check_clipping
+from .clipping import (ADAPTIVE_KEYS, AdaptiveClipping, Bound, adaptive_from, check_clipping,
+                       is_per_layer)
 from .engine import Engine
 from .nn.rnn import convert_recurrent
 
@@ -83,7 +84,8 @@ class DPOptimizer(Optimizer):
                  generator: Optional[torch.Generator] = None, sample_rate: Optional[float] = None,
                  *, secure_mode: bool = False, sampler: Optional[PoissonBatchSampler] = None,
                  accountant: str = "rdp", reducer: Optional["_dist.GradReducer"] = None,
-                 adaptive: Optional[AdaptiveClipping] = None):
+                 adaptive: Optional[AdaptiveClipping] = None,
+                 pipeline: Optional["_dist.PipelineExchange"] = None):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DPOptimizer):
@@ -116,6 +118,11 @@ class DPOptimizer(Optimizer):
         self.sampler = sampler
         self.accountant = PrivacyAccountant(accountant)
         self.reducer = reducer
+        self.pipeline = pipeline
+        if adaptive is not None and pipeline is not None:
+            raise ValueError("fastclip: clipping='adaptive' is not supported across pipeline "
+                             "stages yet (the count of unclipped examples would need the norms of "
+                             "every stage); use clipping='flat' or 'per_layer'")
         if adaptive is not None:
             if reducer is not None:
                 raise ValueError("fastclip: clipping='adaptive' is not supported in a multi-process "
@@ -152,7 +159,7 @@ class DPOptimizer(Optimizer):
     def max_grad_norm(self) -> float:
         """The current flat clipping bound C (adaptive clipping moves it after every step); for
         per-layer clipping the sensitivity sqrt(sum_l C_l^2)."""
-        return self.engine.sensitivity
+        return self.sensitivity
 
     @staticmethod
     def _set_bound(C: float, engine: Engine) -> None:
@@ -171,8 +178,11 @@ class DPOptimizer(Optimizer):
 
         Flat clipping: C; per-layer clipping with bounds C_l: ``sqrt(sum_l C_l^2)`` (the engine
         keeps each example's contribution to layer l within C_l). This is the one place the
-        noise scale is derived from the clipping.
+        noise scale is derived from the clipping. Pipeline stages: the whole model's (every
+        stage's layers), agreed at make_private.
         """
+        if self.pipeline is not None:
+            return self.pipeline.sensitivity
         return self.engine.sensitivity
 
     # Shared with the wrapped optimizer, never copied.
@@ -216,6 +226,7 @@ class DPOptimizer(Optimizer):
         if self._partial:       # the clipped sums of an unfinished logical batch stay
             return
         self.original_optimizer.zero_grad(set_to_none)
+        self.engine.drop_deferred()     # pipeline flat clipping: held-back uses, never released
         self.engine.examples = 0
         self.engine.unclipped = 0
         if not set_to_none:     # zeroed in place: clean, later clipped sums may add into them
@@ -301,7 +312,9 @@ class DPOptimizer(Optimizer):
         else:
             seed = int(torch.randint(0, 1 << 62, (1,), generator=self.generator).item())
         # Distributed: every rank adds the same noise to the same reduced sum, from rank 0's seed.
-        return seed if self.reducer is None else _dist.agree_seed(seed)
+        # Pipeline: every stage draws from rank 0's seed too (its streams continue the numbering
+        # of the earlier stages' parameters, PipelineExchange.noise_offset).
+        return seed if self.reducer is None and self.pipeline is None else _dist.agree_seed(seed)
 
     def _check_finite(self):
         """Refuse a non-finite clipped sum before anything is released: an example whose loss or
@@ -363,7 +376,8 @@ class DPOptimizer(Optimizer):
                        "step must be exactly the drawn batch, each example once. Fix: one forward "
                        "and one backward over the whole batch per step (zero_grad() first); for "
                        "batches larger than memory use fastclip.BatchMemoryManager")
-        if (self.reducer is not None and sampler is not None and sampler._tracked
+        if ((self.reducer is not None or self.pipeline is not None)
+                and sampler is not None and sampler._tracked
                 and _dist.any_rank(why is not None) and why is None):
             why = ("fastclip: another rank refused this step (its error names the cause); the step "
                    "is refused on every rank")
@@ -387,7 +401,7 @@ class DPOptimizer(Optimizer):
         # One seed per step (from the generator, or os.urandom in secure mode); one stream per
         # tensor.
         base = self._step_seed() if std > 0 else 0
-        k = 0
+        k = 0 if self.pipeline is None else self.pipeline.noise_offset
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
@@ -434,6 +448,8 @@ class DPOptimizer(Optimizer):
         self._check_params()
         self._check_batch()
         self._partial = False
+        if self.pipeline is not None:
+            self._pipeline_exchange()
         if self.reducer is not None:
             self.reducer.reduce([p for g in self.param_groups for p in g["params"]
                                  if p.requires_grad], self.engine)
@@ -450,6 +466,29 @@ class DPOptimizer(Optimizer):
         if self.sampler is not None:
             self.sampler._handed.clear()     # the batch is released: the next step needs its own
         return loss
+
+    def _pipeline_exchange(self) -> None:
+        """Pipeline stages: refuse (on every stage) gradients edited in place after fastclip wrote
+        them (a schedule's scale_grads) or a clipping changed since make_private; then, for flat
+        clipping, the one all-reduce of the per-example squared norms and the clipped sums."""
+        pipe, engine = self.pipeline, self.engine
+        edited = next((p for g in self.param_groups for p in g["params"]
+                       if p.requires_grad and engine.grad_edited(p)), None)
+        why = None
+        if edited is not None:
+            why = _dist.PIPELINE_GRADS.format(name=engine.name_of(edited))
+        elif float(engine.sensitivity) != pipe.local_sensitivity:
+            try:
+                pipe.check_sensitivity(engine)
+            except RuntimeError as e:
+                why = str(e)
+        if _dist.any_rank(why is not None):
+            engine.drop_deferred()
+            raise RuntimeError(why or "fastclip: another pipeline stage refused this step (its "
+                               "error names the cause); the step is refused on every stage: "
+                               "nothing was released (no noise added, parameters unchanged)")
+        if not pipe.per_layer:
+            pipe.exchange(engine)
 
     def _adapt(self) -> None:
         """Adaptive clipping after a released step: the noised fraction of unclipped examples
@@ -688,6 +727,7 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
                  secure_mode: bool = False,
                  accountant: str = "rdp",
                  distributed: Optional[bool] = None,
+                 pipeline: bool = False,
                  audit: bool = True,
                  gamma: float = 0.01,
                  target_unclipped_quantile: Optional[float] = None,
@@ -764,6 +804,16 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
             clipped sums are all-reduced at ``step``, noise of std ``noise_multiplier *
             max_grad_norm`` is added once, and every rank takes the same step. The model must
             not be wrapped in DistributedDataParallel (refused).
+        pipeline: ``model`` is this rank's stage module of a
+            ``torch.distributed.pipelining`` schedule, one stage per rank of the default process
+            group (see :class:`fastclip.distributed.PipelineExchange`). Every stage is made
+            private with the same arguments and draws the same Poisson batches (rank 0's seed);
+            per-layer clipping clips each stage's layers in its own backward (a float C is
+            split over the layers of all stages); flat clipping exchanges the B per-example
+            squared norms between the stages at ``step`` before any clipped sum is formed; each
+            stage adds the noise of the whole model's sensitivity to its own parameters. Build
+            the schedule with ``scale_grads=False`` (a step after torch's division by the
+            number of micro-batches is refused).
         audit: the first-step audit (default on, :mod:`fastclip.audit`): at the first forward
             with two or more examples, a few examples are recomputed alone (eval mode, RNG and
             train/eval modes restored) and the model is refused if their outputs differ from
@@ -796,7 +846,25 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
         raise TypeError("make_private takes the model itself, not a DistributedDataParallel wrapper: "
                         "DDP would all-reduce unclipped gradients; in a torch.distributed run "
                         "fastclip's optimizer all-reduces the clipped sums (pass model.module)")
-    ranks = _dist.resolve(distributed)
+    if not isinstance(pipeline, bool):
+        raise TypeError(f"pipeline must be True or False, got {pipeline!r}")
+    _refuse_fsdp(model)
+    if pipeline:
+        if distributed:
+            raise ValueError("fastclip: pipeline=True and distributed=True: data parallelism over "
+                             "pipeline stages is not supported yet; each rank is one stage of one "
+                             "pipeline (pass distributed=None)")
+        if not _dist.is_initialized():
+            raise ValueError("fastclip: pipeline=True needs torch.distributed.init_process_group("
+                             "...) first (one pipeline stage per rank)")
+        if clipping == "adaptive":
+            raise ValueError("fastclip: clipping='adaptive' is not supported across pipeline stages "
+                             "yet; use clipping='flat' or 'per_layer'")
+        if mode == "nanobatch" and not is_per_layer(clipping):
+            raise ValueError("fastclip: flat clipping across pipeline stages holds each stage's "
+                             "norms until every stage's are in, which mode='nanobatch' does not; "
+                             "use mode='auto' (or clipping='per_layer')")
+    ranks = None if pipeline else _dist.resolve(distributed)
     if secure_mode and (generator is not None or sampling_generator is not None):
         raise ValueError("secure_mode draws all randomness from os.urandom; do not pass generator "
                          "or sampling_generator")
@@ -814,6 +882,17 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
         engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
                         clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads,
                         audit=audit, gamma=gamma)
+        if pipeline:
+            # A float per-layer C is split over every stage's layers (as one process splits it
+            # over the whole model); flat clipping holds its clipped sums for the norm exchange.
+            bounds = _dist.pipeline_bounds(clipping, max_grad_norm, len(engine.layers))
+            if bounds is not max_grad_norm:
+                engine.detach()
+                engine = Engine(model, mode=mode, max_grad_norm=bounds,
+                                loss_reduction=loss_reduction, clipping=clipping,
+                                nanobatch_size=nanobatch_size, num_threads=num_threads,
+                                audit=audit, gamma=gamma)
+            engine.defer_flat = not is_per_layer(clipping)
     except Exception:
         for parent, name, child in recurrent:
             parent._modules[name] = child
@@ -826,7 +905,7 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
                 seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
                 sampling_generator = torch.Generator().manual_seed(seed)
             rank, world = ranks if ranks is not None else (0, 1)
-            if ranks is not None and derive:
+            if (ranks is not None or pipeline) and derive:
                 # Rank 0's sampling seed everywhere: the ranks' shards of one global mask, the
                 # batch one process would draw.
                 seed = (int(torch.randint(0, 2**62, (1,), generator=generator).item())
@@ -842,13 +921,44 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
         dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier, expected, generator, q,
                                    secure_mode=secure_mode, sampler=sampler, accountant=accountant,
                                    reducer=None if ranks is None else _dist.GradReducer(),
-                                   adaptive=adaptive)
+                                   adaptive=adaptive,
+                                   pipeline=None if not pipeline else _dist.PipelineExchange(
+                                       engine, clipping,
+                                       [p for g in optimizer.param_groups for p in g["params"]
+                                        if p.requires_grad]))
     except Exception:
         engine.detach()
         for parent, name, child in recurrent:
             parent._modules[name] = child
         raise
     return model, dp_optimizer, loader
+
+
+def _refuse_fsdp(model) -> None:
+    """A model sharded with FSDP2 (``fully_shard``) is refused before anything is attached."""
+    if not isinstance(model, nn.Module):
+        return
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:     # pragma: no cover - torch without distributed tensors
+        return
+    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    fsdp = [n or "<root>" for n, m in model.named_modules()
+            if type(m).__name__.startswith("FSDP") and hasattr(m, "reshard")]
+    if sharded or fsdp:
+        what = (f"its parameters are DTensors ({', '.join(sharded[:3])}"
+                f"{', ...' if len(sharded) > 3 else ''})" if sharded
+                else f"modules {fsdp[:3]} are FSDP modules")
+        raise TypeError(
+            "fastclip: make_private does not support models sharded with "
+            "torch.distributed.fsdp.fully_shard (FSDP2) yet: " + what + ". FSDP reduce-scatters "
+            "the gradients autograd computes, while fastclip writes each example's clipped "
+            "gradient at the end of the backward, so the sharded step would mix unclipped and "
+            "clipped sums. Fix: call make_private on the unsharded model (do not call "
+            "fully_shard) in every process: fastclip's data-parallel path all-reduces the "
+            "clipped sums itself (README: Distributed training); for a model too large for one "
+            "process, split it into torch.distributed.pipelining stages and call "
+            "make_private(stage_module, ..., pipeline=True) on each rank")
 
 
 def make_private_with_epsilon(model: nn.Module, optimizer: Optimizer, loader: DataLoader, *,
