@@ -144,6 +144,20 @@ def _fsdp_refused():
                           noise_multiplier=0.0, max_grad_norm=1.0)
 
 
+def _noise_only(rank, clipping):
+    """A step on an empty batch (Poisson sampling draws one now and then): no schedule run, the
+    noise alone, on every stage (flat clipping exchanges zero norms)."""
+    m = _model() if rank is None else _stage(rank)
+    kw = dict(distributed=False) if rank is None else dict(pipeline=True)
+    m, opt, _ = fastclip.make_private(m, torch.optim.SGD(m.parameters(), lr=LR), None,
+                                      noise_multiplier=SIGMA, max_grad_norm=0.5, clipping=clipping,
+                                      generator=torch.Generator().manual_seed(SEED), **kw)
+    before = _flat(m)
+    opt.zero_grad()
+    opt.step()
+    return _flat(m) - before
+
+
 def _worker(rank, port, outdir):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"     # localhost only
     torch.set_num_threads(1)
@@ -151,6 +165,7 @@ def _worker(rank, port, outdir):
                             world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
     try:
         out = {name: _run(rank, **kw) for name, kw in SCENARIOS.items()}
+        out["noise_only"] = {c: _noise_only(rank, c) for c in ("flat", "per_layer")}
         out["scale_grads"] = _refusal(lambda: _run(rank, "per_layer", BOUNDS, scale_grads=True))
         out["replicas"] = _refusal(lambda: _replicas_misused(rank))
         out["fsdp"] = _refusal(_fsdp_refused)
@@ -236,3 +251,12 @@ def test_pipeline_needs_a_process_group():
     with pytest.raises(ValueError, match="init_process_group"):
         fastclip.make_private(m, torch.optim.SGD(m.parameters(), lr=1.0), None,
                               noise_multiplier=0.0, max_grad_norm=1.0, pipeline=True)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_an_empty_batch_is_a_noise_only_step_on_every_stage(ranks, clipping):
+    single = _split(_noise_only(None, clipping))
+    for r in range(WORLD):
+        got = ranks[r]["noise_only"][clipping]
+        assert got.abs().min() > 0                        # every coordinate noised
+        torch.testing.assert_close(got, single[r], rtol=1e-12, atol=1e-14)
