@@ -10,6 +10,7 @@ gloo on 127.0.0.1 only. Reports the median step time on rank 0 over ``--steps`` 
 the all-reduce of the clipped sums (inside ``optimizer.step``).
 
     python bench/distributed_step.py --processes 1,2 --threads 1 --steps 10
+    python bench/distributed_step.py --pipeline --threads 1 --steps 10   # 2 pipeline stages
 """
 from __future__ import annotations
 
@@ -94,9 +95,72 @@ def _worker(rank, world, port, args, outdir):
             dist.destroy_process_group()
 
 
-def run_processes(world: int, args) -> dict:
+def _pipeline_worker(rank, world, port, args, outdir):
+    """One stage of an MLP per rank (GPipe, 4 micro-batches): torch's non-private pipeline step,
+    then fastclip per-layer and flat (pipeline=True), steps timed the same way."""
+    import fastclip
+    from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
+    torch.set_num_threads(args.threads)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=120))
+    try:
+        width, per_stage, micro = 512, 2, 4
+        g = torch.Generator().manual_seed(args.seed)
+        batches = [(torch.randn(args.batch_size, width, generator=g),
+                    torch.randint(0, 10, (args.batch_size,), generator=g)) for _ in range(4)]
+        loss_fn = lambda out, y: nn.functional.cross_entropy(out, y)  # noqa: E731
+
+        def stage_module():
+            torch.manual_seed(args.seed + rank)
+            layers = []
+            for i in range(per_stage):
+                last = rank == world - 1 and i == per_stage - 1
+                layers += [nn.Linear(width, 10 if last else width)] + ([] if last else [nn.Tanh()])
+            return nn.Sequential(*layers)
+
+        def loop(module, opt, private):
+            sched = ScheduleGPipe(PipelineStage(module, rank, world, torch.device("cpu")),
+                                  n_microbatches=micro, loss_fn=loss_fn, scale_grads=not private)
+
+            def step(x, y):
+                opt.zero_grad()
+                if rank == 0:
+                    sched.step(x)
+                elif rank == world - 1:
+                    sched.step(target=y)
+                else:
+                    sched.step()
+                opt.step()
+            return step
+
+        out = {}
+        m = stage_module()
+        out["torch"] = _timed(loop(m, torch.optim.SGD(m.parameters(), lr=0.1), False), batches,
+                              args.warmup, args.steps, True)
+        for clipping in ("per_layer", "flat"):
+            m = stage_module()
+            m, opt, _ = fastclip.make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), None,
+                                              noise_multiplier=1.0, max_grad_norm=1.0,
+                                              clipping=clipping, pipeline=True,
+                                              poisson_sampling=False)
+            out[clipping] = _timed(loop(m, opt, True), batches, args.warmup, args.steps, True)
+        if rank == 0:
+            with open(os.path.join(outdir, f"p{world}.json"), "w") as f:
+                json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_pipeline(world: int, args) -> dict:
+    return run_processes(world, args, worker=_pipeline_worker)
+
+
+def run_processes(world: int, args, worker=None) -> dict:
     with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(_worker, args=(world, _free_port(), args, outdir), nprocs=world,
+        ctx = mp.start_processes(worker or _worker, args=(world, _free_port(), args, outdir),
+                                 nprocs=world,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + args.timeout
         try:
@@ -121,7 +185,21 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300, help="seconds per process count")
+    p.add_argument("--pipeline", action="store_true",
+                   help="2-stage pipeline (GPipe, 4 micro-batches) of a 512-wide MLP instead: "
+                        "torch's non-private pipeline step beside fastclip per-layer and flat")
     args = p.parse_args(argv)
+    if args.pipeline:
+        r = run_pipeline(2, args)
+        t = statistics.median(r["torch"])
+        print(f"pipeline mlp 4x512, 2 stages, GPipe 4 micro-batches, global batch "
+              f"{args.batch_size}, {args.threads} thread(s) per process, torch {torch.__version__}")
+        print(f"{'step':>18} | {'ms':>8} | {'/torch':>6}")
+        for k in ("torch", "per_layer", "flat"):
+            v = statistics.median(r[k])
+            print(f"{'torch' if k == 'torch' else 'fastclip ' + k:>18} | {v:>8.1f} | {v / t:>6.2f}")
+        sys.stdout.flush()
+        return 0
     counts = [int(c) for c in args.processes.split(",")]
     print(f"cnn, global batch {args.batch_size}, {args.threads} thread(s) per process, "
           f"{os.cpu_count()} cores, loadavg {os.getloadavg()[0]:.2f}, torch {torch.__version__}")
