@@ -39,6 +39,12 @@ on its own). What changes:
   (= world_size * per-rank expected size); without a sample rate, by the global number of
   examples seen (all-reduced with the gradients).
 
+Pipeline stages (``make_private(stage_module, ..., pipeline=True)``, one stage per rank of a
+``torch.distributed.pipelining`` schedule built with ``scale_grads=False``): see
+:class:`PipelineExchange`. FSDP2 (``fully_shard``) is refused by :func:`fastclip.make_private`:
+FSDP reduce-scatters autograd's gradients per block, fastclip's clipped sums need every layer's
+norm first; until fastclip owns that reduce-scatter, use this data-parallel path or pipeline stages.
+
 DistributedDataParallel: do NOT wrap the model in DDP; :func:`make_private` refuses a DDP model.
 DDP all-reduces the per-process sums of *unclipped* gradients from its own autograd hooks; here
 the optimizer all-reduces the *clipped* sums instead, which is all DDP would do besides
