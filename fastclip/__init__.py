@@ -1,6 +1,6 @@
 """fastclip: fast, exact per-example gradient clipping for differentially private training.
 
-Public API (see DESIGN.md): :func:`per_sample_grad_norms`, :func:`clipped_grad`,
+Public API (see docs/design.md): :func:`per_sample_grad_norms`, :func:`clipped_grad`,
 :func:`make_private`; :class:`PrivacyEngine` for code written for Opacus.
 """
 import logging as _logging

@@ -871,11 +871,13 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
     if sampling_generator is not None and not isinstance(sampling_generator, torch.Generator):
         raise TypeError(f"sampling_generator must be a torch.Generator, got "
                         f"{type(sampling_generator).__name__}")
-    # torch.nn RNN/GRU/LSTM -> fastclip.nn drop-ins (same Parameter objects), for good: the
-    # returned model trains with them. Put back if anything below refuses the model.
+    # torch.nn RNN/GRU/LSTM/MultiheadAttention -> fastclip.nn drop-ins (same Parameter
+    # objects), for good: the returned model trains with them. Put back if anything below
+    # refuses the model (a refused model is left as it was found).
+    swapped = (nn.RNN, nn.GRU, nn.LSTM, nn.MultiheadAttention)
     recurrent = [(parent, name, child) for parent in model.modules()
                  for name, child in parent._modules.items()
-                 if child is not None and type(child) in (nn.RNN, nn.GRU, nn.LSTM)] \
+                 if child is not None and type(child) in swapped] \
         if isinstance(model, nn.Module) else []
     model = convert_recurrent(model)
     try:

@@ -38,7 +38,7 @@ GRAD_SAMPLE_MODES = {
     "ew": "auto",          # expanded weights -> same
     "functorch": "auto",   # vmap per-example grads (any layer) -> auto; the generic rule covers any layer
     "ghost": "ghost",      # ghost clipping (two backwards) -> ghost norms in one backward
-    "ghost_fsdp": "ghost", # same, for FSDP (fastclip: the model unsharded; see DESIGN.md)
+    "ghost_fsdp": "ghost", # same, for FSDP (fastclip: the model unsharded; see docs/design.md)
 }
 _FASTCLIP_MODES = ("auto", "ghost", "direct", "nanobatch")
 

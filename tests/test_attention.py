@@ -416,3 +416,14 @@ def test_custom_library_leaves_use_the_op_rule(B):
     # addmm with the weight stored (in, out) and a broadcast RMSNorm scale (layers/ops_rule.py)
     assert rules["c_attn.weight"] == rules["c_attn.bias"] == rules["norm.weight"] == "OpsRule"
     check(m, tok, torch.randint(0, 2, (B,)))
+
+
+def test_a_refused_model_keeps_torch_attention():
+    """make_private swaps torch's MultiheadAttention for the drop-in; a model it refuses is left
+    exactly as found, attention included."""
+    m = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    m.att = nn.MultiheadAttention(4, 2, batch_first=True)
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        fastclip.make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), None,
+                              noise_multiplier=1.0, max_grad_norm=1.0)
+    assert type(m.att) is nn.MultiheadAttention

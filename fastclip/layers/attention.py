@@ -1,7 +1,7 @@
 """fastclip.nn.MultiheadAttention: per-example norms and clipped sums of its own parameters from
 the (A, G) each input projection records (fastclip.nn.attention). A projection is a linear map on
 a block of rows of its weight, so a weight's per-example norm is the sum over its row blocks of
-the block norms, each block's uses (calls of the module) stacked along T (exact, DESIGN.md).
+the block norms, each block's uses (calls of the module) stacked along T (exact, docs/design.md).
 bias_k / bias_v: their per-example gradients, recorded whole. ``out_proj`` is a child Linear."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """nn.Embedding: native per-example norms by the unique-token method, clipped sums by one
 ``index_add`` of rescaled output-gradient rows, and the cross term of a weight tied to an output
-projection (``lm_head.weight = embed.weight``) without any per-example V x d matrix (DESIGN.md).
+projection (``lm_head.weight = embed.weight``) without any per-example V x d matrix (docs/design.md).
 
 Example i's weight gradient has row v = sum of g_t over the positions t holding token v (none at
 padding_idx), so ||grad_i||^2 = sum over distinct tokens of ||sum_{t: x_t = v} g_t||^2.

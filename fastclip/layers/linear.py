@@ -1,5 +1,5 @@
 """nn.Linear and its subclasses: native per-example norms from the layer input A and output
-gradient G, and the clipped sum as one GEMM with a rescaled G (DESIGN.md)."""
+gradient G, and the clipped sum as one GEMM with a rescaled G (docs/design.md)."""
 from __future__ import annotations
 
 import math
@@ -68,7 +68,7 @@ def stack_uses(entries: Sequence[Entry]):
     """(A, G) of a Linear weight's uses, stacked along T: (B, sum T, d), (B, sum T, p).
 
     A weight used k times has one per-example gradient, the sum over uses: stacking the uses
-    along T before the norm makes it exact (DESIGN.md)."""
+    along T before the norm makes it exact (docs/design.md)."""
     As = [_flat(u.inputs) for _, _, u in entries]
     Gs = [_flat(u.grads[0]) for _, _, u in entries]
     if len(As) == 1:

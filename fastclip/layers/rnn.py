@@ -1,7 +1,7 @@
 """fastclip.nn.RNN / GRU / LSTM: per-example norms and clipped sums from the factors each layer
 and direction records in its backward (fastclip.nn.rnn): for weight_ih A = the layer inputs,
 for weight_hh A = the previous states, G = gate pre-activation gradients, the time steps stacked
-as the uses of one weight (exact, DESIGN.md). bias_ih and bias_hh see the same G (GRU: their own)
+as the uses of one weight (exact, docs/design.md). bias_ih and bias_hh see the same G (GRU: their own)
 and are separate parameters: each gets its own norm, ||sum_t g_t||^2."""
 from __future__ import annotations
 

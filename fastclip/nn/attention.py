@@ -5,7 +5,7 @@ shapes, inputs and outputs; state dicts load both ways) with its forward written
 input projection is one linear map ``y = x W_j^T + b_j`` over a block of rows j of
 ``in_proj_weight`` (or of q/k/v_proj_weight). While the engine captures the module, each
 projection runs as ``_ProjFn``, whose backward records the projection's input A (B, T, d) and
-output gradient G (B, T, rows) — the factors of an exact per-example norm (DESIGN.md) — and gives
+output gradient G (B, T, rows) — the factors of an exact per-example norm (docs/design.md) — and gives
 the weights no autograd gradient. ``bias_k`` / ``bias_v`` are appended to the keys / values
 through ``_TokenFn``, which records their per-example gradients (B, E). ``out_proj`` is a child
 nn.Linear, covered by the Linear rule.

@@ -11,7 +11,7 @@ records per layer and direction the stacked per-time-step factors of the weights
 * ``bias_ih`` / ``bias_hh``: sum over t of their G
 
 so each weight's per-example norm is exact with the time steps stacked as the uses of one weight
-(DESIGN.md). The parameters get no autograd gradient then; the engine writes clipped sums.
+(docs/design.md). The parameters get no autograd gradient then; the engine writes clipped sums.
 
 Parameters, their names and shapes, constructor arguments, inputs and outputs are torch.nn's, so
 state dicts load both ways; ``convert_recurrent`` swaps torch's modules for these in place, moving
