@@ -95,6 +95,11 @@ def clipped_grad(model: nn.Module, loss_fn: Callable, inputs, targets, max_grad_
     Returns:
         Tensor (B,) float64: the per-example norms (over all parameters) before clipping.
     """
+    if clipping == "adaptive":
+        # The adaptive bound moves between optimizer steps; one call has no steps to move it.
+        raise ValueError("fastclip: clipping='adaptive' moves the bound from one optimizer step "
+                         "to the next; clipped_grad takes no step. Use clipping='flat' with the "
+                         "current bound, or make_private(..., clipping='adaptive')")
     with converted(model) as model:  # torch.nn RNN/GRU/LSTM -> fastclip.nn, put back after
         engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction="sum",
                         clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads,

@@ -305,3 +305,11 @@ def test_adaptive_checkpoint_and_errors(tmp_path):
     with pytest.raises(ValueError, match="larger than min_clipbound"):
         AdaptiveClipping(1.0, target_unclipped_quantile=0.5, clipbound_learning_rate=0.2,
                          max_clipbound=0.1, min_clipbound=0.2, unclipped_num_std=1.0)
+
+
+def test_clipped_grad_refuses_adaptive_clipping():
+    m = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="adaptive.*clipped_grad takes no step"):
+        fastclip.clipped_grad(m, lambda o, y: o.sum(1), torch.randn(4, 3), None,
+                              max_grad_norm=1.0, clipping="adaptive")
+    assert m.weight.grad is None
