@@ -146,17 +146,19 @@ double ghost_item(const ConvShape& s, const T* xi, int64_t c0, const T* G, int64
 
 // ||G U^T||^2 by forming the Og x K per-example gradient, accumulated over position chunks when
 // the whole unfold would exceed the budget.
+// out (nullable): where to leave the Og x K product (the caller keeps it), else thread scratch.
 template <class T>
 double direct_item(const ConvShape& s, const T* xi, int64_t c0, const T* G, int64_t ldg, int64_t Og,
-                   Scratch<T>& w) {
+                   Scratch<T>& w, T* out) {
   const int64_t P = s.positions(), K = s.cols();
   const int64_t chunk = std::max<int64_t>(kTile, kUnfoldBudget / std::max<int64_t>(K, 1));
   w.C.resize(size_t(Og * K));
   if (P <= chunk) {
     w.U.resize(size_t(K * P));
     unfold(s, xi, c0, 0, P, w.U.data(), P);
-    blas::gemm_nt(Og, K, P, G, ldg, w.U.data(), P, w.C.data(), K);
-    return sum_sq(w.C.data(), Og * K);
+    T* C = out ? out : w.C.data();
+    blas::gemm_nt(Og, K, P, G, ldg, w.U.data(), P, C, K);
+    return sum_sq(C, Og * K);
   }
   w.U.resize(size_t(K * chunk));
   w.acc.assign(size_t(Og * K), T(0));
@@ -168,6 +170,7 @@ double direct_item(const ConvShape& s, const T* xi, int64_t c0, const T* G, int6
     const T* c = w.C.data();
     for (int64_t q = 0; q < Og * K; ++q) acc[q] += c[q];
   }
+  if (out) std::copy(w.acc.begin(), w.acc.end(), out);
   return sum_sq(w.acc.data(), Og * K);
 }
 
@@ -227,12 +230,17 @@ void check_conv_shape(const ConvShape& s) {
 
 template <class T>
 void conv_sq_norms(const ConvShape& s, const T* x, const T* g, ConvMethod method, T* w_out,
-                   T* b_out, int num_threads) {
+                   T* b_out, int num_threads, T* pe_out) {
   check_conv_shape(s);
   check(num_threads >= 1, "num_threads must be >= 1, got " + std::to_string(num_threads));
   const int64_t B = s.B, groups = s.groups, P = s.positions(), K = s.cols(), Og = s.O / groups;
   const int64_t ldg = std::max<int64_t>(P, 1);
   if (method == ConvMethod::Auto) method = choose_conv_method(P, K, Og);
+  check(pe_out == nullptr || method == ConvMethod::Direct,
+        "per-example gradients are kept by the direct method only, got method '" +
+            std::string(conv_method_name(method)) + "'");
+  // A weightless group has a zero per-example gradient: no item writes it.
+  if (pe_out && !(P > 0 && K > 0 && Og > 0)) std::fill(pe_out, pe_out + B * s.O * K, T(0));
   // A group with no weights (K = 0 or Og = 0) or no positions has a zero weight gradient.
   const bool weights = P > 0 && K > 0 && Og > 0;
 
@@ -256,7 +264,8 @@ void conv_sq_norms(const ConvShape& s, const T* x, const T* g, ConvMethod method
       const int64_t ldgr = Og > 1 ? s.gs1 : ldg;
       if (weights) {
         wpart[size_t(it)] = method == ConvMethod::Ghost ? ghost_item(s, xi, c0, G, ldgr, Og, scratch)
-                                                        : direct_item(s, xi, c0, G, ldgr, Og, scratch);
+                                                        : direct_item(s, xi, c0, G, ldgr, Og, scratch,
+                                                                      pe_out ? pe_out + it * Og * K : nullptr);
       }
       if (b_out) {
         // Row sums as dots with ones: the vectorised dot accumulates in double without the
@@ -282,8 +291,8 @@ void conv_sq_norms(const ConvShape& s, const T* x, const T* g, ConvMethod method
 }
 
 template void conv_sq_norms<float>(const ConvShape&, const float*, const float*, ConvMethod, float*,
-                                   float*, int);
+                                   float*, int, float*);
 template void conv_sq_norms<double>(const ConvShape&, const double*, const double*, ConvMethod,
-                                    double*, double*, int);
+                                    double*, double*, int, double*);
 
 }  // namespace fastclip

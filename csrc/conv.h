@@ -50,8 +50,11 @@ ConvMethod choose_conv_method(int64_t P, int64_t K, int64_t Og);
 
 // w_out[i] = sum over groups ||G_i U_i^T||_F^2, and if b_out != nullptr b_out[i] = ||sum_p G_i[:, p]||^2.
 // Sums accumulate in double. Parallel over (example, group) pairs on up to num_threads threads.
+// pe_out (Direct only, else nullptr): also keep the per-example gradients the direct method forms
+// anyway, (B, O, K) row-major (= B copies of the weight's layout), so the clipped sum is then
+// one (B,) x (B, O K) product instead of a second weight-gradient convolution.
 template <class T>
 void conv_sq_norms(const ConvShape& s, const T* x, const T* g, ConvMethod method, T* w_out,
-                   T* b_out, int num_threads);
+                   T* b_out, int num_threads, T* pe_out = nullptr);
 
 }  // namespace fastclip

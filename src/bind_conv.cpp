@@ -128,7 +128,7 @@ void check_conv_sizes(const fastclip::ConvShape& s, fastclip::ConvMethod method)
 
 template <class T>
 py::tuple run_conv(const fastclip::ConvShape& s, const py::array& x, const py::array& g,
-                   fastclip::ConvMethod method, bool bias, int num_threads) {
+                   fastclip::ConvMethod method, bool bias, int num_threads, T* pe_ptr) {
   py::array_t<T> w(s.B);
   py::object b = py::none();
   T* b_ptr = nullptr;
@@ -142,7 +142,7 @@ py::tuple run_conv(const fastclip::ConvShape& s, const py::array& x, const py::a
   const T* gp = static_cast<const T*>(g.data());
   {
     py::gil_scoped_release release;
-    fastclip::conv_sq_norms<T>(s, xp, gp, method, w_ptr, b_ptr, num_threads);
+    fastclip::conv_sq_norms<T>(s, xp, gp, method, w_ptr, b_ptr, num_threads, pe_ptr);
   }
   return py::make_tuple(w, b);
 }
@@ -150,7 +150,8 @@ py::tuple run_conv(const fastclip::ConvShape& s, const py::array& x, const py::a
 py::tuple conv_sq_norms(const py::object& x_obj, const py::object& g_obj, const py::object& kernel_obj,
                         const py::object& stride_obj, const py::object& padding_obj,
                         const py::object& dilation_obj, const py::object& groups_obj,
-                        const std::string& method_name, bool bias, int num_threads) {
+                        const std::string& method_name, bool bias, int num_threads,
+                        const py::object& pe_obj) {
   const auto method = fastclip::parse_conv_method(method_name);
   const py::array x = conv_array(x_obj, "input");
   const py::array g = conv_array(g_obj, "grad_output");
@@ -207,8 +208,32 @@ py::tuple conv_sq_norms(const py::object& x_obj, const py::object& g_obj, const 
   check_conv_sizes(s, method);
   fastclip::check_conv_shape(s);  // ArgumentError -> ValueError, with the values
   num_threads = checked_threads(num_threads);
-  if (x.dtype().itemsize() == 4) return run_conv<float>(s, x, g, method, bias, num_threads);
-  return run_conv<double>(s, x, g, method, bias, num_threads);
+  void* pe_ptr = nullptr;
+  if (!pe_obj.is_none()) {
+    // The direct method's per-example gradients, kept for the clipped sum: written in place, so
+    // the array must be exactly (B, C_out, K) C-contiguous, writeable, of the input's dtype.
+    const int64_t K = (s.C / s.groups) * s.k[0] * s.k[1] * s.k[2];
+    const fastclip::ConvMethod resolved =
+        method == fastclip::ConvMethod::Auto ? fastclip::choose_conv_method(s.positions(), K, s.O / s.groups)
+                                             : method;
+    if (resolved != fastclip::ConvMethod::Direct)
+      throw py::value_error(std::string("per_example needs the direct method, got '") +
+                            fastclip::conv_method_name(resolved) + "'");
+    if (!py::isinstance<py::array>(pe_obj))
+      throw py::type_error("per_example must be an array or None, got " + type_name(pe_obj));
+    py::array pe = py::reinterpret_borrow<py::array>(pe_obj);
+    if (!pe.dtype().is(x.dtype()))
+      throw py::type_error("per_example dtype " + dtype_name(pe) + " differs from input's " + dtype_name(x));
+    if (pe.ndim() != 3 || pe.shape(0) != s.B || pe.shape(1) != s.O || pe.shape(2) != K)
+      throw py::value_error("per_example must be (B, C_out, K) = (" + std::to_string(s.B) + ", " +
+                            std::to_string(s.O) + ", " + std::to_string(K) + "), got " + shape_str(pe));
+    if (!(pe.flags() & py::array::c_style) || !pe.writeable())
+      throw py::value_error("per_example must be C-contiguous and writeable");
+    pe_ptr = pe.mutable_data();
+  }
+  if (x.dtype().itemsize() == 4)
+    return run_conv<float>(s, x, g, method, bias, num_threads, static_cast<float*>(pe_ptr));
+  return run_conv<double>(s, x, g, method, bias, num_threads, static_cast<double*>(pe_ptr));
 }
 
 std::string choose_conv_method(int64_t P, int64_t K, int64_t Og) {
@@ -225,11 +250,13 @@ void bind_conv(py::module_& m) {
   m.def("conv_sq_norms", &conv_sq_norms, py::arg("input"), py::arg("grad_output"),
         py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("groups"), py::arg("method") = "auto", py::arg("bias") = false,
-        py::arg("num_threads") = 1,
+        py::arg("num_threads") = 1, py::arg("per_example") = py::none(),
         "Per-example squared weight (and bias) gradient norms of a 1-D/2-D/3-D convolution.\n\n"
         "input (B, C_in, *spatial) and grad_output (B, C_out, *out_spatial): float32/float64 arrays\n"
         "with non-negative strides; grad_output contiguous over its spatial dims. kernel_size,\n"
         "stride, dilation: d ints; padding: d ints (symmetric) or 2d ints (before, after per dim).\n"
+        "per_example: None, or a (B, C_out, K) array (direct method only) that receives the\n"
+        "per-example weight gradients (K = C_in/groups * prod(kernel)).\n"
         "Returns (w_sq (B,), b_sq (B,) or None) in the input dtype.");
   m.def("choose_conv_method", &choose_conv_method, py::arg("P"), py::arg("K"), py::arg("Og"),
         "'ghost' or 'direct' for P output positions, K = C_in/groups * prod(kernel), Og = C_out/groups.");

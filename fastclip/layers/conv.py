@@ -23,6 +23,11 @@ _DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _WEIGHT_GRAD = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight,
                 3: torch.nn.grad.conv3d_weight}
 _BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# The direct method forms every per-example gradient (B x C_out x K) to take its norm; kept up to
+# this many bytes per layer, the clipped sum is then one (B,) x (B, C_out K) product (~2 B O K
+# flops) instead of a second weight-gradient convolution (~2 B P O K flops: P times more).
+KEEP_PER_EXAMPLE_BYTES = 64 << 20
+_PER_EXAMPLE = "conv per-example gradients"
 
 
 def _parse(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -83,8 +88,20 @@ class ConvRule(FunctionalRule):
         if len(entries) == 1:
             use = entries[0][2]
             _, kernel, stride, pads, dilation, groups = _opts(use, weight.shape)
-            w, b = ops.conv_sq_norms(use.inputs, use.grads[0], tuple(weight.shape), stride,
-                                     ops.pads_to_arg(pads), dilation, groups, method, with_bias)
+            x, g = use.inputs, use.grads[0]
+            B, O = g.shape[:2]
+            K = math.prod(weight.shape[1:])
+            keep = None
+            if (B * O * K * g.element_size() <= KEEP_PER_EXAMPLE_BYTES
+                    and ops.conv_keeps_per_example(x, g, math.prod(g.shape[2:]), K, O // groups,
+                                                   method)):
+                keep = torch.empty((B, O, K), dtype=g.dtype)
+            w, b = ops.conv_sq_norms(x, g, tuple(weight.shape), stride, ops.pads_to_arg(pads),
+                                     dilation, groups, method, with_bias, per_example=keep)
+            if keep is not None:
+                # Lives as long as this clipping step's cache (cleared, with every per-example
+                # result, when an example is zeroed for a non-finite norm).
+                cache[(_PER_EXAMPLE, use)] = keep
         else:
             w = self._stacked_sq_norms(entries, weight.shape, method)
             b = self._bias_sum(entries).square().sum(1) if with_bias else None
@@ -130,6 +147,11 @@ class ConvRule(FunctionalRule):
         if name == "bias":
             return c.matmul(g.flatten(2).sum(2))
         weight = getattr(module, name)
+        kept = cache.pop((_PER_EXAMPLE, use), None)
+        if kept is not None:
+            # sum_i c_i grad_W_i from the gradients the direct norm pass formed.
+            B = kept.shape[0]   # B = 0 (an empty Poisson batch) gives a zero sum
+            return c.to(kept.dtype).matmul(kept.reshape(B, weight.numel())).view(weight.shape)
         d, kernel, stride, pads, dilation, groups = _opts(use, weight.shape)
         x = use.inputs
         if any(lo != hi for lo, hi in pads):

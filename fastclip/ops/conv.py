@@ -166,7 +166,8 @@ def choose_conv_method(P: int, K: int, Og: int) -> str:
 
 
 def conv_sq_norms(x: Tensor, g: Tensor, weight_shape, stride=1, padding=0, dilation=1,
-                  groups: int = 1, method: str = "auto", bias: bool = False):
+                  groups: int = 1, method: str = "auto", bias: bool = False,
+                  per_example: Tensor | None = None):
     """Per-example squared gradient norms of a convolution's weight (and bias).
 
     Same arguments and result as :func:`conv_sq_norms_torch`. CPU float32/float64 tensors run in
@@ -174,6 +175,11 @@ def conv_sq_norms(x: Tensor, g: Tensor, weight_shape, stride=1, padding=0, dilat
     per-thread buffer. ``x`` is read in place with any strides; ``g`` is read in place when each
     (example, channel) block of positions is contiguous (as autograd produces it), otherwise it
     is copied once with ``.contiguous()`` (the same size as the layer output).
+
+    ``per_example`` (native path and direct method only, see :func:`conv_keeps_per_example`): a
+    contiguous (B, C_out, K) tensor of x's dtype, K = C_in/groups * prod(kernel), that receives
+    the per-example weight gradients the direct method forms anyway (B copies of the weight's
+    layout), so a clipped sum needs no second weight-gradient convolution.
 
     Returns:
         (weight_sq (B,), bias_sq (B,) or None), in the dtype of the inputs.
@@ -183,6 +189,8 @@ def conv_sq_norms(x: Tensor, g: Tensor, weight_shape, stride=1, padding=0, dilat
     x, g, kernel, stride, pads, dilation, groups = _check_conv(x, g, weight_shape, stride, padding,
                                                                dilation, groups)
     if not _native(x, g):
+        if per_example is not None:
+            raise ValueError("per_example is kept by the native core only (CPU float32/float64)")
         return conv_sq_norms_torch(x, g, weight_shape, stride, pads_to_arg(pads), dilation, groups,
                                    method, bias)
     # The core needs each (example, channel) row of G's positions contiguous.
@@ -197,8 +205,18 @@ def conv_sq_norms(x: Tensor, g: Tensor, weight_shape, stride=1, padding=0, dilat
     ga = g.resolve_neg().numpy() if g.is_neg() else g.numpy()
     flat = [p for lohi in pads for p in lohi]
     w, b = _C.conv_sq_norms(xa, ga, list(kernel), list(stride), flat, list(dilation), int(groups),
-                            method, bool(bias), torch.get_num_threads())
+                            method, bool(bias), torch.get_num_threads(),
+                            None if per_example is None else per_example.numpy())
     return torch.from_numpy(w), (torch.from_numpy(b) if b is not None else None)
+
+
+def conv_keeps_per_example(x: Tensor, g: Tensor, P: int, K: int, Og: int, method: str) -> bool:
+    """Whether :func:`conv_sq_norms` can keep the per-example gradients of this call: the native
+    path with the direct method (chosen, or what "auto" picks for P positions, K = C_in/groups x
+    prod(kernel), Og = C_out/groups)."""
+    if not _native(x, g):
+        return False
+    return (choose_conv_method(P, K, Og) if method == "auto" else method) == "direct"
 
 
 def pads_to_arg(pads):
