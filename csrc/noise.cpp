@@ -10,8 +10,10 @@ namespace fastclip {
 namespace {
 
 // Normals are produced in blocks of kBlock: block b uses Philox counters 4 * kBlock... so a chunk
-// boundary at a multiple of kBlock changes nothing in the stream.
-constexpr int64_t kBlock = 64;
+// boundary at a multiple of kBlock changes nothing in the stream (nor does kBlock itself: normal
+// p always comes from counter p / 4). 128, not 64: with 64 the lane loops are too short for GCC
+// to vectorise them well (2.9 ns per normal and thread vs 1.55 ns; same values, bit for bit).
+constexpr int64_t kBlock = 128;
 
 // The helpers below are forced inline into the ISA-specific clones of noise_range_f/_d: a call
 // into a separately compiled (baseline-ISA) copy would lose the vectorisation.
