@@ -6,10 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastclip
+import harness
 import reference as R
-from conftest import DTYPES, tol
-
-MODES = ("auto", "ghost", "direct", "nanobatch")
+from conftest import DTYPES
 
 
 def sq_loss(out, y):
@@ -26,28 +25,9 @@ def rules_after_forward(model, *x):
         e.detach()
 
 
-def check(model, x, y, dtype=torch.float64, C=0.5, loss=sq_loss, modes=MODES):
-    """Norms and clipped sums equal the reference in every mode; the model is left as found."""
-    model = model.to(dtype)
-    xs = x if isinstance(x, tuple) else (x,)
-    xs = tuple(t.to(dtype) if t.is_floating_point() else t for t in xs)
-    y = y.to(dtype)
-    B = xs[0].shape[0]
-    rtol, atol = tol(dtype)
-    ref_n = R.norms(model, loss, xs, y) if B else None
-    ref = R.clipped_sum(model, loss, xs, y, C) if B else None
-    for mode in modes:
-        n = fastclip.per_sample_grad_norms(model, loss, xs, y, mode=mode)
-        assert n.shape == (B,)
-        for p in model.parameters():
-            p.grad = None
-        fastclip.clipped_grad(model, loss, xs, y, max_grad_norm=C, mode=mode)
-        if B == 0:
-            assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
-            continue
-        torch.testing.assert_close(n.double(), ref_n, rtol=rtol, atol=atol)
-        for k, p in model.named_parameters():
-            torch.testing.assert_close(p.grad.double(), ref[k], rtol=rtol, atol=atol, msg=k)
+def check(model, x, y, dtype=torch.float64):
+    """harness.check with this file's loss and bound, the model and data cast to ``dtype``."""
+    harness.check(model, x, y, loss=sq_loss, C=0.5, dtype=dtype, cast=True)
 
 
 # -- leaves from other libraries -----------------------------------------------------------------
