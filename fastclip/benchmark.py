@@ -53,6 +53,11 @@ class Workload:
     # backward outside it, as torch recommends); only the methods named in ``methods`` run.
     autocast: Optional[torch.dtype] = None
     methods: Optional[Sequence[str]] = None
+    # The physical limit of fastclip / non-private for this workload (bench/README.md, "Budget"):
+    # the non-private FLOPs plus what exact clipping cannot avoid (the norm pass beyond the
+    # weight-gradient products, the noise, one finite check), at the machine's measured rates.
+    # Shown beside the measured ratio; None: no budget written down yet.
+    limit: Optional[float] = None
 
 
 WorkloadBuilder = Callable[[int, torch.Generator], Workload]
@@ -88,7 +93,7 @@ def _mlp_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4) -> 
         (torch.randn(batch_size, 784, generator=gen), torch.randint(0, 10, (batch_size,), generator=gen))
         for _ in range(n_batches)
     ]
-    return Workload(model, batches, description="MLP 784-512-512-10")
+    return Workload(model, batches, description="MLP 784-512-512-10", limit=1.15)
 
 
 def cnn() -> nn.Sequential:
@@ -111,7 +116,7 @@ def _cnn_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4) -> 
         for _ in range(n_batches)
     ]
     return Workload(model, batches, description="CNN 3x(Conv3x3-GN-ReLU-MaxPool) 32/64/128, "
-                                                 "Linear 2048-10, 3x32x32")
+                                                 "Linear 2048-10, 3x32x32", limit=1.05)
 
 
 class LSTMClassifier(nn.Module):
@@ -185,6 +190,7 @@ def _bf16(builder: WorkloadBuilder) -> WorkloadBuilder:
     def build(batch_size: int, gen: torch.Generator) -> Workload:
         wl = builder(batch_size, gen)
         wl.autocast, wl.methods = torch.bfloat16, ("non-private", "fastclip")
+        wl.limit = None   # the float32 budget does not apply
         wl.description += ", autocast bf16"
         return wl
 
@@ -444,6 +450,7 @@ class Result:
     times_ms: List[float] = field(default_factory=list)
     ratio: Optional[float] = None
     peak_mib: Optional[float] = None
+    limit: Optional[float] = None   # the workload's budgeted fastclip ratio (Workload.limit)
     status: str = "ok"  # ok | not installed | error
     error: str = ""
 
@@ -466,7 +473,7 @@ def run_workload(name: str, batch_size: Optional[int], warmup: int, steps: int,
     for m in METHODS:
         if wl.methods is not None and m.name not in wl.methods:
             continue
-        r = Result(name, m.name, bs)
+        r = Result(name, m.name, bs, limit=wl.limit)
         results.append(r)
         try:
             model = copy.deepcopy(init)  # same initial weights for every method
@@ -535,6 +542,9 @@ def _mem(r: Result) -> str:
 def format_table(results: List[Result], memory: bool) -> str:
     methods = [m.name for m in METHODS]
     header = ["workload", "batch"] + [f"{m} ms" + (" (ratio)" if m != "non-private" else "") for m in methods]
+    # The budgeted limit of the fastclip ratio (bench/README.md, "Budget"), beside the measured one.
+    at = header.index("fastclip ms (ratio)") + 1 if "fastclip" in methods else len(header)
+    header.insert(at, "limit")
     if memory:
         header.append("peak MiB " + "/".join(methods))
     rows = []
@@ -545,6 +555,7 @@ def format_table(results: List[Result], memory: bool) -> str:
         any_r = next(iter(rs.values()))
         # "-": a method the workload does not run (the bf16 rows: non-private and fastclip)
         row = [wl, str(any_r.batch_size)] + [_cell(rs[m]) if m in rs else "-" for m in methods]
+        row.insert(at, f"{any_r.limit:.2f}x" if any_r.limit is not None else "-")
         if memory:
             row.append(" / ".join(_mem(rs[m]) if m in rs else "-" for m in methods))
         rows.append(row)
