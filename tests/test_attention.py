@@ -1,6 +1,7 @@
 """Attention and transformers: fastclip.nn.MultiheadAttention, parameters used directly by a
 parent module, custom leaves from other libraries, against tests/reference.py (float64)."""
 import copy
+import functools
 import math
 
 import pytest
@@ -10,37 +11,16 @@ from torch import nn
 
 import fastclip
 import fastclip.nn as fnn
+import harness
 import reference as R
-from conftest import tol
+from harness import CE, assert_close
 
-CE = nn.CrossEntropyLoss(reduction="none")
 D64 = torch.float64
 
 
-def assert_close(a, b, dtype=D64):
-    rtol, atol = tol(dtype)
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
-
-
-def check(model, x, y, C=0.3, dtype=D64, loss=CE):
-    """Norms and clipped sums equal the reference; the model is left as found."""
-    xs = x if isinstance(x, tuple) else (x,)
-    B = xs[0].shape[0]
-    mods = [type(m) for m in model.modules()]
-    ref_n = R.norms(model, loss, x, y) if B else None
-    ref = R.clipped_sum(model, loss, x, y, C) if B else None
-    for mode in ("auto", "nanobatch"):
-        n = fastclip.per_sample_grad_norms(model, loss, x, y, mode=mode)
-        assert n.shape == (B,)
-        fastclip.clipped_grad(model, loss, x, y, max_grad_norm=C, mode=mode)
-        assert [type(m) for m in model.modules()] == mods
-        if B == 0:
-            for p in model.parameters():
-                assert p.grad is not None and not p.grad.any()
-            continue
-        assert_close(n, ref_n, dtype)
-        for k, p in model.named_parameters():
-            assert_close(p.grad, ref[k], dtype)
+# harness.check in modes auto and nanobatch with this file's bound (module types unchanged,
+# which the conversion of torch's attention must ensure, is part of the model left as found).
+check = functools.partial(harness.check, modes=("auto", "nanobatch"), C=0.3)
 
 
 # -- MultiheadAttention drop-in -------------------------------------------------------------------

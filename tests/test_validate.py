@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 import fastclip
-from test_attention import CE, DecoderLM, GPT2ish, lm_loss
+from harness import CE
+from test_attention import DecoderLM, GPT2ish, lm_loss
 
 
 def test_validate_transformer_reports_every_parameter(capsys):
