@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 import fastclip  # noqa: E402
 import reference as R  # noqa: E402
-from conftest import DTYPES, tol  # noqa: E402
+from conftest import DTYPES  # noqa: E402
+from harness import check  # noqa: E402
 
 V = 64
 
@@ -99,28 +100,6 @@ def rules(model, inputs):
         e.detach()
 
 
-def check(model, inputs, y, loss, dtype, modes, C=1.0):
-    model = model.to(dtype).eval()
-    B = inputs[0].shape[0]
-    rtol, atol = tol(dtype)
-    ref_n = R.norms(model, loss, inputs, y) if B else None
-    ref = R.clipped_sum(model, loss, inputs, y, C) if B else None
-    for mode in modes:
-        n = fastclip.per_sample_grad_norms(model, loss, inputs, y, mode=mode)
-        assert n.shape == (B,)
-        for p in model.parameters():
-            p.grad = None
-        fastclip.clipped_grad(model, loss, inputs, y, max_grad_norm=C, mode=mode)
-        trainable = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-        if B == 0:
-            assert all(p.grad is not None and not p.grad.any() for _, p in trainable)
-            continue
-        torch.testing.assert_close(n.double(), ref_n, rtol=rtol, atol=atol, msg=mode)
-        for k, p in trainable:
-            torch.testing.assert_close(p.grad.double(), ref[k], rtol=rtol, atol=atol,
-                                       msg=f"{mode} {k}")
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 def test_no_parameter_on_the_generic_rule(name):
     make, kind = MODELS[name]
@@ -141,7 +120,7 @@ def test_no_parameter_on_the_generic_rule(name):
 def test_exact_in_every_mode_float64(name):
     make, kind = MODELS[name]
     inputs, y, loss = data(kind, 3)
-    check(make(), inputs, y, loss, torch.float64, ("auto", "ghost", "direct", "nanobatch"))
+    check(make().eval(), inputs, y, loss=loss, dtype=torch.float64, cast=True)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -156,7 +135,7 @@ def test_exact_batch_sizes_and_dtypes(name, B, dtype):
             model.eval()(*inputs)
         except RuntimeError as e:    # GPT-2's attention reshapes with -1: ambiguous at B = 0
             pytest.skip(f"{name} itself cannot run an empty batch: {str(e)[:80]}")
-    check(model, inputs, y, loss, dtype, ("auto", "nanobatch"))
+    check(model.eval(), inputs, y, loss=loss, modes=("auto", "nanobatch"), dtype=dtype, cast=True)
 
 
 def test_t5_relative_attention_bias_is_refused_by_name_and_exact_in_nanobatch():
@@ -200,4 +179,4 @@ def test_peft_lora_llama():
     inputs, y, loss = data("lm", 3)
     got = rules(model.double().eval(), inputs)
     assert got and set(got.values()) == {"LinearRule"}      # only lora_A / lora_B train
-    check(model, inputs, y, loss, torch.float64, ("auto", "ghost", "direct", "nanobatch"))
+    check(model.eval(), inputs, y, loss=loss, dtype=torch.float64, cast=True)
