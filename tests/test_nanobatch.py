@@ -9,16 +9,9 @@ from torch import nn
 
 import fastclip
 import reference as R
-from conftest import DTYPES, tol
+from conftest import DTYPES
+from harness import CE, assert_close, check
 from fastclip import ops
-
-CE = nn.CrossEntropyLoss(reduction="none")
-
-
-def assert_close(a, b, dtype=torch.float64):
-    rtol, atol = tol(dtype)
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
-
 
 def mlp(dtype=torch.float64):
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(),
@@ -30,21 +23,6 @@ def cnn(dtype=torch.float64):
                          nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 3 * 3, 3)).to(dtype)
 
 
-def check(model, x, y, dtype, C, **kw):
-    B = x.shape[0]
-    n = fastclip.per_sample_grad_norms(model, CE, x, y, mode="nanobatch", **kw)
-    assert n.shape == (B,)
-    fastclip.clipped_grad(model, CE, x, y, C, mode="nanobatch", **kw)
-    if B == 0:
-        for p in model.parameters():
-            assert p.grad is not None and not p.grad.any()
-        return
-    assert_close(n, R.norms(model, CE, x, y), dtype)
-    ref = R.clipped_sum(model, CE, x, y, C)
-    for name, p in model.named_parameters():
-        assert_close(p.grad, ref[name], dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B", [0, 1, 5, 9])
 @pytest.mark.parametrize("size", [1, 2, 4, 16])
@@ -52,7 +30,8 @@ def check(model, x, y, dtype, C, **kw):
 def test_mlp_sizes_and_threads(dtype, B, size, threads):
     model = mlp(dtype)
     x, y = torch.randn(B, 6, dtype=dtype), torch.randint(0, 3, (B,))
-    check(model, x, y, dtype, 0.2, nanobatch_size=size, num_threads=threads)
+    check(model, x, y, modes=("nanobatch",), C=0.2, dtype=dtype, nanobatch_size=size,
+          num_threads=threads)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -60,7 +39,7 @@ def test_mlp_sizes_and_threads(dtype, B, size, threads):
 def test_cnn(dtype, size):
     model = cnn(dtype)
     x, y = torch.randn(5, 2, 6, 6, dtype=dtype), torch.randint(0, 3, (5,))
-    check(model, x, y, dtype, 0.5, nanobatch_size=size, num_threads=2)
+    check(model, x, y, modes=("nanobatch",), C=0.5, dtype=dtype, nanobatch_size=size, num_threads=2)
 
 
 def test_same_threads_same_bits():
