@@ -1,22 +1,21 @@
 """Embeddings: the unique-token norm op, the tied embedding / output-projection cross term, the
 nn.Embedding rule against tests/reference.py, refused options, and hostile input to the bindings."""
+import functools
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import fastclip
+import harness
 import reference as R
 from conftest import DTYPES, tol
+from harness import CE, MODES, assert_close
 from fastclip import _C, ops
 
-CE = nn.CrossEntropyLoss(reduction="none")
-MODES = ["auto", "ghost", "direct", "nanobatch"]
-
-
-def assert_close(a, b, dtype):
-    rtol, atol = tol(dtype)
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
+# harness.check with this file's bound, in one mode (auto unless a test names another)
+check = functools.partial(harness.check, C=0.4, modes=("auto",))
 
 
 def dense_grads(ids, g, V, pad=None):
@@ -149,19 +148,6 @@ def lm_loss(out, y):
     return CE(out.transpose(1, 2), y).mean(1)
 
 
-def check(model, loss, inputs, y, dtype, mode="auto", C=0.4):
-    B = (inputs if isinstance(inputs, tuple) else (inputs,))[0].shape[0]
-    got = fastclip.per_sample_grad_norms(model, loss, inputs, y, mode=mode)
-    assert got.shape == (B,)
-    if B == 0:
-        return
-    assert_close(got, R.norms(model, loss, inputs, y), dtype)
-    fastclip.clipped_grad(model, loss, inputs, y, max_grad_norm=C, mode=mode)
-    ref = R.clipped_sum(model, loss, inputs, y, C)
-    for n, p in model.named_parameters():
-        assert_close(p.grad, ref[n], dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B", [0, 1, 7])
 @pytest.mark.parametrize("ids_shape", ["B", "BT"])
@@ -171,7 +157,7 @@ def test_embedding_rule(dtype, B, ids_shape, pad):
     x = torch.randint(0, 6, (B,) if ids_shape == "B" else (B, 9))
     if ids_shape == "BT" and B:
         x[0, :3] = 4  # a token repeated in one example
-    check(m, CE, x, torch.randint(0, 3, (B,)), dtype)
+    check(m, x, torch.randint(0, 3, (B,)), dtype=dtype)
 
 
 def test_embedding_rule_is_native():
@@ -191,7 +177,7 @@ def test_embedding_rule_is_native():
 def test_embedding_called_twice(dtype, mode):
     m = Twice().to(dtype)
     a, b = torch.randint(0, 7, (5, 4)), torch.randint(0, 7, (5, 6))
-    check(m, CE, (a, b), torch.randint(0, 3, (5,)), dtype, mode)
+    check(m, (a, b), torch.randint(0, 3, (5,)), dtype=dtype, modes=(mode,))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -202,7 +188,7 @@ def test_tied_language_model(dtype, mode, B, pad):
     m = TinyLM(positions=False, padding_idx=pad).to(dtype)
     x, y = torch.randint(0, 13, (B, 6)), torch.randint(0, 13, (B, 6))
     x[:, 0] = 0
-    check(m, lm_loss, x, y, dtype, mode)
+    check(m, x, y, loss=lm_loss, dtype=dtype, modes=(mode,))
 
 
 def test_tied_cross_term_is_used_and_exact():
@@ -217,7 +203,7 @@ def test_tied_cross_term_is_used_and_exact():
         return orig(*a, **k)
     ops.embedding_linear_cross = spy
     try:
-        check(m, lm_loss, x, y, torch.float64)
+        check(m, x, y, loss=lm_loss, dtype=torch.float64)
     finally:
         ops.embedding_linear_cross = orig
     assert calls
@@ -228,7 +214,7 @@ def test_position_ids_broadcast_over_batch(dtype):
     # pos(arange(T)[None]) has shape (1, T) while the batch is B: the engine expands it to B.
     m = TinyLM(positions=True).to(dtype)
     x, y = torch.randint(0, 13, (4, 6)), torch.randint(0, 13, (4, 6))
-    check(m, lm_loss, x, y, dtype)
+    check(m, x, y, loss=lm_loss, dtype=dtype)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -393,7 +379,7 @@ class TiedToCustom(nn.Module):
 def test_tied_to_generic_rule(dtype):
     m = TiedToCustom().to(dtype)
     x = torch.randint(0, 7, (5, 6))
-    check(m, CE, x, torch.randint(0, 7, (5,)), dtype)
+    check(m, x, torch.randint(0, 7, (5,)), dtype=dtype)
 
 
 @pytest.mark.parametrize("mode", ["sum", "mean", "max"])
@@ -402,7 +388,7 @@ def test_embedding_bag_is_exact_through_the_generic_rule(mode):
     m = nn.Sequential(nn.EmbeddingBag(7, 4, mode=mode, padding_idx=1), nn.Linear(4, 3)).double()
     x = torch.randint(0, 7, (5, 6))
     x[0, :2] = 1
-    check(m, CE, x, torch.randint(0, 3, (5,)), torch.float64)
+    check(m, x, torch.randint(0, 3, (5,)), dtype=torch.float64)
 
 
 def test_embedding_subclass():
@@ -419,4 +405,4 @@ def test_embedding_subclass():
     assert rule_for(Scaled(3, 2)) is None  # its own forward: the generic rule covers it
     for cls in (Plain, Scaled):
         m = nn.Sequential(cls(6, 3), nn.Flatten(1), nn.Linear(12, 2)).double()
-        check(m, CE, torch.randint(0, 6, (4, 4)), torch.randint(0, 2, (4,)), torch.float64)
+        check(m, torch.randint(0, 6, (4, 4)), torch.randint(0, 2, (4,)), dtype=torch.float64)
