@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastclip
-import reference as R
-from conftest import DTYPES, tol
+from conftest import DTYPES
+from harness import MODES, assert_close, check
 from fastclip import ops
 from fastclip.layers import rule_for
 from fastclip.layers.conv import ConvRule
@@ -18,34 +18,18 @@ from fastclip.layers.generic import GenericRule
 
 CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 FCONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-MODES = ["auto", "ghost", "direct"]             # the conv kernel's methods
-MODEL_MODES = MODES + ["nanobatch"]            # engine modes
+METHODS = ["auto", "ghost", "direct"]           # the conv kernel's methods (engine modes: MODES)
 
 
 def loss_fn(out, y):
     return (out.flatten(1) - 0.1).square().sum(1) * y
 
 
-def assert_close(a, b, dtype):
-    rtol, atol = tol(dtype)
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
-
-
-def check_model(model, x, dtype, mode, clip=True):
-    B = x.shape[0]
-    y = torch.rand(B, dtype=dtype) + 0.5
-    got = fastclip.per_sample_grad_norms(model, loss_fn, x, y, mode=mode)
-    assert got.shape == (B,)
-    if B == 0:
-        return
-    ref = R.norms(model, loss_fn, x, y)
-    assert_close(got, ref, dtype)
-    if clip:
-        C = float(ref.median())
-        fastclip.clipped_grad(model, loss_fn, x, y, max_grad_norm=C, mode=mode)
-        want = R.clipped_sum(model, loss_fn, x, y, C)
-        for n, p in model.named_parameters():
-            assert_close(p.grad, want[n], dtype)
+def check_model(model, x, dtype, mode):
+    """harness.check in ``mode`` with positive per-example weights as targets and the median
+    reference norm as the bound (about half the examples clipped)."""
+    y = torch.rand(x.shape[0], dtype=dtype) + 0.5
+    check(model, x, y, loss=loss_fn, modes=(mode,), dtype=dtype, C=lambda ref: float(ref.median()))
 
 
 def random_case(seed):
@@ -74,7 +58,7 @@ def random_case(seed):
 def test_random_convs(seed):
     case = random_case(seed)
     dtype = DTYPES[seed % 2]
-    mode = MODEL_MODES[(seed // 2) % len(MODEL_MODES)]
+    mode = MODES[(seed // 2) % len(MODES)]
     B = (0, 1, 3, 4)[seed % 4]
     conv = CONVS[case["d"]](case["C"], case["O"], case["k"], stride=case["stride"],
                             padding=case["padding"], dilation=case["dilation"], groups=case["groups"],
@@ -86,7 +70,7 @@ def test_random_convs(seed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", MODEL_MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_cnn(dtype, mode):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Conv2d(8, 8, 3, stride=2, groups=2, bias=False), nn.ReLU(),
@@ -106,7 +90,7 @@ class Twice(nn.Module):
 
 @pytest.mark.parametrize("d", [1, 2, 3])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", MODEL_MODES)
+@pytest.mark.parametrize("mode", MODES)
 def test_conv_called_twice(d, dtype, mode):
     conv = CONVS[d](4, 4, 3, padding=1, groups=2, bias=True).to(dtype)
     x = torch.randn(3, 4, *([5] * d), dtype=dtype)
@@ -184,7 +168,7 @@ OP_CASES = [
 
 @pytest.mark.parametrize("case", OP_CASES, ids=[str(i) for i in range(len(OP_CASES))])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("method", MODES)
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("impl", ["native", "torch"])
 def test_op_vs_reference(case, dtype, method, impl):
     d, B, C, O, size, k, stride, padding, dilation, groups = case
@@ -214,7 +198,7 @@ def test_op_strided_inputs_and_threads():
     g_cl = g.contiguous(memory_format=torch.channels_last)  # spatial dims not contiguous: copied
     g_ch = torch.randn(4, 8, 10, 12, dtype=torch.float64)[:, ::2]  # strided channels: in place
     g_ch.copy_(g)
-    for method in MODES:
+    for method in METHODS:
         for gg in (g, g_cl, g_ch, -g):
             assert_close(ops.conv_sq_norms(x, gg, w_shape, 1, 1, 1, 2, method)[0], ref, torch.float64)
     old = torch.get_num_threads()

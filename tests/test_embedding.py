@@ -9,7 +9,6 @@ from torch import nn
 
 import fastclip
 import harness
-import reference as R
 from conftest import DTYPES, tol
 from harness import CE, MODES, assert_close
 from fastclip import _C, ops
