@@ -10,14 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastclip
+import harness
 import reference as R
 from conftest import DTYPES, tol
+from harness import mse
 from fastclip import _C, ops
 from fastclip.engine import Engine
-
-
-def mse(out, y):
-    return (out - y).square().flatten(1).sum(1)
 
 
 def randomise(model):
@@ -34,6 +32,8 @@ def randomise(model):
 
 
 def check(model, x, y, dtype, C=None, rule="NormRule"):
+    """``exact`` on the randomised model in ``dtype``, after asserting that the norm layers are
+    covered by ``rule`` once the first forward has resolved them."""
     model = randomise(model).to(dtype)
     x, y = x.to(dtype), y.to(dtype)
     eng = Engine(model)
@@ -42,34 +42,18 @@ def check(model, x, y, dtype, C=None, rule="NormRule"):
         assert all(r == rule for n, r in eng.covered() if n.startswith("norm")), eng.covered()
     finally:
         eng.detach()
-    got = fastclip.per_sample_grad_norms(model, mse, x, y)
-    assert got.shape == (x.shape[0],)
-    compare(model, x, y, got, dtype, C)
+    exact(model, x, y, dtype, C)
 
 
-def compare(model, x, y, got, dtype, C):
+def exact(model, x, y, dtype, C):
+    """harness.check in modes auto and nanobatch (clipped sums within 10 atol; norms only when
+    C is None), and nanobatch's norms (whole-model per-example gradients) equal the native
+    rules'. Returns mode auto's norms."""
     rtol, atol = tol(dtype)
-    B = x.shape[0]
-    if B == 0:  # the reference loops over no example; the empty batch has zero gradients
-        assert got.shape == (0,)
-    else:
-        torch.testing.assert_close(got, R.norms(model, mse, x, y), rtol=rtol, atol=atol)
-    # Nanobatch mode (whole-model per-example gradients) must agree with the native rules.
-    torch.testing.assert_close(fastclip.per_sample_grad_norms(model, mse, x, y, mode="nanobatch"),
-                               got, rtol=rtol, atol=atol)
-    if C is None:
-        return
-    ref = R.clipped_sum(model, mse, x, y, C) if B else None
-    for mode in ("auto", "nanobatch"):
-        fastclip.clipped_grad(model, mse, x, y, max_grad_norm=C, mode=mode)
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                assert p.grad is None
-                continue
-            want = ref[name] if B else torch.zeros_like(p, dtype=torch.float64)
-            assert p.grad is not None, name
-            torch.testing.assert_close(p.grad.double(), want, rtol=rtol, atol=atol * 10)
-            p.grad = None
+    norms = harness.check(model, x, y, loss=mse, modes=("auto", "nanobatch"), C=C, dtype=dtype,
+                          grad_tol=(rtol, atol * 10))
+    torch.testing.assert_close(norms["nanobatch"], norms["auto"], rtol=rtol, atol=atol)
+    return norms["auto"]
 
 
 class Seq(nn.Module):
@@ -143,8 +127,7 @@ def check_named(model, x, y, dtype, C, idx="1"):
     assert rules[f"{idx}.weight"] == "NormRule"
     model = randomise(model).to(dtype)
     x, y = x.to(dtype), y.to(dtype)
-    got = fastclip.per_sample_grad_norms(model, mse, x, y)
-    compare(model, x, y, got, dtype, C)
+    exact(model, x, y, dtype, C)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -556,8 +539,7 @@ def test_batch_norm_eval_is_exact(dtype, dim, B):
     eng = Engine(m)
     assert dict(eng.covered())["1.weight"] == "NormRule"
     eng.detach()
-    got = fastclip.per_sample_grad_norms(m, mse, x, y)
-    compare(m, x, y, got, dtype, C=0.5)
+    got = exact(m, x, y, dtype, C=0.5)
     for mode in ("ghost", "direct"):
         torch.testing.assert_close(fastclip.per_sample_grad_norms(m, mse, x, y, mode=mode), got,
                                    rtol=tol(dtype)[0], atol=tol(dtype)[1])
@@ -572,12 +554,12 @@ def test_batch_norm1d_on_features_and_frozen_backbone():
         m[1].running_var.uniform_(0.5, 2.0)
     m.eval()
     x, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
-    compare(m, x, y, fastclip.per_sample_grad_norms(m, mse, x, y), torch.float64, C=0.5)
+    exact(m, x, y, torch.float64, C=0.5)
     for p in list(m[0].parameters()) + list(m[1].parameters()):
         p.requires_grad_(False)
-    compare(m, x, y, fastclip.per_sample_grad_norms(m, mse, x, y), torch.float64, C=0.5)
+    exact(m, x, y, torch.float64, C=0.5)
     m = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6, affine=False), nn.Linear(6, 3)).double().eval()
-    compare(m, x, y, fastclip.per_sample_grad_norms(m, mse, x, y), torch.float64, C=0.5)
+    exact(m, x, y, torch.float64, C=0.5)
 
 
 def test_batch_norm_in_training_mode_is_refused_naming_every_module():
