@@ -9,23 +9,12 @@ from torch import nn
 import fastclip
 import fastclip.nn as fnn
 import reference as R
-from conftest import DTYPES, tol
+from conftest import DTYPES
 from fastclip.engine import Engine
 from fastclip.nn.rnn import converted
+from harness import CE, MODES, assert_close, check, layer_groups, mse, reference_per_layer
 from test_engine import CalledTwice  # shared test models
 from test_privacy import Doubler
-
-CE = nn.CrossEntropyLoss(reduction="none")
-MODES = ["auto", "ghost", "direct", "nanobatch"]
-
-
-def mse(out, y):
-    return (out - y).square().flatten(1).sum(1)
-
-
-def assert_close(a, b, dtype):
-    rtol, atol = tol(dtype)
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -142,29 +131,6 @@ def make(name, B, dtype):
     return build().to(dtype), xs(B, dtype), ys(B)
 
 
-def layer_groups(model, bound):
-    """[(parameter names of a layer, its bound)] as the engine sees the model."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    with converted(model) as m:
-        eng = Engine(m, max_grad_norm=bound, clipping="per_layer")
-        eng.detach()
-    return [([names[id(p)] for p in layer.params], C) for layer, C in zip(eng.layers, eng.bounds)]
-
-
-def reference_per_layer(model, loss_fn, x, y, bound):
-    """{name: sum_i clip_l(g_i restricted to layer l)} in float64."""
-    g = R.per_example_grads(model, loss_fn, x, y)
-    out = {}
-    for names, C in layer_groups(model, bound):
-        sq = sum(g[n].flatten(1).square().sum(1) for n in names)
-        norm = sq.sqrt()
-        c = torch.clamp(C / norm, max=1.0)
-        c[norm == 0] = 1.0
-        for n in names:
-            out[n] = torch.tensordot(c, g[n], dims=1)
-    return out
-
-
 def n_layers(model):
     return len(layer_groups(model, 1.0))
 
@@ -186,19 +152,10 @@ def bounds(kind, model):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("model", list(MODELS))
 def test_clipped_sums_match_reference(model, mode, dtype, B, bound):
+    """The clipped sums equal the per-layer reference; the norms reported are the total norms,
+    as with flat clipping."""
     m, x, y = make(model, B, dtype)
-    C = bounds(bound, m)
-    norms = fastclip.clipped_grad(m, CE, x, y, max_grad_norm=C, mode=mode, clipping="per_layer")
-    assert norms.shape == (B,)
-    ref = reference_per_layer(m, CE, x, y, C) if B else None
-    for n, p in m.named_parameters():
-        assert p.grad is not None and p.grad.dtype == dtype and p.grad.shape == p.shape, n
-        if B:
-            assert_close(p.grad, ref[n], dtype)
-        else:
-            assert torch.count_nonzero(p.grad) == 0
-    if B:  # the norms reported are the total norms, as with flat clipping
-        assert_close(norms, R.norms(m, CE, x, y), dtype)
+    check(m, x, y, modes=(mode,), clipping="per_layer", C=bounds(bound, m), dtype=dtype)
 
 
 def test_clipping_is_active_in_the_tests():
