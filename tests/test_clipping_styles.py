@@ -14,9 +14,8 @@ import reference as R
 from fastclip import accounting
 from fastclip.clipping import AdaptiveClipping
 from misuse_common import flat_params, influence, private, released
+from harness import CE, MODES
 
-MODES = ["auto", "ghost", "direct", "nanobatch"]
-CE = nn.CrossEntropyLoss(reduction="none")
 GAMMA = 0.01
 
 

@@ -10,11 +10,9 @@ from torch import nn
 import fastclip
 import reference as R
 from conftest import tol
+from harness import CE, MODES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-CE = nn.CrossEntropyLoss(reduction="none")
-MODES = ["auto", "ghost", "direct", "nanobatch"]
 
 
 class LM(nn.Module):

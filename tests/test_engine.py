@@ -7,18 +7,8 @@ from torch import nn
 
 import fastclip
 import reference as R
-from conftest import DTYPES, tol
-
-CE = nn.CrossEntropyLoss(reduction="none")
-
-
-def mse(out, y):
-    return (out - y).square().flatten(1).sum(1)
-
-
-def assert_close(a, b, dtype):
-    rtol, atol = tol(dtype)
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
+from conftest import DTYPES
+from harness import CE, MODES, assert_close, mse
 
 
 def mlp(d, h, k, bias=True, dtype=torch.float32):
@@ -36,9 +26,6 @@ class SeqModel(nn.Module):
 
     def forward(self, x):
         return self.b(torch.tanh(self.a(x))).mean(1)
-
-
-MODES = ["auto", "ghost", "direct", "nanobatch"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -16,8 +16,8 @@ import fastclip
 import reference as R
 from fastclip.data import split_batch
 from fastclip.optim import BatchMemoryManager
+from harness import MODES
 
-MODES = ["auto", "ghost", "direct", "nanobatch"]
 DELTA = 1e-5
 C = 0.4
 B = 7          # the logical batch of the equality tests

@@ -14,8 +14,7 @@ from torch import nn
 import fastclip
 from misuse_common import influence, private
 import reference
-
-CE = nn.CrossEntropyLoss(reduction="none")
+from harness import CE, MODES
 
 
 # -- case 5: dropout inside a custom leaf -----------------------------------------------------
@@ -209,11 +208,10 @@ def _released(model, x, y, C, mode):
 
 
 LP_KINDS = ["linear", "conv", "norm", "embedding", "custom"]
-LP_MODES = ["auto", "ghost", "direct", "nanobatch"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mode", LP_MODES)
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("kind", LP_KINDS)
 def test_low_precision_lone_example_released_at_most_C(kind, mode, dtype):
     """A lone example with a huge gradient: its released sum, in float64, <= C (bf16 gave

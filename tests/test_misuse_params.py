@@ -9,18 +9,22 @@ Measured by the definition (tests/misuse_common.py): noise 0, SGD at lr 1, loss_
 so the parameter update IS the released clipped sum; it is compared with tests/reference.py's
 float64 per-example gradients, and one example's influence on it is bounded by the sensitivity.
 """
+import functools
 import math
 
 import pytest
 import torch
 from torch import nn
 
+import harness
 import reference as R
-from conftest import DTYPES, tol
+from conftest import DTYPES
+from harness import CE, MODES
 from misuse_common import flat_params, private
 
-CE = nn.CrossEntropyLoss(reduction="none")
-MODES = ["auto", "ghost", "direct", "nanobatch"]
+# the updates here are float64: their dtypes are asserted too
+assert_close = functools.partial(harness.assert_close, same_dtype=True)
+
 CLIPPINGS = ["flat", "per_layer"]
 C = 0.5
 B = 5
@@ -120,11 +124,6 @@ def released(case, mode, clipping, dtype, idx, check_layers=False):
             assert opt.engine.bounds == pytest.approx((C / math.sqrt(len(want)),) * len(want))
         assert opt.sensitivity == pytest.approx(C)
     return start - flat_params(m)
-
-
-def assert_close(a, b, dtype):
-    rtol, atol = tol(dtype)
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

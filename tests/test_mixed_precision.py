@@ -29,9 +29,8 @@ from torch import nn
 import fastclip
 import reference
 from misuse_common import flat_params, influence, private
+from harness import CE, MODES
 
-CE = nn.CrossEntropyLoss(reduction="none")
-MODES = ["auto", "ghost", "direct", "nanobatch"]
 AMP = [torch.bfloat16, torch.float16]
 
 

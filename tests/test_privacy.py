@@ -13,13 +13,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 import fastclip
 import reference as R
 from fastclip.data import PoissonBatchSampler, PoissonDataLoader, poisson_loader
+from harness import MODES, flat_grad, mse
 
-MODES = ["auto", "ghost", "direct", "nanobatch"]
 DELTA = 1e-5
-
-
-def mse(out, y):
-    return (out - y).square().flatten(1).sum(1)
 
 
 class ScaleShift(nn.Module):
@@ -67,10 +63,6 @@ def adversarial_batch(dtype, B=7, T=5, k=3):
     y[5] = 1e8
     feats[5] *= 1e3
     return (tokens, feats), y
-
-
-def flat_grad(model):
-    return torch.cat([p.grad.flatten().double() for p in model.parameters()])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -14,18 +14,13 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fastclip
 import fastclip.nn as fnn
 import reference as R
-from conftest import DTYPES, tol
+from conftest import DTYPES
 from fastclip import _C, ops
+from harness import CE, assert_close
 
-CE = nn.CrossEntropyLoss(reduction="none")
 KINDS = [(nn.LSTM, fnn.LSTM, {}), (nn.GRU, fnn.GRU, {}), (nn.RNN, fnn.RNN, {}),
          (nn.RNN, fnn.RNN, {"nonlinearity": "relu"})]
 KIND_IDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
-
-
-def assert_close(a, b, dtype=torch.float64):
-    rtol, atol = tol(dtype)
-    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol)
 
 
 def pair(kind, d=5, h=4, **kw):
