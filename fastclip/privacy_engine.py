@@ -315,6 +315,11 @@ class PrivacyEngine:
                           "whole run will spend more than target_epsilon", UserWarning, stacklevel=2)
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
             raise ValueError(f"fastclip: epochs must be an integer > 0, got {epochs!r}")
+        if not kwargs.get("poisson_sampling", True):
+            # The calibration assumes Poisson sampling at rate 1 / len(data_loader).
+            raise ValueError("fastclip: make_private_with_epsilon accounts for Poisson sampling; "
+                             "poisson_sampling=False cannot be calibrated (use make_private with "
+                             "your own noise_multiplier, and account yourself)")
         _, num_batches = poisson_source(data_loader)
         sigma = accounting.noise_multiplier_for(target_epsilon, target_delta, 1.0 / num_batches,
                                                 epochs * num_batches, self._fastclip_accountant)

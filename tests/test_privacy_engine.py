@@ -232,6 +232,13 @@ def test_make_private_with_epsilon():
                                      data_loader=DataLoader(dataset(), batch_size=64),
                                      target_epsilon=3.0, target_delta=1e-5, epochs=5,
                                      max_grad_norm=1.0)
+    # the calibration assumes Poisson sampling: without it, refused (as fastclip's own function)
+    m3 = net()
+    with pytest.raises(ValueError, match="poisson_sampling=False cannot be calibrated"):
+        fastclip.PrivacyEngine().make_private_with_epsilon(
+            module=m3, optimizer=torch.optim.SGD(m3.parameters(), lr=0.1),
+            data_loader=DataLoader(dataset(), batch_size=64), target_epsilon=3.0,
+            target_delta=1e-5, epochs=5, max_grad_norm=1.0, poisson_sampling=False)
 
 
 def test_adaptive_through_the_facade():
