@@ -24,7 +24,10 @@ from .engine import Engine
 from .nn.rnn import convert_recurrent
 
 
-_KEY = "fastclip"   # the privacy entry of DPOptimizer.state_dict()
+_KEY = "fastclip"
+_NOT_FINITE = ("fastclip: the clipped gradient sum is not finite (an example in this batch has a "
+               "NaN or infinite loss or gradient); the step is refused before noise is added and "
+               "before the parameters change")   # the privacy entry of DPOptimizer.state_dict()
 
 
 class DPOptimizer(Optimizer):
@@ -324,11 +327,8 @@ class DPOptimizer(Optimizer):
                  if p.requires_grad and p.grad is not None]
         if not grads:
             return
-        norms = torch._foreach_norm(grads)
-        if not bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
-            raise RuntimeError("fastclip: the clipped gradient sum is not finite (an example in this "
-                               "batch has a NaN or infinite loss or gradient); the step is refused "
-                               "before noise is added and before the parameters change")
+        if not ops.all_finite(grads):
+            raise RuntimeError(_NOT_FINITE)
 
     def _check_batch(self):
         """Refuse a step that would not release exactly the one batch the private loader drew
@@ -389,6 +389,13 @@ class DPOptimizer(Optimizer):
         of std ``noise_multiplier * sensitivity`` (adaptive clipping: the adjusted gradient noise
         multiplier, :meth:`fastclip.clipping.AdaptiveClipping.grad_noise_multiplier`), then the
         division by the (expected) batch size for ``loss_reduction="mean"``."""
+        self._noise_and_scale(check=False)
+
+    def _noise_and_scale(self, check: bool) -> None:
+        """:meth:`add_noise_and_scale` over every parameter in one call of the noise op
+        (``ops.add_gaussian_noise_checked_``). ``check``: that call first checks every clipped sum
+        finite and, if one is not, refuses the step (RuntimeError) with nothing written: p.grad,
+        the parameters and the noise generator's state as before the call."""
         sigma = self.noise_multiplier
         if self.adaptive is not None:
             sigma = self.adaptive.grad_noise_multiplier(sigma)
@@ -398,21 +405,41 @@ class DPOptimizer(Optimizer):
                 else max(self.engine.examples, 1)
         else:
             denom = 1.0
-        # One seed per step (from the generator, or os.urandom in secure mode); one stream per
-        # tensor.
-        base = self._step_seed() if std > 0 else 0
-        k = 0 if self.pipeline is None else self.pipeline.noise_offset
+        grads, fresh = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
                     continue
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     if std == 0:
                         continue
-                    # An example-free step still releases noise for every parameter.
-                    p.grad = torch.zeros_like(p)
-                k += 1
-                ops.add_gaussian_noise_(p.grad, std, 1.0 / denom, base + k * 0x9E3779B97F4A7C15)
+                    # An example-free step still releases noise for every parameter (assigned
+                    # to p.grad only once the step is not refused).
+                    g = torch.zeros_like(p)
+                    fresh.append((p, g))
+                grads.append(g)
+        # One seed per step (from the generator, or os.urandom in secure mode); one stream per
+        # tensor, k = 1, 2, ... in parameter order (pipeline stages continue the numbering).
+        state = None
+        if std > 0:
+            if check and not self.secure_mode and self.generator is not None:
+                state = self.generator.get_state()   # a refused step leaves the stream as it was
+            base = self._step_seed()
+        else:
+            base = 0
+        k0 = 0 if self.pipeline is None else self.pipeline.noise_offset
+        seeds = [base + (k0 + i + 1) * 0x9E3779B97F4A7C15 for i in range(len(grads))]
+        if check:
+            if not ops.add_gaussian_noise_checked_(grads, std, 1.0 / denom, seeds):
+                if state is not None:
+                    self.generator.set_state(state)
+                raise RuntimeError(_NOT_FINITE)
+        else:
+            for g, s in zip(grads, seeds):
+                ops.add_gaussian_noise_(g, std, 1.0 / denom, s)
+        for p, g in fresh:
+            p.grad = g
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -453,8 +480,13 @@ class DPOptimizer(Optimizer):
         if self.reducer is not None:
             self.reducer.reduce([p for g in self.param_groups for p in g["params"]
                                  if p.requires_grad], self.engine)
-        self._check_finite()
-        self.add_noise_and_scale()
+        if self.reducer is None and self.pipeline is None:
+            # The finite check and the noise in one call: checked before anything is written.
+            self._noise_and_scale(check=True)
+        else:
+            # Every rank (stage) refuses before the seed is agreed (a collective).
+            self._check_finite()
+            self.add_noise_and_scale()
         self.original_optimizer.step()
         if self.adaptive is not None:
             self._adapt()

@@ -19,7 +19,7 @@ from .conv import (_conv_tuple, choose_conv_method, conv_padding, conv_sq_norms,
 from .embedding import (embedding_linear_cross, embedding_linear_cross_torch, embedding_sq_norms,
                         embedding_sq_norms_torch)
 from .linear import HAS_BLAS, blas_info, choose_linear_method, linear_sq_norms, linear_sq_norms_torch
-from .noise import add_gaussian_noise_
+from .noise import add_gaussian_noise_, add_gaussian_noise_checked_, all_finite
 from .norm import NORM_KINDS, norm_affine_grads, norm_affine_grads_torch
 from .rnn import (RNN_CELLS, rnn_backward, rnn_backward_torch, rnn_forward, rnn_forward_torch,
                   rnn_ghost_sq_norms, rnn_ghost_sq_norms_torch)
@@ -34,5 +34,5 @@ __all__ = [
     "NORM_KINDS", "norm_affine_grads", "norm_affine_grads_torch",
     "RNN_CELLS", "rnn_forward", "rnn_forward_torch", "rnn_backward", "rnn_backward_torch",
     "rnn_ghost_sq_norms", "rnn_ghost_sq_norms_torch",
-    "add_gaussian_noise_", "clip_accumulate", "clip_accumulate_torch",
+    "add_gaussian_noise_", "add_gaussian_noise_checked_", "all_finite", "clip_accumulate", "clip_accumulate_torch",
 ]

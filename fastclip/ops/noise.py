@@ -49,3 +49,41 @@ def add_gaussian_noise_(x: Tensor, std: float, scale: float = 1.0, seed: int = 0
             x.mul_(scale)
     return x
 
+
+
+def add_gaussian_noise_checked_(xs, std: float, scale: float, seeds) -> bool:
+    """Several tensors at once, the finiteness check first: if any element of any ``xs[t]`` is
+    NaN or infinite, returns False having written nothing; otherwise applies
+    ``add_gaussian_noise_(xs[t], std, scale, seeds[t])`` to every tensor (the same values, bit for
+    bit) and returns True.
+
+    All-native lists (CPU contiguous tensors of one dtype, float32 or float64) go to the core in
+    one call: one read pass over every tensor, then one fused write pass, each a single pool
+    dispatch over all the tensors' blocks. Anything else checks with ``torch._foreach_norm`` and
+    then noises tensor by tensor.
+    """
+    xs = list(xs)
+    seeds = [int(s) % (1 << 64) for s in seeds]
+    if len(seeds) != len(xs):
+        raise ValueError(f"seeds must have one entry per tensor: {len(seeds)} seeds for {len(xs)} tensors")
+    if not xs:
+        return True
+    if (_native(*xs) and all(x.is_contiguous() and not x.requires_grad for x in xs)):
+        return _C.add_gaussian_noise_checked([x.numpy() for x in xs], float(std), float(scale),
+                                             seeds, torch.get_num_threads())
+    if not all_finite(xs):
+        return False
+    for x, s in zip(xs, seeds):
+        add_gaussian_noise_(x, std, scale, s)
+    return True
+
+
+def all_finite(xs) -> bool:
+    """Whether every element of every tensor in ``xs`` is finite (reads only)."""
+    xs = list(xs)
+    if not xs:
+        return True
+    if _native(*xs) and all(x.is_contiguous() for x in xs):
+        return _C.all_finite([x.detach().numpy() for x in xs], torch.get_num_threads())
+    norms = torch._foreach_norm(xs)
+    return bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all())
