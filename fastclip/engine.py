@@ -37,7 +37,7 @@ from .layers.capture import FunctionalRule
 from .layers.direct import DIRECT
 from .layers.linear import LinearRule
 from .layers.generic import GENERIC, mixing_refusal, refusal
-from .ops import cast_margin
+from .ops import cast_margin, widened
 from .layers.ops_rule import PENDING
 from .passes import NONE, THREADS, TWICE, Gate, partial_error
 
@@ -69,18 +69,16 @@ def _widen(uses: List[Use], rules: Dict) -> List:
     float32 and rounded to the parameter's dtype once (``_write_clipped``). Returns what to put
     back. The generic rule re-runs its module, in the module's own dtype: it widens itself."""
     saved = []
-
-    def up(t):
-        return t.float() if isinstance(t, Tensor) and t.dtype in _LOW_PRECISION else t
-
     for u in uses:
         if rules.get(u.module) is GENERIC:
             continue
         leaves = tree_flatten((u.inputs, u.grads))[0]
         if any(isinstance(t, Tensor) and t.dtype in _LOW_PRECISION for t in leaves):
             saved.append((u, u.inputs, u.grads))
-            u.inputs, u.grads = tree_map(up, u.inputs), tree_map(up, u.grads)
+            u.inputs, u.grads = tree_map(widened, u.inputs), tree_map(widened, u.grads)
     return saved
+
+
 # Rules whose use is one (input, output gradient) pair that may be recorded time-major and
 # transposed to batch-first (Linear, LayerNorm and the other functional rules).
 _TRANSPOSABLE = (LinearRule, FunctionalRule)
@@ -784,11 +782,11 @@ class Engine:
             missed = [p for p in entries if p not in self._wanted]
             if missed:
                 raise partial_error(missed, self._names)
-        widened = _widen(uses, self._rules)
+        saved = _widen(uses, self._rules)
         try:
             sq = self._sq_norms(entries, B, {"scratch": self._scratch})
         finally:
-            for u, inputs, grads in widened:
+            for u, inputs, grads in saved:
                 u.inputs, u.grads = inputs, grads
         self._deferred.append((uses, B, sq))
         return sq
@@ -816,13 +814,13 @@ class Engine:
             part = sq_total[off:off + B].to(device=sq.device, dtype=torch.float64)
             off += B
             prev, self._finalizing = self._finalizing, True  # rules re-run modules: no capture
-            widened = _widen(uses, self._rules)
+            saved = _widen(uses, self._rules)
             try:
                 self._write_clipped(self._entries(uses), uses, part, B, self.max_grad_norm,
                                     {"scratch": self._scratch})
             finally:
                 self._finalizing = prev
-                for u, inputs, grads in widened:
+                for u, inputs, grads in saved:
                     u.inputs, u.grads = inputs, grads
             for u in uses:
                 self._rules[u.module].release(u)
@@ -866,11 +864,7 @@ class Engine:
         touch (None if they touch no trainable parameter) and, when gradients are written, their
         sums clipped to C added to ``p.grad``. The norms are of the true per-example gradients
         (times B for loss_reduction "mean")."""
-        entries: Dict[nn.Parameter, List] = {}
-        for u in uses:
-            for name, p in self._params[u.module]:
-                if p.requires_grad:
-                    entries.setdefault(p, []).append((u.module, name, u))
+        entries = self._entries(uses)
         if not entries:
             return None
         if self._wanted is not None:   # the backward asked for some parameters' gradients only
@@ -878,13 +872,13 @@ class Engine:
             if missed:
                 raise partial_error(missed, self._names)
         cache: Dict = {"scratch": self._scratch}
-        widened = _widen(uses, self._rules)
+        saved = _widen(uses, self._rules)
         try:
             sq = self._sq_norms(entries, B, cache)
             if self.write_grads:
                 self._write_clipped(entries, uses, sq, B, C, cache)
         finally:
-            for u, inputs, grads in widened:
+            for u, inputs, grads in saved:
                 u.inputs, u.grads = inputs, grads
         return sq
 
