@@ -18,7 +18,7 @@ from .accounting import (PrivacyAccountant, check_accountant, check_noise_multip
                          check_sample_rate)
 from .data import (PoissonBatchSampler, _check_generator_state, poisson_loader, poisson_source,
                    split_batch)
-from .clipping import (ADAPTIVE_KEYS, AdaptiveClipping, Bound, adaptive_from, check_clipping,
+from .clipping import (AdaptiveClipping, Bound, adaptive_from, check_clipping,
                        is_per_layer)
 from .engine import Engine
 from .nn.rnn import convert_recurrent
@@ -852,7 +852,7 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
             their rows of the batched output (batch statistics, attention across the batch), or
             if an output that requires grad has no batch dimension (a loss computed inside the
             model, e.g. Hugging Face ``model(..., labels=...).loss``: use
-            :func:`fastclip.lm_loss` on the logits). Afterwards a forward costs one flag test.
+            :func:`fastclip.lm_loss` on the logits). Afterwards a forward costs a set lookup.
             ``audit=False`` skips it: you are then responsible for each example's gradient
             depending on that example alone (the loss you compute from the outputs is never
             audited under make_private: it must be per example too).
