@@ -10,9 +10,14 @@ the layer; test_conv: a bound from the reference norms). Opacus' tests/grad_samp
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+import os
+import socket
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.multiprocessing as mp
 from torch import nn
 
 import fastclip
@@ -201,3 +206,31 @@ def check(model: nn.Module, x, y, *, loss: Callable = CE, modes: Sequence[str] =
                     assert not p.grad.any(), f"{mode}: {k} nonzero for an empty batch"
         _assert_as_found(model, before, mode)
     return out
+
+
+# -- multi-process tests (gloo) ----------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(worker: Callable, world: int, timeout_s: float) -> List[dict]:
+    """Spawn ``world`` processes running ``worker(rank, port, outdir)``, each of which saves its
+    results to ``outdir/rank{r}.pt``; returns them by rank. A process still running after
+    ``2 * timeout_s`` is killed and the test fails (a hang must not stall the suite)."""
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.start_processes(worker, args=(_free_port(), outdir), nprocs=world, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + 2 * timeout_s
+        try:
+            while not ctx.join(timeout=1):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the {world} processes did not finish in {2 * timeout_s} s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(world)]

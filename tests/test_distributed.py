@@ -6,19 +6,16 @@ The 2-process runs are spawned once for the module (each scenario in the same pa
 processes, bounded by a timeout); the tests check their results against one process here."""
 import math
 import os
-import socket
-import tempfile
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastclip
+from harness import run_ranks
 from fastclip.data import PoissonBatchSampler
 
 WORLD = 2
@@ -135,29 +132,10 @@ def _resumed():
     return _flat(m), opt.steps
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks():
     """The results of every scenario on each of the 2 ranks."""
-    with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + 2 * TIMEOUT_S
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the {WORLD} processes did not finish in {2 * TIMEOUT_S} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
-        return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, TIMEOUT_S)
 
 
 # ---- two processes ---------------------------------------------------------------------------

@@ -10,19 +10,16 @@ private as data-parallel replicas, and a model sharded with fully_shard.
 All scenarios run in one pair of processes, spawned once for the module (bounded by a timeout);
 the single-process references are computed here."""
 import os
-import socket
-import tempfile
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastclip
+from harness import run_ranks
 
 pytest.importorskip("torch.distributed.pipelining")
 
@@ -174,28 +171,9 @@ def _worker(rank, port, outdir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks():
-    with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(_worker, args=(_free_port(), outdir), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + 2 * TIMEOUT_S
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the {WORLD} processes did not finish in {2 * TIMEOUT_S} s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
-        return [torch.load(os.path.join(outdir, f"rank{r}.pt")) for r in range(WORLD)]
+    return run_ranks(_worker, WORLD, TIMEOUT_S)
 
 
 def _split(flat):
