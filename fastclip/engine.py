@@ -23,7 +23,8 @@ import operator
 import threading
 import weakref
 from collections import defaultdict
-from typing import Dict, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -771,6 +772,25 @@ class Engine:
                     entries.setdefault(p, []).append((u.module, name, u))
         return entries
 
+    def _check_wanted(self, entries: Dict[nn.Parameter, List]) -> None:
+        """Refuse a backward that asked for some parameters' gradients only (passes.SOME) when
+        ``entries`` holds a parameter it did not ask for."""
+        if self._wanted is not None:
+            missed = [p for p in entries if p not in self._wanted]
+            if missed:
+                raise partial_error(missed, self._names)
+
+    @contextmanager
+    def _widened(self, uses: List[Use]) -> Iterator[None]:
+        """``uses``' half / bfloat16 captures seen as float32 inside the block (:func:`_widen`),
+        put back on leaving it, also on an error."""
+        saved = _widen(uses, self._rules)
+        try:
+            yield
+        finally:
+            for u, inputs, grads in saved:
+                u.inputs, u.grads = inputs, grads
+
     def _defer(self, uses: List[Use], B: int) -> Optional[Tensor]:
         """Flat clipping across pipeline stages: this backward's per-example squared norms over
         this stage's parameters, its uses kept (with their activations and output gradients) for
@@ -778,16 +798,9 @@ class Engine:
         entries = self._entries(uses)
         if not entries:
             return None
-        if self._wanted is not None:
-            missed = [p for p in entries if p not in self._wanted]
-            if missed:
-                raise partial_error(missed, self._names)
-        saved = _widen(uses, self._rules)
-        try:
+        self._check_wanted(entries)
+        with self._widened(uses):
             sq = self._sq_norms(entries, B, {"scratch": self._scratch})
-        finally:
-            for u, inputs, grads in saved:
-                u.inputs, u.grads = inputs, grads
         self._deferred.append((uses, B, sq))
         return sq
 
@@ -814,14 +827,12 @@ class Engine:
             part = sq_total[off:off + B].to(device=sq.device, dtype=torch.float64)
             off += B
             prev, self._finalizing = self._finalizing, True  # rules re-run modules: no capture
-            saved = _widen(uses, self._rules)
-            try:
-                self._write_clipped(self._entries(uses), uses, part, B, self.max_grad_norm,
-                                    {"scratch": self._scratch})
-            finally:
-                self._finalizing = prev
-                for u, inputs, grads in saved:
-                    u.inputs, u.grads = inputs, grads
+            with self._widened(uses):
+                try:
+                    self._write_clipped(self._entries(uses), uses, part, B, self.max_grad_norm,
+                                        {"scratch": self._scratch})
+                finally:
+                    self._finalizing = prev
             for u in uses:
                 self._rules[u.module].release(u)
 
@@ -867,19 +878,12 @@ class Engine:
         entries = self._entries(uses)
         if not entries:
             return None
-        if self._wanted is not None:   # the backward asked for some parameters' gradients only
-            missed = [p for p in entries if p not in self._wanted]
-            if missed:
-                raise partial_error(missed, self._names)
+        self._check_wanted(entries)
         cache: Dict = {"scratch": self._scratch}
-        saved = _widen(uses, self._rules)
-        try:
+        with self._widened(uses):
             sq = self._sq_norms(entries, B, cache)
             if self.write_grads:
                 self._write_clipped(entries, uses, sq, B, C, cache)
-        finally:
-            for u, inputs, grads in saved:
-                u.inputs, u.grads = inputs, grads
         return sq
 
     def param_sq_norms(self, entries: Dict[nn.Parameter, List], cache: Dict) -> Dict[nn.Parameter, Tensor]:
