@@ -534,6 +534,11 @@ class Engine:
             self._tls.batches = []
             return self._tls.batches
 
+    def current_batch_size(self) -> Optional[int]:
+        """B of the innermost model call in progress in this thread (None outside a model call,
+        or when its inputs hold no tensor with a batch dimension)."""
+        return self._batches[-1] if self._batches else None
+
     def __getstate__(self):
         # copy.deepcopy(model) copies the hooks with their engine: the per-thread state is made
         # afresh, not copied.
@@ -564,7 +569,7 @@ class Engine:
         a learned token) are expanded to B, as views: each example then has its own output and
         output gradient, so its share of the parameter gradient is seen, not the batch's sum.
         B = 0 (an empty Poisson batch) too: the use then has no example, like the others."""
-        B = self._batches[-1] if self._batches else None
+        B = self.current_batch_size()
         if B is None or B == 1:
             return None
         leaves, spec = tree_flatten((args, kwargs))

@@ -84,7 +84,7 @@ class _Follow(TorchFunctionMode):
         leaves, _ = tree_flatten((args, kwargs))
         if not any(self._is_followed(t) for t in leaves):
             return func(*args, **kwargs)
-        B = self.engine._batches[-1] if self.engine._batches else None
+        B = self.engine.current_batch_size()
         data = [t for t in leaves if isinstance(t, Tensor) and not self._is_followed(t)]
         mixing = B is not None and any(t.dim() > 0 and t.shape[0] == B for t in data)
         if not mixing:

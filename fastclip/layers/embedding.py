@@ -103,7 +103,7 @@ class EmbeddingRule(FunctionalRule):
                        bound.get("sparse"))
         if why is not None:
             raise ValueError(f"fastclip cannot make {type(module).__name__} private: {why}")
-        ids, B = bound["input"], engine._batches[-1] if engine._batches else None
+        ids, B = bound["input"], engine.current_batch_size()
         if (B is not None and module not in engine._time_major and isinstance(ids, Tensor)
                 and ids.dim() > 0 and ids.shape[0] != B):
             # Its output is shared by the whole batch and broadcast over it later (T5's relative

@@ -443,7 +443,7 @@ class OpsRule(Rule):
     and per kind the call's options; ``pe`` the per-example gradients of "shift"/"scale" roles."""
 
     def pre_forward(self, engine, module, args, kwargs):
-        B = engine._batches[-1] if engine._batches else None
+        B = engine.current_batch_size()
         mode = _OpsMode(engine, module, _trainable(module), B, probe=False)
         mode.seed(args, kwargs)
         mode.__enter__()
@@ -591,7 +591,7 @@ class PendingOpsRule(OpsRule):
     def resolve(engine, module, args, kwargs) -> Rule:
         from .direct import DIRECT
         from .generic import GENERIC
-        B = engine._batches[-1] if engine._batches else None
+        B = engine.current_batch_size()
         mode = _OpsMode(engine, module, _trainable(module), B, probe=True)
         mode.seed(args, kwargs)
         devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
