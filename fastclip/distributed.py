@@ -115,6 +115,22 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def _extremes(values: List, dtype: torch.dtype = torch.int64) -> Tuple[List, List]:
+    """The elementwise (min, max) over the ranks of ``values`` (a list of numbers of the same
+    length on every rank, as ``dtype``): one all-reduce MAX of ``(v, -v)``. Collective: every
+    rank must call it."""
+    t = torch.tensor(list(values) + [-v for v in values], dtype=dtype, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    n = len(values)
+    return (-t[n:]).tolist(), t[:n].tolist()
+
+
+def _agree(values: List, dtype: torch.dtype = torch.int64) -> bool:
+    """True on every rank if every rank holds the same ``values`` (:func:`_extremes`)."""
+    lo, hi = _extremes(values, dtype)
+    return lo == hi
+
+
 def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers to every rank (what DDP does at construction)."""
     with torch.no_grad():
@@ -173,9 +189,7 @@ class GradReducer:
             sig = [float(len(params)), float(sum(p.numel() for p in params)),
                    float(sum(p.detach().double().sum().item() * (i + 1)
                              for i, p in enumerate(params)))]
-        t = torch.tensor(sig + [-v for v in sig], dtype=torch.float64, device=_comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        hi, lo = t[:3].tolist(), (-t[3:]).tolist()
+        lo, hi = _extremes(sig, torch.float64)
         if hi != lo:
             raise RuntimeError(
                 f"fastclip: the ranks hold different parameters (counts {lo[0]:g}..{hi[0]:g}, "
@@ -317,15 +331,8 @@ class PipelineExchange:
         numbers, after one of the micro-batch sizes), then write this stage's clipped sums.
         Every stage counts the same examples in the same micro-batches, or every stage refuses."""
         sizes = engine.deferred_sizes()
-        dev = _comm_device()
-        n = torch.tensor([len(sizes), -len(sizes)], dtype=torch.int64, device=dev)
-        dist.all_reduce(n, op=dist.ReduceOp.MAX)
-        ok = int(n[0]) == -int(n[1]) == len(sizes)
-        if ok:
-            s = torch.tensor(sizes + [-b for b in sizes], dtype=torch.int64, device=dev)
-            dist.all_reduce(s, op=dist.ReduceOp.MAX)
-            ok = s[:len(sizes)].tolist() == (-s[len(sizes):]).tolist() == sizes
-        if not ok:
+        # the counts first: the sizes' all-reduce needs the same length on every rank
+        if not (_agree([len(sizes)]) and _agree(sizes)):
             engine.drop_deferred()
             raise RuntimeError(
                 f"fastclip: the pipeline stages backpropagated different micro-batches this step "
@@ -333,6 +340,6 @@ class PipelineExchange:
                 "across stages by position, so the step is refused on every stage: nothing was "
                 "released. Fix: run the schedule's step once per batch on every stage (the same "
                 "n_microbatches), with one optimizer.step() after it")
-        sq = engine.deferred_sq_norms().to(dev)
+        sq = engine.deferred_sq_norms().to(_comm_device())
         dist.all_reduce(sq)
         engine.write_deferred(sq)
