@@ -46,6 +46,7 @@ from torch.autograd.graph import GradientEdge
 from torch.nn.utils.rnn import PackedSequence
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ._rng import forked_rng
 from .layers.capture import ModuleCaptureRule
 
 __all__ = ["Auditor", "MixingError", "audit_loss"]
@@ -121,15 +122,12 @@ def _differs(batched: Tensor, single: Tensor) -> Optional[float]:
 
 
 @contextlib.contextmanager
-def _quiet_model(model: nn.Module, devices: List[torch.device]):
-    """Eval mode (dropout off) and a forked RNG for the audit's forwards; every module's own
-    train/eval flag and the RNG streams are as before afterwards."""
+def _quiet_model(model: nn.Module, tensors: List[Tensor]):
+    """Eval mode (dropout off) and a forked RNG (of ``tensors``' devices) for the audit's
+    forwards; every module's own train/eval flag and the RNG streams are as before afterwards."""
     modes = [(m, m.training) for m in model.modules()]
-    kinds = {d.type for d in devices if d.type != "cpu"}
-    kind = next(iter(kinds), "cuda")
-    idx = sorted({d.index if d.index is not None else 0 for d in devices if d.type == kind})
     try:
-        with torch.random.fork_rng(devices=idx, device_type=kind):
+        with forked_rng(tensors):
             model.eval()
             yield
     finally:
@@ -253,9 +251,9 @@ class Auditor:
             return False   # nothing to mix yet: audited on the first batch of two or more
         batched_at = [k for k, t in enumerate(leaves)
                       if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == B]
-        devices = [t.device for t in leaves if isinstance(t, Tensor)]
-        devices += [p.device for p in itertools.islice(model.parameters(), 1)]
-        with _quiet_model(model, devices), _no_capture(self.engine):
+        tensors = [t for t in leaves if isinstance(t, Tensor)]
+        tensors += list(itertools.islice(model.parameters(), 1))
+        with _quiet_model(model, tensors), _no_capture(self.engine):
             leading = _LeadingDims(self._layered_leaves())
             try:
                 with torch.enable_grad():     # to see which outputs carry gradients
@@ -601,10 +599,7 @@ def audit_loss(loss_fn: Callable, output, targets, B: int) -> None:
         return out, tree_unflatten(out, o_spec), tree_unflatten(tg, t_spec)
 
     ref = next((o_leaves[k] for k in diff_at), None)
-    devices = [ref.device] if ref is not None else []
-    kind = next((d.type for d in devices if d.type != "cpu"), "cuda")
-    idx = sorted({d.index or 0 for d in devices if d.type == kind})
-    with torch.random.fork_rng(devices=idx, device_type=kind), torch.enable_grad():
+    with forked_rng([ref] if ref is not None else []), torch.enable_grad():
         leaves_b, out_b, tg_b = leaves_for(None)
         loss_b = loss_fn(out_b, tg_b)
         if not isinstance(loss_b, Tensor) or loss_b.shape != (B,) or not loss_b.requires_grad:

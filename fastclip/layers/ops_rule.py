@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .._rng import forked_rng
 from . import Rule, zero_rows
 from .capture import CaptureMode, _FnCapture
 from .conv import ConvRule
@@ -594,9 +595,8 @@ class PendingOpsRule(OpsRule):
         B = engine.current_batch_size()
         mode = _OpsMode(engine, module, _trainable(module), B, probe=True)
         mode.seed(args, kwargs)
-        devices = sorted({p.device.index or 0 for p in module.parameters() if p.is_cuda})
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=devices), mode:
+            with torch.no_grad(), forked_rng(module.parameters()), mode:
                 module.forward(*args, **kwargs)
         except Exception:   # the real forward will tell; the generic rule is never wrong
             mode.failures.append("the dry run failed")
