@@ -113,6 +113,21 @@ class PoissonBatchSampler(Sampler[List[int]]):
     def __len__(self) -> int:
         return self.num_batches
 
+    @property
+    def tracked(self) -> bool:
+        """Whether a :class:`PoissonDataLoader` reports which batches the loop received (only
+        then are :attr:`handed_sizes` kept)."""
+        return self._tracked
+
+    @property
+    def handed_sizes(self) -> List[int]:
+        """Sizes of the batches handed to the loop since :meth:`clear_handed` (a copy)."""
+        return list(self._handed)
+
+    def clear_handed(self) -> None:
+        """Forget the batches handed out so far: the optimizer released their step."""
+        self._handed.clear()
+
     def __iter__(self) -> Iterator[List[int]]:
         # Batches drawn ahead (worker prefetch) by an abandoned iteration are drawn again.
         if self._pending:

@@ -345,8 +345,8 @@ class DPOptimizer(Optimizer):
         """
         sampler = self.sampler
         why = None
-        if sampler is not None and sampler._tracked:
-            handed, covered = sampler._handed, int(self.engine.examples)
+        if sampler is not None and sampler.tracked:
+            handed, covered = sampler.handed_sizes, int(self.engine.examples)
             if not handed:
                 why = ("fastclip: step() was called but the loader make_private returned has handed "
                        f"out no batch since the last step (the backward passes covered {covered} "
@@ -377,7 +377,7 @@ class DPOptimizer(Optimizer):
                        "and one backward over the whole batch per step (zero_grad() first); for "
                        "batches larger than memory use fastclip.BatchMemoryManager")
         if ((self.reducer is not None or self.pipeline is not None)
-                and sampler is not None and sampler._tracked
+                and sampler is not None and sampler.tracked
                 and _dist.any_rank(why is not None) and why is None):
             why = ("fastclip: another rank refused this step (its error names the cause); the step "
                    "is refused on every rank")
@@ -496,7 +496,7 @@ class DPOptimizer(Optimizer):
         self.engine.adopt_grads(p for g in self.param_groups for p in g["params"] if p.requires_grad)
         self.accountant.step(self.noise_multiplier, self.sample_rate)
         if self.sampler is not None:
-            self.sampler._handed.clear()     # the batch is released: the next step needs its own
+            self.sampler.clear_handed()     # the batch is released: the next step needs its own
         return loss
 
     def _pipeline_exchange(self) -> None:
