@@ -312,3 +312,29 @@ def test_clipped_grad_refuses_adaptive_clipping():
         fastclip.clipped_grad(m, lambda o, y: o.sum(1), torch.randn(4, 3), None,
                               max_grad_norm=1.0, clipping="adaptive")
     assert m.weight.grad is None
+
+
+@pytest.mark.parametrize("mode", ["auto", "nanobatch"])
+def test_adaptive_count_moves_by_half_when_one_example_is_removed(mode):
+    """The second release of an adaptive step, the centred count sum_i (b_i - 1/2) with
+    b_i = [||g_i|| <= C], moves by exactly 1/2 when one example is removed (its sensitivity in
+    the privacy analysis), whichever example it is, clipped or not."""
+    torch.manual_seed(2)
+    m = mlp()
+    x, y = data((5,), B=7)
+    C = float(fastclip.per_sample_grad_norms(m, CE, x, y).median())   # some clipped, some not
+
+    def centred(idx):
+        eng = fastclip.Engine(m, mode=mode, max_grad_norm=C, loss_reduction="sum",
+                              clipping="adaptive")
+        for p in m.parameters():
+            p.grad = None
+        one_step(m, x[idx], y[idx])
+        eng.detach()
+        assert eng.examples == len(idx)
+        return eng.unclipped - eng.examples / 2
+
+    full = centred(list(range(7)))
+    moves = [full - centred([i for i in range(7) if i != j]) for j in range(7)]
+    assert all(abs(d) == 0.5 for d in moves), moves
+    assert {0.5, -0.5} <= set(moves)     # the batch has clipped and unclipped examples
