@@ -172,26 +172,24 @@ void run(T* x, int64_t n, uint64_t seed, int num_threads, F range) {
 }
 
 // Non-finite test by the exponent bits (immune to -ffast-math), an OR reduction that vectorises.
-NOISE_INLINE uint32_t nonfinite_bits(const float* x, int64_t n) {
+// Bits: the unsigned integer of T's width; kExp: T's exponent mask (all ones = inf or NaN).
+template <typename T, typename Bits, Bits kExp>
+NOISE_INLINE uint32_t nonfinite_bits(const T* x, int64_t n) {
+  static_assert(sizeof(T) == sizeof(Bits), "bit pattern of the element's width");
   uint32_t any = 0;
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t b;
-    std::memcpy(&b, x + i, 4);
-    any |= static_cast<uint32_t>((b & 0x7f800000u) == 0x7f800000u);
+    Bits b;
+    std::memcpy(&b, x + i, sizeof(T));
+    any |= static_cast<uint32_t>((b & kExp) == kExp);
   }
   return any;
 }
-NOISE_INLINE uint32_t nonfinite_bits(const double* x, int64_t n) {
-  uint32_t any = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    uint64_t b;
-    std::memcpy(&b, x + i, 8);
-    any |= static_cast<uint32_t>((b & 0x7ff0000000000000ull) == 0x7ff0000000000000ull);
-  }
-  return any;
+NOISE_MULTIVERSION uint32_t nonfinite_f(const float* x, int64_t n) {
+  return nonfinite_bits<float, uint32_t, 0x7f800000u>(x, n);
 }
-NOISE_MULTIVERSION uint32_t nonfinite_f(const float* x, int64_t n) { return nonfinite_bits(x, n); }
-NOISE_MULTIVERSION uint32_t nonfinite_d(const double* x, int64_t n) { return nonfinite_bits(x, n); }
+NOISE_MULTIVERSION uint32_t nonfinite_d(const double* x, int64_t n) {
+  return nonfinite_bits<double, uint64_t, 0x7ff0000000000000ull>(x, n);
+}
 uint32_t nonfinite(const float* x, int64_t n) { return nonfinite_f(x, n); }
 uint32_t nonfinite(const double* x, int64_t n) { return nonfinite_d(x, n); }
 
