@@ -14,9 +14,11 @@ import os
 import socket
 import tempfile
 import time
+from datetime import timedelta
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -214,6 +216,14 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def init_gloo(rank: int, port: int, world: int, timeout_s: float) -> None:
+    """In a spawned worker: one CPU thread and a gloo process group on localhost only."""
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s))
 
 
 def run_ranks(worker: Callable, world: int, timeout_s: float) -> List[dict]:

@@ -6,7 +6,6 @@ The 2-process runs are spawned once for the module (each scenario in the same pa
 processes, bounded by a timeout); the tests check their results against one process here."""
 import math
 import os
-from datetime import timedelta
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastclip
-from harness import run_ranks
+from harness import init_gloo, run_ranks
 from fastclip.data import PoissonBatchSampler
 
 WORLD = 2
@@ -78,10 +77,7 @@ def _uneven(distributed, rank=0):
 
 
 def _worker(rank, port, outdir):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"     # localhost only
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
+    init_gloo(rank, port, WORLD, TIMEOUT_S)
     try:
         out = {}
         out["plain"] = _train(0.0, None, bucket_cap_mb=1e-4)       # auto-detected; tiny buckets

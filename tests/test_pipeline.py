@@ -10,7 +10,6 @@ private as data-parallel replicas, and a model sharded with fully_shard.
 All scenarios run in one pair of processes, spawned once for the module (bounded by a timeout);
 the single-process references are computed here."""
 import os
-from datetime import timedelta
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastclip
-from harness import run_ranks
+from harness import init_gloo, run_ranks
 
 pytest.importorskip("torch.distributed.pipelining")
 
@@ -156,10 +155,7 @@ def _noise_only(rank, clipping):
 
 
 def _worker(rank, port, outdir):
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"     # localhost only
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
+    init_gloo(rank, port, WORLD, TIMEOUT_S)
     try:
         out = {name: _run(rank, **kw) for name, kw in SCENARIOS.items()}
         out["noise_only"] = {c: _noise_only(rank, c) for c in ("flat", "per_layer")}
