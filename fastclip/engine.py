@@ -181,6 +181,10 @@ class Engine:
         # until every stage's norms are summed (write_deferred). [(uses, B, local sq (B,))]
         self.defer_flat = False
         self._deferred: List = []
+        # FSDP2 (fastclip/fsdp.py): the planned parameters are this rank's shards (DTensors), so
+        # the full-size clipped sums are held here, {p: Tensor of p's global shape}, until the
+        # optimizer's step reduce-scatters them into p.grad; None: written to p.grad as usual.
+        self.full_grads: Optional[Dict[nn.Parameter, Tensor]] = None
         self._paths: Dict[nn.Module, str] = {}
         self._nano = None
         if self.mode == "nanobatch":
@@ -842,8 +846,11 @@ class Engine:
                 self._rules[u.module].release(u)
 
     def drop_deferred(self) -> None:
-        """Forget the deferred backward passes (zero_grad): nothing of them is released."""
+        """Forget the deferred backward passes (zero_grad): nothing of them is released; also
+        the full-size clipped sums held for FSDP2 (:attr:`full_grads`)."""
         self._deferred = []
+        if self.full_grads is not None:
+            self.full_grads.clear()
 
     def _clip_layer(self, l: int, uses: List[Use]):
         """Per-layer clipping of layer ``l`` to its bound C_l from all of its uses in this
@@ -952,7 +959,12 @@ class Engine:
             for m, n, u in ents:
                 g = self._rules[m].clipped_grad(m, n, u, c, cache)
                 grad = g if grad is None else grad + g
-            grad = grad.to(p.dtype).view_as(p)
+            grad = grad.to(p.dtype).view(p.shape)   # p.shape: a DTensor's is its global shape
+            if self.full_grads is not None:
+                # FSDP2: p is this rank's shard; fastclip/fsdp.py reduce-scatters at the step.
+                held = self.full_grads.get(p)
+                self.full_grads[p] = grad if held is None else held.add_(grad)
+                continue
             before = p.grad
             if p.grad is None:
                 p.grad = grad

@@ -13,7 +13,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from . import accounting, distributed as _dist, ops
+from . import accounting, distributed as _dist, fsdp as _fsdp, ops
 from .accounting import (PrivacyAccountant, check_accountant, check_noise_multiplier,
                          check_sample_rate)
 from .data import (PoissonBatchSampler, _check_generator_state, poisson_loader, poisson_source,
@@ -323,7 +323,7 @@ class DPOptimizer(Optimizer):
         """Refuse a non-finite clipped sum before anything is released: an example whose loss or
         gradient is NaN poisons the sum whatever its clip factor, and NaN parameters would tell
         every later observer that such an example was sampled."""
-        grads = [p.grad for g in self.param_groups for p in g["params"]
+        grads = [_fsdp.local(p.grad) for g in self.param_groups for p in g["params"]
                  if p.requires_grad and p.grad is not None]
         if not grads:
             return
@@ -418,7 +418,7 @@ class DPOptimizer(Optimizer):
                     # to p.grad only once the step is not refused).
                     g = torch.zeros_like(p)
                     fresh.append((p, g))
-                grads.append(g)
+                grads.append(_fsdp.local(g))    # FSDP2: this rank's shard only
         # One seed per step (from the generator, or os.urandom in secure mode); one stream per
         # tensor, k = 1, 2, ... in parameter order (pipeline stages continue the numbering).
         state = None
@@ -428,7 +428,9 @@ class DPOptimizer(Optimizer):
             base = self._step_seed()
         else:
             base = 0
-        k0 = 0 if self.pipeline is None else self.pipeline.noise_offset
+        # Pipeline stages and FSDP2 ranks (each noising its own shard) continue the numbering.
+        k0 = (self.pipeline.noise_offset if self.pipeline is not None
+              else getattr(self.reducer, "noise_offset", 0))
         seeds = [base + (k0 + i + 1) * 0x9E3779B97F4A7C15 for i in range(len(grads))]
         if check:
             if not ops.add_gaussian_noise_checked_(grads, std, 1.0 / denom, seeds):
@@ -880,7 +882,10 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
                         "fastclip's optimizer all-reduces the clipped sums (pass model.module)")
     if not isinstance(pipeline, bool):
         raise TypeError(f"pipeline must be True or False, got {pipeline!r}")
-    _refuse_fsdp(model)
+    sharded = _fsdp.is_sharded(model)
+    if sharded and pipeline:
+        raise ValueError("fastclip: pipeline=True with a model sharded by fully_shard (FSDP2) is "
+                         "not supported; use one or the other")
     if pipeline:
         if distributed:
             raise ValueError("fastclip: pipeline=True and distributed=True: data parallelism over "
@@ -897,6 +902,8 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
                              "norms until every stage's are in, which mode='nanobatch' does not; "
                              "use mode='auto' (or clipping='per_layer')")
     ranks = None if pipeline else _dist.resolve(distributed)
+    # FSDP2: refused here if unsupported (fastclip/fsdp.py), before anything is attached.
+    managed = _fsdp.check_model(model, mode=mode, audit=audit, ranks=ranks) if sharded else None
     if secure_mode and (generator is not None or sampling_generator is not None):
         raise ValueError("secure_mode draws all randomness from os.urandom; do not pass generator "
                          "or sampling_generator")
@@ -932,6 +939,12 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
             parent._modules[name] = child
         raise
     try:
+        if sharded:
+            # FSDP2: full-size clipped sums held for the step's reduce-scatter, and the backward
+            # classified by the unsharded parameters autograd sees (fastclip/fsdp.py).
+            _fsdp.check_rules(engine)
+            engine.full_grads = {}
+            engine._gate = _fsdp.ShardedGate(managed)
         expected = q = sampler = None
         if loader is not None and poisson_sampling:
             derive = sampling_generator is None and not secure_mode
@@ -954,7 +967,9 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
                 expected = sampler.num_samples * q
         dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier, expected, generator, q,
                                    secure_mode=secure_mode, sampler=sampler, accountant=accountant,
-                                   reducer=None if ranks is None else _dist.GradReducer(),
+                                   reducer=(None if ranks is None
+                                            else _fsdp.ShardedReducer(managed) if sharded
+                                            else _dist.GradReducer()),
                                    adaptive=adaptive,
                                    pipeline=None if not pipeline else _dist.PipelineExchange(
                                        engine, clipping,
@@ -966,33 +981,6 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
             parent._modules[name] = child
         raise
     return model, dp_optimizer, loader
-
-
-def _refuse_fsdp(model) -> None:
-    """A model sharded with FSDP2 (``fully_shard``) is refused before anything is attached."""
-    if not isinstance(model, nn.Module):
-        return
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:     # pragma: no cover - torch without distributed tensors
-        return
-    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
-    fsdp = [n or "<root>" for n, m in model.named_modules()
-            if type(m).__name__.startswith("FSDP") and hasattr(m, "reshard")]
-    if sharded or fsdp:
-        what = (f"its parameters are DTensors ({', '.join(sharded[:3])}"
-                f"{', ...' if len(sharded) > 3 else ''})" if sharded
-                else f"modules {fsdp[:3]} are FSDP modules")
-        raise TypeError(
-            "fastclip: make_private does not support models sharded with "
-            "torch.distributed.fsdp.fully_shard (FSDP2) yet: " + what + ". FSDP reduce-scatters "
-            "the gradients autograd computes, while fastclip writes each example's clipped "
-            "gradient at the end of the backward, so the sharded step would mix unclipped and "
-            "clipped sums. Fix: call make_private on the unsharded model (do not call "
-            "fully_shard) in every process: fastclip's data-parallel path all-reduces the "
-            "clipped sums itself (README: Distributed training); for a model too large for one "
-            "process, split it into torch.distributed.pipelining stages and call "
-            "make_private(stage_module, ..., pipeline=True) on each rank")
 
 
 def make_private_with_epsilon(model: nn.Module, optimizer: Optimizer, loader: DataLoader, *,

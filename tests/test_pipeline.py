@@ -1,11 +1,11 @@
-"""Pipeline parallelism (torch.distributed.pipelining) and FSDP2 under make_private: 2 processes on
+"""Pipeline parallelism (torch.distributed.pipelining) under make_private: 2 processes on
 localhost (gloo, 127.0.0.1 only), each one stage of a 2-stage pipeline, driven by torch's GPipe and
 1F1B schedules over micro-batches. Each stage's update must equal the single-process update of the
 whole model on the same Poisson batches (per-layer clipping: each stage clips its own layers; flat
 clipping: the per-example squared norms exchanged between the stages), noise included (the same
 seed gives the same noise), and epsilon agrees everywhere. The misuses are refused: a schedule
-that divides the gradients by the number of micro-batches (scale_grads=True), stage modules made
-private as data-parallel replicas, and a model sharded with fully_shard.
+that divides the gradients by the number of micro-batches (scale_grads=True) and stage modules
+made private as data-parallel replicas (FSDP2: tests/test_fsdp.py).
 
 All scenarios run in one pair of processes, spawned once for the module (bounded by a timeout);
 the single-process references are computed here."""
@@ -129,17 +129,6 @@ def _replicas_misused(rank):
         opt.zero_grad()
 
 
-def _fsdp_refused():
-    from torch.distributed.fsdp import fully_shard
-    m = _model()
-    for layer in m:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    fully_shard(m)
-    fastclip.make_private(m, torch.optim.SGD(m.parameters(), lr=1.0), None,
-                          noise_multiplier=0.0, max_grad_norm=1.0)
-
-
 def _noise_only(rank, clipping):
     """A step on an empty batch (Poisson sampling draws one now and then): no schedule run, the
     noise alone, on every stage (flat clipping exchanges zero norms)."""
@@ -161,7 +150,6 @@ def _worker(rank, port, outdir):
         out["noise_only"] = {c: _noise_only(rank, c) for c in ("flat", "per_layer")}
         out["scale_grads"] = _refusal(lambda: _run(rank, "per_layer", BOUNDS, scale_grads=True))
         out["replicas"] = _refusal(lambda: _replicas_misused(rank))
-        out["fsdp"] = _refusal(_fsdp_refused)
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -211,13 +199,6 @@ def test_stages_made_private_as_replicas_are_refused(ranks):
     for r in range(WORLD):
         assert "pipeline=True" in ranks[r]["replicas"]
         assert "different parameters" in ranks[r]["replicas"]
-
-
-def test_fully_shard_is_refused_with_the_fix(ranks):
-    for r in range(WORLD):
-        msg = ranks[r]["fsdp"]
-        assert msg.startswith("TypeError: fastclip:") and "fully_shard" in msg
-        assert "pipeline=True" in msg
 
 
 def test_pipeline_needs_a_process_group():
