@@ -184,6 +184,108 @@ def _transformer_workload(batch_size: int, gen: torch.Generator, n_batches: int 
                                                 f"T={T}")
 
 
+class BasicBlock(nn.Module):
+    """ResNet basic block with GroupNorm: conv3x3-GN-ReLU-conv3x3-GN, + shortcut (1x1 conv-GN
+    when the shape changes), ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, groups: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.gn1 = nn.GroupNorm(groups, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.gn2 = nn.GroupNorm(groups, c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.GroupNorm(groups, c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.gn1(self.conv1(x)))
+        return torch.relu(self.gn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet-18-style for 3 x 32 x 32 inputs (the CIFAR stem: one conv3x3, no max-pool), basic
+    blocks ``blocks`` per stage with ``widths`` channels (stride 2 from the second stage on),
+    GroupNorm(8) instead of BatchNorm, global average pool, Linear(widths[-1], classes)."""
+
+    def __init__(self, widths: Sequence[int] = (64, 128, 256, 512), blocks: Sequence[int] = (2, 2, 2, 2),
+                 classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+                                  nn.GroupNorm(8, widths[0]), nn.ReLU())
+        layers: List[nn.Module] = []
+        c_in = widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            for j in range(n):
+                layers.append(BasicBlock(c_in, w, stride=2 if i > 0 and j == 0 else 1))
+                c_in = w
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(c_in, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.layers(self.stem(x)).mean((2, 3)))
+
+
+# ResNet-18's widths are 64/128/256/512; at B32 on the 2-core development machine its non-private
+# step takes ~2.4 s, so the benchmark keeps the structure and halves the widths.
+RESNET_WIDTHS = (32, 64, 128, 256)
+
+
+@register_workload("resnet", default_batch_size=32)
+def _resnet_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4,
+                     widths: Sequence[int] = RESNET_WIDTHS) -> Workload:
+    model = ResNet(widths)
+    batches = [
+        (torch.randn(batch_size, 3, 32, 32, generator=gen),
+         torch.randint(0, 10, (batch_size,), generator=gen))
+        for _ in range(n_batches)
+    ]
+    return Workload(model, batches, description=f"ResNet-18-style (basic blocks 2/2/2/2, widths "
+                                                f"{'/'.join(map(str, widths))}, GroupNorm(8)), 3x32x32, "
+                                                f"10 classes")
+
+
+class ViT(nn.Module):
+    """Vision transformer for 3 x 32 x 32 inputs: patch embedding (Conv2d, kernel = stride =
+    ``patch``), class token, learned positions, pre-LayerNorm torch.nn.TransformerEncoderLayer
+    blocks (GELU FFN 4d), LayerNorm, Linear(d, classes) on the class token. fastclip converts the
+    blocks' torch.nn.MultiheadAttention to fastclip.nn.MultiheadAttention."""
+
+    def __init__(self, patch: int = 4, d: int = 192, layers: int = 4, heads: int = 3,
+                 image: int = 32, classes: int = 10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, patch, patch)
+        n = (image // patch) ** 2
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, n + 1, d) * 0.02)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True) for _ in range(layers))
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.patch(x).flatten(2).transpose(1, 2)                  # (B, n, d)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], 1) + self.pos
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head(self.norm(h[:, 0]))
+
+
+@register_workload("vit", default_batch_size=32)
+def _vit_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4) -> Workload:
+    model = ViT()
+    batches = [
+        (torch.randn(batch_size, 3, 32, 32, generator=gen),
+         torch.randint(0, 10, (batch_size,), generator=gen))
+        for _ in range(n_batches)
+    ]
+    return Workload(model, batches, description="ViT-small: patch 4 (Conv2d), d192, 4 pre-LN blocks "
+                                                "(3 heads, FFN 768 GELU), class token, 3x32x32, "
+                                                "10 classes")
+
+
 def _bf16(builder: WorkloadBuilder) -> WorkloadBuilder:
     """``builder``'s workload trained under torch.autocast(bfloat16): non-private vs fastclip."""
 
@@ -292,7 +394,9 @@ def setup_nonprivate(wl: Workload, model: nn.Module, batch_size: int) -> StepFn:
     return _plain_loop(model, _sgd(model), wl.loss_fn, wl.autocast)
 
 
-def setup_fastclip(wl: Workload, model: nn.Module, batch_size: int) -> StepFn:
+def make_fastclip(model: nn.Module):
+    """``(model, optimizer)`` made private as the fastclip column runs them; after a step,
+    ``optimizer.engine.covered()`` names each parameter's rule."""
     import fastclip
 
     if not hasattr(fastclip, "make_private"):
@@ -302,6 +406,11 @@ def setup_fastclip(wl: Workload, model: nn.Module, batch_size: int) -> StepFn:
         noise_multiplier=1.0, max_grad_norm=1.0,
         mode="auto", loss_reduction="mean", poisson_sampling=False,
     )
+    return model, optimizer
+
+
+def setup_fastclip(wl: Workload, model: nn.Module, batch_size: int) -> StepFn:
+    model, optimizer = make_fastclip(model)
     return _plain_loop(model, optimizer, wl.loss_fn, wl.autocast)
 
 
