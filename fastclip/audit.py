@@ -139,18 +139,8 @@ def _quiet_model(model: nn.Module, tensors: List[Tensor]):
 def _no_capture(engine):
     """The engine captures nothing while the audit runs the model (its own flag for forwards
     that rules re-run at finalize; nanobatch mode's re-entrance guard)."""
-    prev = engine._finalizing
-    nano = engine._nano
-    inside = getattr(nano._local, "inside", False) if nano is not None else None
-    engine._finalizing = True
-    if nano is not None:
-        nano._local.inside = True
-    try:
+    with engine.no_capture():
         yield
-    finally:
-        engine._finalizing = prev
-        if nano is not None:
-            nano._local.inside = inside
 
 
 class _LeadingDims:
@@ -225,7 +215,7 @@ class Auditor:
         if self._constant_leading:
             self._refuse_constant_leading()     # every forward, not just the audited one
         key = (tuple(type(a) for a in args), tuple((k, v is None) for k, v in kwargs.items()))
-        if key in self._passed or not torch.is_grad_enabled() or self.engine._finalizing:
+        if key in self._passed or not torch.is_grad_enabled() or self.engine.finalizing:
             return
         self._running = True
         try:
@@ -346,11 +336,9 @@ class Auditor:
         """The leaves whose rule reads the batch from dim 0 of their input: {module: path}.
         Recurrent and attention drop-ins, and the leaves of time-major transformers, know their
         layout from the module; nanobatch mode has no per-leaf rule."""
-        eng = self.engine
-        if eng._nano is not None:
-            return {}
-        return {m: eng._paths.get(m, "?") for m, r in eng._rules.items()
-                if not isinstance(r, ModuleCaptureRule) and m not in eng._time_major}
+        eng = self.engine   # (nanobatch mode: no per-module rules, so none)
+        return {m: eng.path_of(m) for m, r in eng.rules.items()
+                if not isinstance(r, ModuleCaptureRule) and not eng.is_time_major(m)}
 
     def _refuse_constant_leading(self):
         """A covered leaf whose input keeps its leading size when the batch shrinks to one
@@ -374,7 +362,7 @@ class Auditor:
         """The model's output, its per-example tensors turned into probes while the loss of the
         training loop has not been audited yet (see :class:`_LossProbe`); else ``output``."""
         if (self._skip or self._loss_done or B is None or B < 2 or not torch.is_grad_enabled()
-                or self.engine._finalizing or torch.compiler.is_compiling()):
+                or self.engine.finalizing or torch.compiler.is_compiling()):
             return output
         if self._probe_cls is None:
             state = _ProbeState(self)

@@ -24,7 +24,8 @@ import threading
 import weakref
 from collections import defaultdict
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, Optional, Sequence
+from types import MappingProxyType
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -514,8 +515,7 @@ class Engine:
         out = []
         for module, params in self._params.items():
             for _, p in params:
-                rule = "NanoBatch" if self._nano is not None else type(self._rules[module]).__name__
-                out.append((self._names[p], rule))
+                out.append((self._names[p], self._rule_name(module)))
         return out
 
     # -- per-thread state -------------------------------------------------------------------
@@ -537,6 +537,70 @@ class Engine:
         except AttributeError:
             self._tls.batches = []
             return self._tls.batches
+
+    # -- read-only views for the other modules ---------------------------------------------
+    # The audit, validate, functional, the rules and nanobatch read the engine through these,
+    # never through its private attributes, so the engine may change how it keeps its state.
+    @property
+    def finalizing(self) -> bool:
+        """Whether the engine is forming clipped sums now (rules re-run modules then), or is
+        inside :meth:`no_capture`: forwards run then are not captured."""
+        return self._finalizing
+
+    @contextmanager
+    def no_capture(self) -> Iterator[None]:
+        """Forwards of the model inside the block are not captured (the audit's own forwards);
+        the previous state is restored on leaving, also on an error."""
+        nano = self._nano   # nanobatch mode: its re-entrance guard too (this thread's)
+        inside = getattr(nano._local, "inside", False) if nano is not None else None
+        prev, self._finalizing = self._finalizing, True
+        if nano is not None:
+            nano._local.inside = True
+        try:
+            yield
+        finally:
+            self._finalizing = prev
+            if nano is not None:
+                nano._local.inside = inside
+
+    @property
+    def auditor(self) -> Auditor:
+        """The first-step audit of this engine (:mod:`fastclip.audit`)."""
+        return self._auditor
+
+    @property
+    def rules(self) -> Mapping[nn.Module, Rule]:
+        """{module: its rule} of the current plan, read-only (empty in mode "nanobatch", which
+        has no per-module rule)."""
+        return MappingProxyType(self._rules)
+
+    def path_of(self, module: nn.Module) -> str:
+        """``module``'s qualified path in the model ("<root>" for the model), "?" if the plan
+        holds no trainable parameter of it."""
+        return self._paths.get(module, "?")
+
+    def is_time_major(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a leaf of a time-major (batch_first=False) transformer, which
+        sees its batch in dim 1 (see ``_plan_time_major``)."""
+        return module in self._time_major
+
+    def covered_params(self) -> List[Tuple[str, nn.Parameter]]:
+        """[(qualified name, parameter)] of every trainable parameter the plan covers, each once
+        (a tied parameter under its first name), in plan order."""
+        seen, out = set(), []
+        for ps in self._params.values():
+            for _, p in ps:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((self._names[p], p))
+        return out
+
+    def rule_names(self) -> Dict[nn.Parameter, str]:
+        """{parameter: the name of the rule that covers it} for every covered parameter."""
+        return {p: self._rule_name(module) for module, ps in self._params.items() for _, p in ps}
+
+    def _rule_name(self, module: nn.Module) -> str:
+        return "NanoBatch" if self._nano is not None else type(self._rules[module]).__name__
 
     def current_batch_size(self) -> Optional[int]:
         """B of the innermost model call in progress in this thread (None outside a model call,

@@ -35,7 +35,7 @@ def _run(engine: Engine, model, loss_fn, inputs, targets) -> Tensor:
             shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
             raise ValueError(f"loss_fn must return per-example losses of shape ({B},), got {shape}; "
                              "use a loss with reduction='none'")
-        if engine._auditor.enabled:
+        if engine.auditor.enabled:
             audit_loss(loss_fn, output, targets, B)   # before the backward: nothing written yet
         if losses.requires_grad:
             torch.autograd.backward(losses.sum())
@@ -104,7 +104,7 @@ def clipped_grad(model: nn.Module, loss_fn: Callable, inputs, targets, max_grad_
         engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction="sum",
                         clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads,
                         audit=audit, gamma=gamma)
-        params = [p for ps in engine._params.values() for _, p in ps]
+        params = [p for _, p in engine.covered_params()]
         for p in params:
             p.grad = None
         norms = _run(engine, model, loss_fn, inputs, targets)

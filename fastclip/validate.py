@@ -114,8 +114,7 @@ def validate(model: nn.Module, loss_fn: Callable, inputs, targets, mode: str = "
                     torch.autograd.backward(losses.sum())
                 fast_s = time.perf_counter() - t0
                 # After the forward: a leaf's operation rule is resolved at its first forward.
-                rules = {p: "NanoBatch" if nano is not None else type(engine._rules[mod]).__name__
-                         for mod, ps in engine._params.items() for _, p in ps}
+                rules = engine.rule_names()
             finally:
                 engine.detach()
             contrib = getattr(engine, "contrib", {})

@@ -75,7 +75,7 @@ class Rule:
     """
 
     # Inputs with leading dimension 1 while the batch is B are expanded to B before the module
-    # runs (engine._expand_broadcast): right for batch-first inputs, wrong for modules whose
+    # runs (the engine's _expand_broadcast): right for batch-first inputs, wrong for modules whose
     # inputs have other leading dims (time-major sequences, (layers, B, h) states, (L, S) masks).
     expand_broadcast = True
 

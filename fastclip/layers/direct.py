@@ -202,7 +202,7 @@ def _zero(t: Tensor, bad: Tensor) -> Tensor:
 
 def _guard(engine, module, name):
     def hook(grad):
-        if grad is not None and not engine._finalizing:
+        if grad is not None and not engine.finalizing:
             raise RuntimeError(
                 f"fastclip: parameter '{name}' of {type(module).__name__}, used directly in its "
                 "forward, reached the loss without passing through an op that combines it with "

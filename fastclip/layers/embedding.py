@@ -104,13 +104,13 @@ class EmbeddingRule(FunctionalRule):
         if why is not None:
             raise ValueError(f"fastclip cannot make {type(module).__name__} private: {why}")
         ids, B = bound["input"], engine.current_batch_size()
-        if (B is not None and module not in engine._time_major and isinstance(ids, Tensor)
+        if (B is not None and not engine.is_time_major(module) and isinstance(ids, Tensor)
                 and ids.dim() > 0 and ids.shape[0] != B):
             # Its output is shared by the whole batch and broadcast over it later (T5's relative
             # attention bias, looked up on (query, key) buckets): the gradient reaching it is the
             # batch's sum, never one example's.
             raise ValueError(
-                f"fastclip: module '{engine._paths.get(module, '?')}' ({type(module).__name__}) "
+                f"fastclip: module '{engine.path_of(module)}' ({type(module).__name__}) "
                 f"got ids of shape {tuple(ids.shape)} whose leading dimension is not the batch "
                 f"size {B}: its output is shared by the batch (broadcast over it later, like T5's "
                 "relative attention bias), so it has no per-example gradient there. Freeze it "

@@ -159,7 +159,7 @@ class _OpsMode(CaptureMode):
             self.failures.append(why)
             return func(*args, **kwargs)
         raise ValueError(
-            f"fastclip: module '{self.engine._paths.get(self.module, '?')}' "
+            f"fastclip: module '{self.engine.path_of(self.module)}' "
             f"({type(self.module).__name__}) called {why}, which the operation rule chosen at its "
             "first forward cannot cover; its per-example gradient would be incomplete. Use the "
             "parameter in the same way at every forward, or use mode='nanobatch'")
