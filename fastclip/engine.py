@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .audit import Auditor
 from .clipping import (Bound, check_clipping, check_gamma, clip_factors, group_layers,
                        is_automatic, is_per_layer, resolve_bounds)
-from .layers import Rule, Use, cross_inner, rule_for
+from .layers import Part, Pool, Rule, Use, cross_inner, module_clipped, module_sq_norms, rule_for
 from .layers.capture import FunctionalRule
 from .layers.direct import DIRECT
 from .layers.linear import LinearRule
@@ -79,6 +79,26 @@ def _widen(uses: List[Use], rules: Dict) -> List:
             saved.append((u, u.inputs, u.grads))
             u.inputs, u.grads = tree_map(widened, u.inputs), tree_map(widened, u.grads)
     return saved
+
+
+@contextmanager
+def _memos(uses: List[Use]) -> Iterator[None]:
+    """One clipping step: what the kernels memoise on ``uses`` (``Use.memo``) is dropped when
+    it ends, also on an error, so no per-example result outlives the step."""
+    try:
+        yield
+    finally:
+        for u in uses:
+            u.memo = None
+
+
+def _kernel_out(out: Dict[str, Tensor], name: str, module: nn.Module, rule: Rule, kernel: str):
+    try:
+        return out[name]
+    except KeyError:
+        raise RuntimeError(f"fastclip: the {kernel} kernel of {type(rule).__name__} gave no result "
+                           f"for the trainable parameter '{name}' of {type(module).__name__} "
+                           f"(it gave {sorted(out)})") from None
 
 
 # Rules whose use is one (input, output gradient) pair that may be recorded time-major and
@@ -170,7 +190,7 @@ class Engine:
         self._tls = threading.local()
         self._handles: List = []
         self._gate = Gate()      # which backward passes may enter the step (fastclip/passes.py)
-        self._scratch: Dict = {}    # reusable buffers of the finalize (layers.scaled_rows)
+        self._pool = Pool()         # scratch buffers lent to the rules' clipped kernels
         self._pending: List[Use] = []
         self._queued = False
         self._finalizing = False            # rules re-run modules at finalize: no capture then
@@ -837,19 +857,24 @@ class Engine:
         if self.keep_norms:
             self.norms_log.append(sq.sqrt() * scale)
 
-    def _entries(self, uses: List[Use]) -> Dict[nn.Parameter, List]:
-        entries: Dict[nn.Parameter, List] = {}
+    def _groups(self, uses: List[Use]) -> Dict[nn.Module, List[Use]]:
+        """The uses of one clipping step by module, in order, for the modules with a trainable
+        parameter: each rule's kernels are called once per module."""
+        groups: Dict[nn.Module, List[Use]] = {}
         for u in uses:
-            for name, p in self._params[u.module]:
-                if p.requires_grad:
-                    entries.setdefault(p, []).append((u.module, name, u))
-        return entries
+            groups.setdefault(u.module, []).append(u)
+        return {m: us for m, us in groups.items()
+                if any(p.requires_grad for _, p in self._params[m])}
 
-    def _check_wanted(self, entries: Dict[nn.Parameter, List]) -> None:
+    def _trainable(self, module: nn.Module) -> List:
+        return [(n, p) for n, p in self._params[module] if p.requires_grad]
+
+    def _check_wanted(self, groups: Dict[nn.Module, List[Use]]) -> None:
         """Refuse a backward that asked for some parameters' gradients only (passes.SOME) when
-        ``entries`` holds a parameter it did not ask for."""
+        ``groups`` touches a trainable parameter it did not ask for."""
         if self._wanted is not None:
-            missed = [p for p in entries if p not in self._wanted]
+            missed = list({p: None for m in groups for _, p in self._trainable(m)
+                           if p not in self._wanted})
             if missed:
                 raise partial_error(missed, self._names)
 
@@ -868,12 +893,12 @@ class Engine:
         """Flat clipping across pipeline stages: this backward's per-example squared norms over
         this stage's parameters, its uses kept (with their activations and output gradients) for
         :meth:`write_deferred` once the other stages' norms are known. Nothing is written."""
-        entries = self._entries(uses)
-        if not entries:
+        groups = self._groups(uses)
+        if not groups:
             return None
-        self._check_wanted(entries)
-        with self._widened(uses):
-            sq = self._sq_norms(entries, B, {"scratch": self._scratch})
+        self._check_wanted(groups)
+        with self._widened(uses), _memos(uses):
+            sq = self._sq_norms(groups, B)
         self._deferred.append((uses, B, sq))
         return sq
 
@@ -900,10 +925,9 @@ class Engine:
             part = sq_total[off:off + B].to(device=sq.device, dtype=torch.float64)
             off += B
             prev, self._finalizing = self._finalizing, True  # rules re-run modules: no capture
-            with self._widened(uses):
+            with self._widened(uses), _memos(uses):
                 try:
-                    self._write_clipped(self._entries(uses), uses, part, B, self.max_grad_norm,
-                                        {"scratch": self._scratch})
+                    self._write_clipped(self._groups(uses), uses, part, B, self.max_grad_norm)
                 finally:
                     self._finalizing = prev
             for u in uses:
@@ -951,51 +975,59 @@ class Engine:
         touch (None if they touch no trainable parameter) and, when gradients are written, their
         sums clipped to C added to ``p.grad``. The norms are of the true per-example gradients
         (times B for loss_reduction "mean")."""
-        entries = self._entries(uses)
-        if not entries:
+        groups = self._groups(uses)
+        if not groups:
             return None
-        self._check_wanted(entries)
-        cache: Dict = {"scratch": self._scratch}
-        with self._widened(uses):
-            sq = self._sq_norms(entries, B, cache)
+        self._check_wanted(groups)
+        with self._widened(uses), _memos(uses):
+            sq = self._sq_norms(groups, B)
             if self.write_grads:
-                self._write_clipped(entries, uses, sq, B, C, cache)
+                self._write_clipped(groups, uses, sq, B, C)
         return sq
 
-    def param_sq_norms(self, entries: Dict[nn.Parameter, List], cache: Dict) -> Dict[nn.Parameter, Tensor]:
-        """Each parameter's per-example squared gradient norm, {p: (B,) float64}, for the
-        ``entries`` of one clipping step ({p: [(module, name, use), ...]}): what
-        :meth:`_sq_norms` sums, and what ``fastclip.validate`` reports per parameter."""
+    def param_sq_norms(self, groups: Dict[nn.Module, List[Use]]) -> Dict[nn.Parameter, Tensor]:
+        """Each parameter's per-example squared gradient norm, {p: (B,) float64}, for the uses
+        of one clipping step by module (``groups``): what :meth:`_sq_norms` sums, and what
+        ``fastclip.validate`` reports per parameter. One kernel call per module."""
         out: Dict[nn.Parameter, Tensor] = {}
-        for p, ents in entries.items():
-            # ||sum of parts||^2 = sum of each rule's part norms + 2 * cross terms, so a weight
-            # tied across layer types is exact without a per-example copy of every part.
-            by_rule: Dict[int, List] = {}
-            for e in ents:
-                by_rule.setdefault(id(self._rules[e[0]]), []).append(e)
-            groups = [(self._rules[g[0][0]], g) for g in by_rule.values()]
-            sq = None
-            for i, (rule, group) in enumerate(groups):
-                part = rule.sq_norms(group, self.mode, cache).to(torch.float64)
-                sq = part if sq is None else sq + part
-                for rule_b, group_b in groups[i + 1:]:
-                    sq = sq + 2 * cross_inner(rule, group, rule_b, group_b, self.mode,
-                                              cache).to(torch.float64)
-            out[p] = sq
+        parts: Dict[nn.Parameter, List[Part]] = {}
+        for m, us in groups.items():
+            rule = self._rules[m]
+            sqs = module_sq_norms(rule, m, us, self.mode)
+            for n, p in self._trainable(m):
+                sq = _kernel_out(sqs, n, m, rule, "sq_norms").to(torch.float64)
+                if p in out:
+                    out[p] = out[p] + sq
+                    parts[p].append(Part(m, n, us))
+                else:
+                    out[p] = sq
+                    parts[p] = [Part(m, n, us)]
+        for p, ps in parts.items():
+            # A parameter shared between modules (tied weights): ||sum of parts||^2 = the sum of
+            # the parts' norms + 2 * their inner products, exact without a per-example copy of
+            # every part where a cross kernel is registered.
+            for i in range(len(ps)):
+                for b in ps[i + 1:]:
+                    a = ps[i]
+                    out[p] = out[p] + 2 * cross_inner(self._rules[a.module], a,
+                                                      self._rules[b.module], b,
+                                                      self.mode).to(torch.float64)
         return out
 
-    def _sq_norms(self, entries: Dict[nn.Parameter, List], B: int, cache: Dict) -> Tensor:
-        """sum over ``entries``' parameters of each example's squared gradient norm, (B,) float64."""
-        ref = next(iter(entries))
+    def _sq_norms(self, groups: Dict[nn.Module, List[Use]], B: int) -> Tensor:
+        """sum over the parameters ``groups`` touch of each example's squared gradient norm,
+        (B,) float64."""
+        parts = self.param_sq_norms(groups)
+        ref = next(iter(parts))
         sq = torch.zeros(B, dtype=torch.float64, device=ref.device)
-        for part in self.param_sq_norms(entries, cache).values():
+        for part in parts.values():
             sq += part
         return sq
 
-    def _write_clipped(self, entries: Dict[nn.Parameter, List], uses: List[Use], sq: Tensor,
-                       B: int, C: float, cache: Dict):
-        """Add ``sum_i c_i g_i`` to ``p.grad`` for every parameter of ``entries``, with
-        ``c_i = min(1, C / ||g_i||)`` from the squared norms ``sq`` (times the loss scale)."""
+    def _write_clipped(self, groups: Dict[nn.Module, List[Use]], uses: List[Use], sq: Tensor,
+                       B: int, C: float):
+        """Add ``sum_i c_i g_i`` to ``p.grad`` for every trainable parameter ``groups`` touches,
+        with ``c_i = min(1, C / ||g_i||)`` from the squared norms ``sq`` (times the loss scale)."""
         scale = float(B) if self.loss_reduction == "mean" else 1.0
         norms = sq.to(torch.float64).sqrt() * scale
         bad = ~torch.isfinite(norms)
@@ -1015,14 +1047,19 @@ class Engine:
             # poison the sum, nor show in it: it contributes nothing, like an absent example.
             for u in uses:
                 self._rules[u.module].zero_examples(u, bad)
-            cache.clear()   # per-example results cached from the bad rows
-            cache["scratch"] = self._scratch
-        for p, ents in entries.items():
-            grad = None
-            c = factors(p.dtype)
-            for m, n, u in ents:
-                g = self._rules[m].clipped_grad(m, n, u, c, cache)
-                grad = g if grad is None else grad + g
+                u.memo = None   # per-example results memoised from the bad rows
+        grads: Dict[nn.Parameter, Tensor] = {}
+        for m, us in groups.items():
+            rule, named = self._rules[m], self._trainable(m)
+            # One call per module; per parameter dtype when they differ (the clip factors are
+            # shrunk by the margin of the dtype each sum is released in).
+            for dtype in {p.dtype: None for _, p in named}:
+                sums = module_clipped(rule, m, us, factors(dtype), self._pool)
+                for n, p in named:
+                    if p.dtype is dtype:
+                        g = _kernel_out(sums, n, m, rule, "clipped")
+                        grads[p] = g if p not in grads else grads[p] + g
+        for p, grad in grads.items():
             grad = grad.to(p.dtype).view(p.shape)   # p.shape: a DTensor's is its global shape
             if self.full_grads is not None:
                 # FSDP2: p is this rank's shard; fastclip/fsdp.py reduce-scatters at the step.

@@ -26,8 +26,8 @@ class _Probe(Engine):
         super().__init__(*args, **kwargs)
         self.contrib: Dict[nn.Parameter, Tensor] = {}
 
-    def param_sq_norms(self, entries, cache):
-        parts = super().param_sq_norms(entries, cache)
+    def param_sq_norms(self, groups):
+        parts = super().param_sq_norms(groups)
         self.contrib.update(parts)
         return parts
 

@@ -16,7 +16,7 @@ Writing a rule for your own layer::
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -37,10 +37,13 @@ class Use:
         recorded: whether the engine holds the use for the backward in progress.
         spent: whether a backward has taken the use into a step (a graph backpropagated again
             would count its examples twice: the engine refuses it).
+        memo: what a rule's kernels keep of the use within one clipping step (per-example
+            gradients formed by the norm pass for the clipped sum); the engine clears it when
+            the step ends, when it zeroes examples, and ``release`` clears it.
     """
 
     __slots__ = ("module", "inputs", "grads", "batch_size", "extra", "expected", "recorded",
-                 "spent", "__weakref__")
+                 "spent", "memo", "__weakref__")
 
     def __init__(self, module: nn.Module, inputs: Any = None, extra: Any = None):
         self.module = module
@@ -51,6 +54,7 @@ class Use:
         self.expected = 0
         self.recorded = False
         self.spent = False
+        self.memo: Any = None
 
 
 # One entry of a parameter's uses: (module, name of the parameter in that module, use).
@@ -68,10 +72,21 @@ class Rule:
     the backward as soon as its last use is recorded; a ``Use`` made directly is clipped at the
     end of the backward instead).
 
-    Finalize (after the backward, ``c`` = per-example clip factors times the loss scale):
-    ``sq_norms`` for a parameter all of whose uses belong to this rule, ``per_example_grad`` when
-    a parameter is shared with modules of another rule, ``clipped_grad`` always. ``cache`` is a
-    dict private to one finalize call, for work shared between the parameters of one use.
+    Finalize (after the backward): pure kernels called once per module and clipping step with
+    ``uses``, the module's recorded uses in it, returning one entry per trainable parameter name
+    of the module (``c`` = per-example clip factors times the loss scale, (B,)):
+
+    * ``per_example(module, uses) -> {name: (B, *shape)}``: the per-example gradients, summed
+      over the uses. Enough on its own: the two below default to it.
+    * ``sq_norms(module, uses, method) -> {name: (B,)}``: their squared norms, where a kernel can
+      avoid forming them (a ghost norm).
+    * ``clipped(module, uses, c, pool) -> {name: Tensor}``: ``sum_i c_i grad_i``, shaped like the
+      parameter; ``pool`` lends scratch buffers (:class:`Pool`).
+
+    Work shared between the two passes of one step goes in ``use.memo`` (cleared by the engine
+    when the step ends). A parameter shared between modules (tied weights) is exact: the engine
+    adds each module's part and twice the inner products of the parts (:func:`register_cross`,
+    else from ``per_example``).
     """
 
     # Inputs with leading dimension 1 while the batch is B are expanded to B before the module
@@ -113,39 +128,43 @@ class Rule:
     def post_forward(self, engine, module: nn.Module, state, args, kwargs, output):
         raise NotImplementedError
 
-    def sq_norms(self, entries: Sequence[Entry], method: str, cache: Dict) -> Tensor:
-        """Per-example squared norms (B,) of ONE parameter's gradient, summed over its uses."""
-        g = sum(self.per_example_grad(m, n, u, cache) for m, n, u in entries)
-        return g.flatten(1).square().sum(1)
+    def per_example(self, module: nn.Module, uses: Sequence[Use]) -> Dict[str, Tensor]:
+        """{name: per-example gradients (B, *shape)} of the module's trainable parameters,
+        summed over ``uses``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no per_example kernel (per_example(module, uses) -> "
+            "{name: (B, *shape)}), which its default sq_norms / clipped and the cross terms of a "
+            "parameter tied to another module need")
 
-    def per_example_grad(self, module: nn.Module, name: str, use: Use, cache: Dict) -> Tensor:
-        """Per-example gradients (B, *param.shape) of parameter ``name`` from one use."""
-        raise NotImplementedError
+    def sq_norms(self, module: nn.Module, uses: Sequence[Use], method: str) -> Dict[str, Tensor]:
+        """{name: per-example squared norms (B,)} of the module's trainable parameters'
+        gradients, summed over ``uses``; ``method`` is the engine's mode (ghost / direct / auto)."""
+        return {n: sq_rows(g) for n, g in self.per_example(module, uses).items()}
 
-    def clipped_grad(self, module: nn.Module, name: str, use: Use, c: Tensor, cache: Dict) -> Tensor:
-        """sum_i c_i * grad_i of parameter ``name`` from one use, shaped like the parameter."""
-        raise NotImplementedError
-
-
-# A kernel that reads G for a weight's norms can give the bias's norms in the same pass; the
-# bias's own sq_norms call then takes them from the finalize cache instead of reading G again.
-def _bias_key(entries: Sequence[Entry]):
-    return ("bias-of-uses", tuple(id(u) for _, _, u in entries))
-
-
-def bias_in_same_pass(entries: Sequence[Entry]) -> bool:
-    """Whether all of a weight's uses share one trainable ``bias`` (whose uses are then the same)."""
-    return (all(m.bias is not None and m.bias.requires_grad for m, _, _ in entries)
-            and len({id(m.bias) for m, _, _ in entries}) == 1)
+    def clipped(self, module: nn.Module, uses: Sequence[Use], c: Tensor,
+                pool: "Pool") -> Dict[str, Tensor]:
+        """{name: sum_i c_i grad_i} of the module's trainable parameters, over ``uses``."""
+        return {n: weighted_sum(c, g) for n, g in self.per_example(module, uses).items()}
 
 
-def keep_bias(entries: Sequence[Entry], cache: Dict, b: Tensor) -> None:
-    cache[_bias_key(entries)] = b
+def trainable(module, name: str) -> bool:
+    """Whether ``module`` has a parameter ``name`` (not None) that requires grad."""
+    p = getattr(module, name, None)
+    return p is not None and p.requires_grad
 
 
-def take_bias(entries: Sequence[Entry], cache: Dict) -> Optional[Tensor]:
-    """The bias norms kept by the weight's pass over the same uses, or None."""
-    return cache.pop(_bias_key(entries), None)
+def sq_rows(g: Tensor) -> Tensor:
+    """Per-example squared norms (B,) of ``g`` (B, *shape), summed in float32 or wider (a bf16
+    sum of squares under-clips, an fp16 one overflows)."""
+    g = g.flatten(1)
+    return g.to(torch.promote_types(g.dtype, torch.float32)).square().sum(1)
+
+
+def weighted_sum(c: Tensor, g: Tensor) -> Tensor:
+    """``sum_i c_i g_i`` of per-example gradients ``g`` (B, *shape), in float32 or wider (the
+    engine rounds it to the parameter's dtype once)."""
+    wide = torch.promote_types(g.dtype, torch.float32)
+    return torch.tensordot(c.to(wide), g.to(wide), dims=1)
 
 
 def zero_rows(tree, bad: Tensor):
@@ -162,21 +181,32 @@ def zero_rows(tree, bad: Tensor):
     return tree_map(fix, tree)
 
 
-def scaled_rows(t: Tensor, c: Tensor, cache: Dict) -> Tensor:
-    """``t * c`` with ``c`` (B,) scaling dim 0 of ``t`` (B, ...), for a clipped-sum product.
+class Pool:
+    """Scratch buffers the engine keeps across steps and lends to the ``clipped`` kernels, so a
+    per-step temporary costs no fresh memory pages. One buffer per (dtype, device), grown as
+    needed; what a method returns is valid until the pool's next call."""
 
-    Written into a scratch buffer the engine keeps across steps (``cache["scratch"]``), so the
-    per-step temporary costs no fresh memory pages. The result is valid until the next call.
-    """
-    scratch = cache.get("scratch")
-    c = c.to(t.dtype).view((-1,) + (1,) * (t.dim() - 1))
-    if scratch is None:
-        return t * c
-    key = (t.dtype, t.device)
-    buf = scratch.get(key)
-    if buf is None or buf.numel() < t.numel():
-        buf = scratch[key] = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
-    return torch.mul(t, c, out=buf[:t.numel()].view(t.shape))
+    __slots__ = ("_buffers",)
+
+    def __init__(self):
+        self._buffers: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def scaled_rows(self, t: Tensor, c: Tensor) -> Tensor:
+        """``t * c`` with ``c`` (B,) scaling dim 0 of ``t`` (B, ...), in a scratch buffer."""
+        c = c.to(t.dtype).view((-1,) + (1,) * (t.dim() - 1))
+        key = (t.dtype, t.device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < t.numel():
+            buf = self._buffers[key] = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+        return torch.mul(t, c, out=buf[:t.numel()].view(t.shape))
+
+
+def scaled_rows(t: Tensor, c: Tensor, pool: Optional[Pool] = None) -> Tensor:
+    """``t * c`` with ``c`` (B,) scaling dim 0 of ``t`` (B, ...), for a clipped-sum product;
+    in ``pool``'s scratch buffer when one is given (valid until the pool's next call)."""
+    if isinstance(pool, Pool):
+        return pool.scaled_rows(t, c)
+    return t * c.to(t.dtype).view((-1,) + (1,) * (t.dim() - 1))
 
 
 _RULES: Dict[type, Rule] = {}
@@ -210,10 +240,11 @@ def register(*module_types: type):
 
 
 def register_cross(rule_a: type, rule_b: type):
-    """Decorator registering ``fn(entries_a, entries_b, method, cache) -> Tensor (B,)``, the
-    per-example inner product <g_a, g_b> of one parameter's gradient parts from uses under
-    rule_a and rule_b (a weight tied across layer types, e.g. an embedding and an output
-    projection). Without one, the engine forms both parts' per-example gradients and multiplies.
+    """Decorator registering ``fn(a, b, method) -> Tensor (B,)``, the per-example inner product
+    <g_a, g_b> of one parameter's gradient parts from two modules (each a :class:`Part`: module,
+    the parameter's name there, its uses) under rule_a and rule_b (a weight tied across modules,
+    e.g. an embedding and an output projection). Without one, the engine multiplies the two
+    parts' ``per_example`` gradients.
     """
     key = (rule_a, rule_b)
     if key in _CROSS or key[::-1] in _CROSS:
@@ -226,18 +257,68 @@ def register_cross(rule_a: type, rule_b: type):
     return deco
 
 
-def cross_inner(rule_a: Rule, entries_a: Sequence[Entry], rule_b: Rule, entries_b: Sequence[Entry],
-                method: str, cache: Dict) -> Tensor:
-    """<g_a, g_b> per example for one parameter used under two rules (see register_cross)."""
+class Part(NamedTuple):
+    """One module's part of a parameter's gradient in a clipping step."""
+    module: nn.Module
+    name: str
+    uses: Sequence[Use]
+
+
+def cross_inner(rule_a: Rule, a: Part, rule_b: Rule, b: Part, method: str) -> Tensor:
+    """<g_a, g_b> per example (B,) of two modules' parts of one parameter (see register_cross)."""
     fn = _CROSS.get((type(rule_a), type(rule_b)))
     if fn is not None:
-        return fn(entries_a, entries_b, method, cache)
+        return fn(a, b, method)
     fn = _CROSS.get((type(rule_b), type(rule_a)))
     if fn is not None:
-        return fn(entries_b, entries_a, method, cache)
-    ga = sum(rule_a.per_example_grad(m, n, u, cache) for m, n, u in entries_a)
-    gb = sum(rule_b.per_example_grad(m, n, u, cache) for m, n, u in entries_b)
-    return (ga.flatten(1) * gb.flatten(1)).sum(1)
+        return fn(b, a, method)
+    ga = _per_example(rule_a, a.module, a.uses)[a.name]
+    gb = _per_example(rule_b, b.module, b.uses)[b.name]
+    wide = torch.promote_types(torch.promote_types(ga.dtype, gb.dtype), torch.float32)
+    return (ga.flatten(1).to(wide) * gb.flatten(1).to(wide)).sum(1)
+
+
+# -- transition: rules not yet converted to the per-module kernels ---------------------------
+def _legacy(rule) -> bool:
+    return hasattr(rule, "clipped_grad")
+
+
+def _names(module, uses) -> List[str]:
+    return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+
+
+def module_sq_norms(rule: Rule, module, uses, method: str) -> Dict[str, Tensor]:
+    if not _legacy(rule):
+        return rule.sq_norms(module, uses, method)
+    cache: Dict = {}
+    if type(rule).sq_norms is Rule.sq_norms:
+        return {n: sq_rows(g) for n, g in _per_example(rule, module, uses).items()}
+    return {n: rule.sq_norms([(module, n, u) for u in uses], method, cache)
+            for n in _names(module, uses)}
+
+
+def module_clipped(rule: Rule, module, uses, c: Tensor, pool: Pool) -> Dict[str, Tensor]:
+    if not _legacy(rule):
+        return rule.clipped(module, uses, c, pool)
+    cache: Dict = {}
+    out = {}
+    for n in _names(module, uses):
+        for u in uses:
+            g = rule.clipped_grad(module, n, u, c, cache)
+            out[n] = g if n not in out else out[n] + g
+    return out
+
+
+def _per_example(rule: Rule, module, uses) -> Dict[str, Tensor]:
+    if not _legacy(rule):
+        return rule.per_example(module, uses)
+    cache: Dict = {}
+    out = {}
+    for n in _names(module, uses):
+        for u in uses:
+            g = rule.per_example_grad(module, n, u, cache)
+            out[n] = g if n not in out else out[n] + g
+    return out
 
 
 def rule_for(module: nn.Module) -> Optional[Rule]:

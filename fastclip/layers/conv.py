@@ -9,14 +9,14 @@ sum: torch's own weight-gradient convolution with the rescaled gradient G * c (D
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from . import Entry, bias_in_same_pass, keep_bias, register, scaled_rows, take_bias
+from . import Use, register, scaled_rows, trainable
 from .capture import FunctionalRule
 
 _DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
@@ -27,7 +27,6 @@ _BASES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # this many bytes per layer, the clipped sum is then one (B,) x (B, C_out K) product (~2 B O K
 # flops) instead of a second weight-gradient convolution (~2 B P O K flops: P times more).
 KEEP_PER_EXAMPLE_BYTES = 64 << 20
-_PER_EXAMPLE = "conv per-example gradients"
 
 
 def _parse(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -78,15 +77,15 @@ class ConvRule(FunctionalRule):
                 f"gradients need a batched (B, C, *spatial) input, {d + 2}-D")
         return super().capture_call(engine, module, func, bound)
 
-    def sq_norms(self, entries: Sequence[Entry], method: str, cache: Dict) -> Tensor:
-        module, name, _ = entries[0]
-        if name == "bias":
-            b = take_bias(entries, cache)
-            return b if b is not None else self._bias_sum(entries).square().sum(1)
-        weight = getattr(module, name)
-        with_bias = bias_in_same_pass(entries)
-        if len(entries) == 1:
-            use = entries[0][2]
+    def sq_norms(self, module, uses, method):
+        # ``module`` may be a stand-in holding ``weight`` and ``bias`` (the operation rule's).
+        out = {}
+        with_bias = trainable(module, "bias")
+        if not trainable(module, "weight"):
+            return {"bias": self._bias_sum(uses).square().sum(1)} if with_bias else out
+        weight = module.weight
+        if len(uses) == 1:
+            use = uses[0]
             _, kernel, stride, pads, dilation, groups = _opts(use, weight.shape)
             x, g = use.inputs, use.grads[0]
             B, O = g.shape[:2]
@@ -99,30 +98,31 @@ class ConvRule(FunctionalRule):
             w, b = ops.conv_sq_norms(x, g, tuple(weight.shape), stride, ops.pads_to_arg(pads),
                                      dilation, groups, method, with_bias, per_example=keep)
             if keep is not None:
-                # Lives as long as this clipping step's cache (cleared, with every per-example
-                # result, when an example is zeroed for a non-finite norm).
-                cache[(_PER_EXAMPLE, use)] = keep
+                # For the clipped sum of this step (the engine drops memos when the step ends,
+                # and when an example is zeroed for a non-finite norm).
+                use.memo = keep
         else:
-            w = self._stacked_sq_norms(entries, weight.shape, method)
-            b = self._bias_sum(entries).square().sum(1) if with_bias else None
+            w = self._stacked_sq_norms(uses, weight.shape, method)
+            b = self._bias_sum(uses).square().sum(1) if with_bias else None
+        out["weight"] = w
         if with_bias:
-            keep_bias(entries, cache, b)
-        return w
+            out["bias"] = b
+        return out
 
     @staticmethod
-    def _bias_sum(entries) -> Tensor:
+    def _bias_sum(uses: Sequence[Use]) -> Tensor:
         out = None
-        for _, _, u in entries:
+        for u in uses:
             g = u.grads[0]
             s = g.flatten(2).sum(2)
             out = s if out is None else out + s
         return out
 
     @staticmethod
-    def _stacked_sq_norms(entries, weight_shape, method) -> Tensor:
+    def _stacked_sq_norms(uses, weight_shape, method) -> Tensor:
         # A weight used k times has one per-example gradient, the sum over uses: stacking the uses'
         # positions (each unfolded to the same K rows) before the norm makes it exact (DESIGN.md).
-        Us, Gs = zip(*(_grouped(u, weight_shape) for _, _, u in entries))
+        Us, Gs = zip(*(_grouped(u, weight_shape) for u in uses))
         U, G = torch.cat(Us, 3), torch.cat(Gs, 3)
         B, groups, K, P = U.shape
         Og = G.shape[2]
@@ -132,22 +132,36 @@ class ConvRule(FunctionalRule):
         w, _ = ops.linear_sq_norms(A.contiguous(), Gt.contiguous(), method=lin)
         return w.reshape(B, groups).sum(1)
 
-    def per_example_grad(self, module, name, use, cache):
-        weight = getattr(module, name)
-        if name == "bias":
-            g = use.grads[0]
-            return g.flatten(2).sum(2)
-        U, G = _grouped(use, weight.shape)
-        grad = torch.einsum("bgop,bgkp->bgok", G, U)
-        return grad.reshape(G.shape[0], *weight.shape)
+    def per_example(self, module, uses):
+        out = {}
+        if trainable(module, "weight"):
+            weight, grad = module.weight, None
+            for u in uses:
+                U, G = _grouped(u, weight.shape)
+                g = torch.einsum("bgop,bgkp->bgok", G, U).reshape(G.shape[0], *weight.shape)
+                grad = g if grad is None else grad + g
+            out["weight"] = grad
+        if trainable(module, "bias"):
+            out["bias"] = self._bias_sum(uses)
+        return out
 
-    def clipped_grad(self, module, name, use, c, cache):
+    def clipped(self, module, uses, c, pool):
+        out = {}
+        if trainable(module, "weight"):
+            grad = None
+            for u in uses:
+                g = self._clipped_weight(module.weight, u, c, pool)
+                grad = g if grad is None else grad + g
+            out["weight"] = grad
+        if trainable(module, "bias"):
+            out["bias"] = c.to(uses[0].grads[0].dtype).matmul(self._bias_sum(uses))
+        return out
+
+    @staticmethod
+    def _clipped_weight(weight, use, c, pool) -> Tensor:
         g = use.grads[0]
         c = c.to(g.dtype)
-        if name == "bias":
-            return c.matmul(g.flatten(2).sum(2))
-        weight = getattr(module, name)
-        kept = cache.pop((_PER_EXAMPLE, use), None)
+        kept, use.memo = use.memo, None
         if kept is not None:
             # sum_i c_i grad_W_i from the gradients the direct norm pass formed.
             B = kept.shape[0]   # B = 0 (an empty Poisson batch) gives a zero sum
@@ -161,8 +175,8 @@ class ConvRule(FunctionalRule):
         # sum_i c_i grad_W_i is the weight-gradient conv of (x, G) with either factor's examples
         # rescaled by c: rescale the smaller one (usually x: fewer channels or more positions).
         if x.numel() <= g.numel():
-            x = scaled_rows(x, c, cache)
+            x = scaled_rows(x, c, pool)
         else:
-            g = scaled_rows(g, c, cache)
+            g = scaled_rows(g, c, pool)
         return _WEIGHT_GRAD[d](x, tuple(weight.shape), g, stride, tuple(lo for lo, _ in pads),
                                dilation, groups)

@@ -12,14 +12,14 @@ and whether a call uses them is only known at call time, after the rule has been
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from . import Entry, register, register_cross
+from . import Part, Use, register, register_cross, trainable
 from .capture import FunctionalRule
 from .linear import LinearRule, stack_uses
 
@@ -63,12 +63,12 @@ def _pad(use) -> object:
     return pad
 
 
-def _stack(entries: Sequence[Entry]):
+def _stack(uses: Sequence[Use]):
     """The uses of one weight stacked along T (its per-example gradient is their sum):
     ids (B, T), G (B, T, d) and the padding index, or None once padding is zeroed into G."""
-    ids = [_flat_ids(u.inputs) for _, _, u in entries]
-    gs = [_flat_grads(u.grads[0], u.inputs) for _, _, u in entries]
-    pads = [_pad(u) for _, _, u in entries]
+    ids = [_flat_ids(u.inputs) for u in uses]
+    gs = [_flat_grads(u.grads[0], u.inputs) for u in uses]
+    pads = [_pad(u) for u in uses]
     if len(set(pads)) > 1:  # uses with different padding: zero their padding rows of G instead
         gs = [g if p is None else g * (i != p).unsqueeze(-1).to(g.dtype)
               for g, i, p in zip(gs, ids, pads)]
@@ -84,6 +84,27 @@ def _masked(use):
     if pad is not None:
         g = g * (ids != pad).unsqueeze(-1).to(g.dtype)
     return ids, g
+
+
+def _masked_stack(uses: Sequence[Use]):
+    """ids (B, T), G (B, T, d) of the uses stacked along T, padding rows of G zeroed."""
+    pairs = [_masked(u) for u in uses]
+    if len(pairs) == 1:
+        return pairs[0]
+    return torch.cat([i for i, _ in pairs], 1), torch.cat([g for _, g in pairs], 1)
+
+
+def per_example_rows(ids: Tensor, g: Tensor, V: int) -> Tensor:
+    """(B, V, d) per-example gradients of an embedding table from ids (B, T), G (B, T, d)."""
+    B, T, d = g.shape
+    return g.new_zeros(B, V, d).scatter_add_(1, ids.long().unsqueeze(-1).expand(B, T, d), g)
+
+
+def clipped_rows(ids: Tensor, g: Tensor, c: Tensor, V: int) -> Tensor:
+    """sum_i c_i grad_i (V, d): one index_add of the rescaled rows of G."""
+    B, T, d = g.shape
+    rows = (g * c.to(g.dtype).view(B, 1, 1)).reshape(B * T, d)
+    return g.new_zeros(V, d).index_add_(0, ids.reshape(-1), rows)
 
 
 @register(nn.Embedding)
@@ -117,29 +138,39 @@ class EmbeddingRule(FunctionalRule):
                 "(module.weight.requires_grad_(False)) or use mode='nanobatch'")
         return super().capture_call(engine, module, func, bound)
 
-    def sq_norms(self, entries, method, cache):
-        ids, g, pad = _stack(entries)
-        V = entries[0][0].weight.shape[0]
-        return ops.embedding_sq_norms(ids, g, V, pad)
+    def sq_norms(self, module, uses, method):
+        if not trainable(module, "weight"):
+            return {}
+        ids, g, pad = _stack(uses)
+        return {"weight": ops.embedding_sq_norms(ids, g, module.weight.shape[0], pad)}
 
-    def per_example_grad(self, module, name, use, cache):
-        ids, g = _masked(use)
-        B, T, d = g.shape
-        out = g.new_zeros(B, module.weight.shape[0], d)
-        return out.scatter_add_(1, ids.long().unsqueeze(-1).expand(B, T, d), g)
+    def per_example(self, module, uses):
+        if not trainable(module, "weight"):
+            return {}
+        ids, g = _masked_stack(uses)
+        return {"weight": per_example_rows(ids, g, module.weight.shape[0])}
 
-    def clipped_grad(self, module, name, use, c, cache):
-        ids, g = _masked(use)
-        B, T, d = g.shape
-        rows = (g * c.to(g.dtype).view(B, 1, 1)).reshape(B * T, d)
-        return g.new_zeros(module.weight.shape[0], d).index_add_(0, ids.reshape(-1), rows)
+    def clipped(self, module, uses, c, pool):
+        if not trainable(module, "weight"):
+            return {}
+        ids, g = _masked_stack(uses)
+        return {"weight": clipped_rows(ids, g, c, module.weight.shape[0])}
 
 
 @register_cross(EmbeddingRule, LinearRule)
-def embedding_linear_cross(emb_entries: Sequence[Entry], lin_entries: Sequence[Entry], method: str,
-                           cache: Dict) -> Tensor:
+def embedding_linear_cross(emb: Part, lin: Part, method: str) -> Tensor:
     """<E_i, L_i> per example for a weight tied between Embedding uses (E_i) and Linear uses
     (L_i = G_out_i^T H_i, the output projection of a language model), with no V x d matrix."""
-    ids, g, pad = _stack(emb_entries)
-    H, G = stack_uses(lin_entries)
+    ids, g, pad = _stack(emb.uses)
+    H, G = stack_uses(lin.uses)
     return ops.embedding_linear_cross(ids, g, H.to(g.dtype), G.to(g.dtype), pad)
+
+
+@register_cross(EmbeddingRule, EmbeddingRule)
+def embedding_cross(a: Part, b: Part, method: str) -> Tensor:
+    """<E_a_i, E_b_i> per example for a table shared by two Embedding modules: the sum over
+    position pairs holding the same token of g_t . g_s, with no V x d matrix."""
+    ids1, g1 = _masked_stack(a.uses)
+    ids2, g2 = _masked_stack(b.uses)
+    same = (ids1.unsqueeze(2) == ids2.unsqueeze(1)).to(g1.dtype)
+    return (torch.bmm(g1, g2.transpose(1, 2).to(g1.dtype)) * same).sum((1, 2))

@@ -3,7 +3,7 @@ gradient G, and the clipped sum as one GEMM with a rescaled G (docs/design.md)."
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import as_computed
-from . import Entry, Rule, bias_in_same_pass, keep_bias, register, scaled_rows, take_bias
+from . import Part, Pool, Rule, Use, register, register_cross, scaled_rows, trainable
 from .capture import CaptureMode
 
 
@@ -64,13 +64,13 @@ def _flat(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], math.prod(t.shape[1:-1]), t.shape[-1])
 
 
-def stack_uses(entries: Sequence[Entry]):
-    """(A, G) of a Linear weight's uses, stacked along T: (B, sum T, d), (B, sum T, p).
+def stack_uses(uses: Sequence[Use]):
+    """(A, G) of a Linear's uses, stacked along T: (B, sum T, d), (B, sum T, p).
 
     A weight used k times has one per-example gradient, the sum over uses: stacking the uses
     along T before the norm makes it exact (docs/design.md)."""
-    As = [_flat(u.inputs) for _, _, u in entries]
-    Gs = [_flat(u.grads[0]) for _, _, u in entries]
+    As = [_flat(u.inputs) for u in uses]
+    Gs = [_flat(u.grads[0]) for u in uses]
     if len(As) == 1:
         return As[0], Gs[0]
     return torch.cat(As, 1), torch.cat(Gs, 1)
@@ -94,40 +94,60 @@ class LinearRule(Rule):
     def release(self, use):
         use.inputs = use.grads = None  # both set again by _LinearFn.backward
 
-    def sq_norms(self, entries, method, cache):
-        name = entries[0][1]
-        if name == "bias":
-            b = take_bias(entries, cache)
-            if b is not None:
-                return b
-        A, G = stack_uses(entries)
-        if name == "weight":
-            with_bias = bias_in_same_pass(entries)
-            w, b = ops.linear_sq_norms(A, G, method=method, bias=with_bias)
-            if with_bias:
-                keep_bias(entries, cache, b)
-            return w
-        return G.sum(1).square().sum(-1)
+    def sq_norms(self, module, uses, method):
+        A, G = stack_uses(uses)
+        with_bias = trainable(module, "bias")
+        if not trainable(module, "weight"):
+            return {"bias": G.sum(1).square().sum(-1)} if with_bias else {}
+        # The bias's norms come from the same pass over G as the weight's.
+        w, b = ops.linear_sq_norms(A, G, method=method, bias=with_bias)
+        return {"weight": w, "bias": b} if with_bias else {"weight": w}
 
-    def per_example_grad(self, module, name, use, cache):
-        G = _flat(use.grads[0])
-        if name == "weight":
-            return torch.einsum("btp,btd->bpd", G, _flat(use.inputs))
-        return G.sum(1)
+    def per_example(self, module, uses):
+        A, G = stack_uses(uses)
+        out = {"weight": torch.einsum("btp,btd->bpd", G, A)} if trainable(module, "weight") else {}
+        if trainable(module, "bias"):
+            out["bias"] = G.sum(1)
+        return out
 
-    def clipped_grad(self, module, name, use, c, cache):
-        G = _flat(use.grads[0])
-        if name == "weight":
-            return clipped_product(_flat(use.inputs), G, c, cache)
-        return c.to(G.dtype).matmul(G[:, 0] if G.shape[1] == 1 else G.sum(1))
+    def clipped(self, module, uses, c, pool):
+        w = b = None
+        with_w, with_b = trainable(module, "weight"), trainable(module, "bias")
+        for u in uses:
+            G = _flat(u.grads[0])
+            if with_w:
+                g = clipped_product(_flat(u.inputs), G, c, pool)
+                w = g if w is None else w + g
+            if with_b:
+                g = c.to(G.dtype).matmul(G[:, 0] if G.shape[1] == 1 else G.sum(1))
+                b = g if b is None else b + g
+        out = {"weight": w} if with_w else {}
+        if with_b:
+            out["bias"] = b
+        return out
 
 
-def clipped_product(A: Tensor, G: Tensor, c: Tensor, cache: Dict) -> Tensor:
+@register_cross(LinearRule, LinearRule)
+def linear_cross(a: Part, b: Part, method: str) -> Tensor:
+    """<g_a, g_b> per example of a weight (or bias) shared by two Linear modules, without the
+    per-example gradients when the ghost form is cheaper."""
+    A1, G1 = stack_uses(a.uses)
+    A2, G2 = stack_uses(b.uses)
+    if a.name == "bias":
+        return (G1.sum(1) * G2.sum(1)).sum(-1)
+    T1, T2, p, d = G1.shape[1], G2.shape[1], G1.shape[2], A1.shape[2]
+    if method == "ghost" or (method != "direct" and T1 * T2 * (p + d) <= (T1 + T2) * p * d):
+        return (torch.bmm(A1, A2.transpose(1, 2)) * torch.bmm(G1, G2.transpose(1, 2))).sum((1, 2))
+    ga = torch.einsum("btp,btd->bpd", G1, A1)
+    return (ga * torch.einsum("btp,btd->bpd", G2, A2)).sum((1, 2))
+
+
+def clipped_product(A: Tensor, G: Tensor, c: Tensor, pool: Optional[Pool]) -> Tensor:
     """``sum_i c_i G_i^T A_i`` (p, d) from A (B, T, d), G (B, T, p), c (B,): G^T diag(c) A,
     rescaling whichever factor is smaller, then one GEMM."""
     B, T, p = G.shape
     d = A.shape[-1]
     c = c.to(G.dtype)
     if p <= d:
-        return scaled_rows(G, c, cache).reshape(B * T, p).t().mm(A.reshape(B * T, d))
-    return G.reshape(B * T, p).t().mm(scaled_rows(A, c, cache).reshape(B * T, d))
+        return scaled_rows(G, c, pool).reshape(B * T, p).t().mm(A.reshape(B * T, d))
+    return G.reshape(B * T, p).t().mm(scaled_rows(A, c, pool).reshape(B * T, d))

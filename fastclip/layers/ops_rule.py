@@ -48,10 +48,11 @@ from torch import Tensor, nn
 
 from .. import ops
 from .._rng import forked_rng
-from . import Rule, zero_rows
+from . import Rule, sq_rows, zero_rows
 from .capture import CaptureMode, _FnCapture
 from .conv import ConvRule
-from .embedding import EmbeddingRule, _parse_embedding, _refusal, _stack
+from .embedding import (EmbeddingRule, _masked, _parse_embedding, _refusal, _stack, clipped_rows,
+                        per_example_rows)
 from .linear import clipped_product
 
 _T = torch.Tensor
@@ -492,9 +493,11 @@ class OpsRule(Rule):
         use.extra.pop("pe", None)
 
     # -- finalize ----------------------------------------------------------------------------
+    # Per parameter name: the uses whose call took it and its role there (a parameter no call
+    # took has a zero gradient). Uses of one kind stack (exact); kinds mixed add per-example.
     @staticmethod
-    def _role(module, name, use):
-        return use.extra["roles"].get(name)
+    def _parts(uses, name):
+        return [(u, u.extra["roles"][name]) for u in uses if name in u.extra["roles"]]
 
     @staticmethod
     def _lin(use, role):
@@ -503,68 +506,94 @@ class OpsRule(Rule):
         return (A, G) if role[1] == "oi" else (G, A)
 
     @staticmethod
-    def _proxy(module, use):
-        """What the embedding / conv rules read of a module: weight and bias by role."""
-        ns = types.SimpleNamespace(weight=None, bias=None)
-        for n, role in use.extra["roles"].items():
-            setattr(ns, "weight" if role[0] == "emb" else role[1], module._parameters[n])
-        return ns
+    def _conv(weight=None, bias=None):
+        """What the conv rule's kernels read of a module: its weight and bias."""
+        return types.SimpleNamespace(weight=weight, bias=bias)
 
-    def sq_norms(self, entries, method, cache):
-        parts = [(m, n, u, self._role(m, n, u)) for m, n, u in entries]
-        parts = [x for x in parts if x[3] is not None]
-        kinds = {r[0] for _, _, _, r in parts}
-        if len(kinds) != 1:
-            if not parts:
-                m, n, u = entries[0]
-                B = max(u.batch_size, 0)
-                return torch.zeros(B, dtype=torch.float64, device=m._parameters[n].device)
-            g = sum(self.per_example_grad(m, n, u, cache) for m, n, u, _ in parts)
-            return g.flatten(1).square().sum(1)
-        kind = kinds.pop()
-        if kind == "lin":
-            pairs = [self._lin(u, r) for _, _, u, r in parts]
-            A = torch.cat([a for a, _ in pairs], 1) if len(pairs) > 1 else pairs[0][0]
-            G = torch.cat([g for _, g in pairs], 1) if len(pairs) > 1 else pairs[0][1]
-            return ops.linear_sq_norms(A.contiguous(), G.contiguous(), method=method)[0]
-        if kind == "emb":
-            ids, g, pad = _stack([(m, n, u) for m, n, u, _ in parts])
-            V = parts[0][0]._parameters[parts[0][1]].shape[0]
-            return ops.embedding_sq_norms(ids, g, V, pad)
-        if kind == "conv":
-            return _CONV_RULE.sq_norms([(self._proxy(m, u), r[1], u) for m, n, u, r in parts],
-                                       method, cache)
-        g = sum(u.extra["pe"][n] for _, n, u, _ in parts)
-        return g.flatten(1).square().sum(1)
+    def sq_norms(self, module, uses, method):
+        out = {}
+        for n, p in _trainable(module):
+            if n in out:
+                continue
+            parts = self._parts(uses, n)
+            kinds = {r[0] for _, r in parts}
+            if len(kinds) != 1:
+                if not parts:
+                    out[n] = torch.zeros(max(uses[0].batch_size, 0), dtype=torch.float64,
+                                         device=p.device)
+                else:
+                    out[n] = sq_rows(sum(self._one(module, n, u, r) for u, r in parts))
+                continue
+            kind = kinds.pop()
+            if kind == "lin":
+                pairs = [self._lin(u, r) for u, r in parts]
+                A = torch.cat([a for a, _ in pairs], 1) if len(pairs) > 1 else pairs[0][0]
+                G = torch.cat([g for _, g in pairs], 1) if len(pairs) > 1 else pairs[0][1]
+                out[n] = ops.linear_sq_norms(A.contiguous(), G.contiguous(), method=method)[0]
+            elif kind == "emb":
+                ids, g, pad = _stack([u for u, _ in parts])
+                out[n] = ops.embedding_sq_norms(ids, g, p.shape[0], pad)
+            elif kind == "conv":
+                out.update(self._conv_sq(module, uses, n, p, parts, method))
+            else:
+                out[n] = sq_rows(sum(u.extra["pe"][n] for u, _ in parts))
+        return out
 
-    def per_example_grad(self, module, name, use, cache):
-        role = self._role(module, name, use)
+    def _conv_sq(self, module, uses, n, p, parts, method):
+        """A conv weight's norms, with those of the bias every one of its calls took in the
+        same pass (when that bias's calls are the same ones); a bias's alone."""
+        us = [u for u, _ in parts]
+        if parts[0][1][1] == "bias":
+            return {n: _CONV_RULE.sq_norms(self._conv(bias=p), us, method)["bias"]}
+        biases = {next((b for b, r in u.extra["roles"].items() if r == ("conv", "bias")), None)
+                  for u in us}
+        nb = biases.pop() if len(biases) == 1 else None
+        if nb is not None and not (module._parameters[nb].requires_grad and {
+                id(u) for u, _ in self._parts(uses, nb)} == {id(u) for u in us}):
+            nb = None
+        bias = module._parameters[nb] if nb is not None else None
+        got = _CONV_RULE.sq_norms(self._conv(weight=p, bias=bias), us, method)
+        return {n: got["weight"], **({nb: got["bias"]} if nb is not None and "bias" in got else {})}
+
+    def _one(self, module, name, use, role):
+        """Per-example gradients (B, *shape) of parameter ``name`` from one use."""
         p = module._parameters[name]
-        if role is None:
-            return p.new_zeros((max(use.batch_size, 0),) + tuple(p.shape))
         if role[0] == "lin":
             A, G = self._lin(use, role)
             return torch.einsum("bnr,bnc->brc", G, A)
         if role[0] == "emb":
-            return _EMB_RULE.per_example_grad(self._proxy(module, use), "weight", use, cache)
+            return per_example_rows(*_masked(use), p.shape[0])
         if role[0] == "conv":
-            return _CONV_RULE.per_example_grad(self._proxy(module, use), role[1], use, cache)
+            proxy = self._conv(**{role[1]: p})
+            return _CONV_RULE.per_example(proxy, [use])[role[1]]
         return use.extra["pe"][name]
 
-    def clipped_grad(self, module, name, use, c, cache):
-        role = self._role(module, name, use)
-        p = module._parameters[name]
-        if role is None:
-            return torch.zeros_like(p)
-        if role[0] == "lin":
-            A, G = self._lin(use, role)
-            return clipped_product(A, G, c, cache)
-        if role[0] == "emb":
-            return _EMB_RULE.clipped_grad(self._proxy(module, use), "weight", use, c, cache)
-        if role[0] == "conv":
-            return _CONV_RULE.clipped_grad(self._proxy(module, use), role[1], use, c, cache)
-        g = use.extra["pe"][name]
-        return torch.tensordot(c.to(g.dtype), g, dims=1)
+    def per_example(self, module, uses):
+        out = {}
+        for n, p in _trainable(module):
+            parts = self._parts(uses, n)
+            out[n] = (sum(self._one(module, n, u, r) for u, r in parts) if parts
+                      else p.new_zeros((max(uses[0].batch_size, 0),) + tuple(p.shape)))
+        return out
+
+    def clipped(self, module, uses, c, pool):
+        out = {}
+        for n, p in _trainable(module):
+            grad = None
+            for u, role in self._parts(uses, n):
+                if role[0] == "lin":
+                    A, G = self._lin(u, role)
+                    g = clipped_product(A, G, c, pool)
+                elif role[0] == "emb":
+                    g = clipped_rows(*_masked(u), c, p.shape[0])
+                elif role[0] == "conv":
+                    g = _CONV_RULE.clipped(self._conv(**{role[1]: p}), [u], c, pool)[role[1]]
+                else:
+                    pe = u.extra["pe"][n]
+                    g = torch.tensordot(c.to(pe.dtype), pe, dims=1)
+                grad = g if grad is None else grad + g
+            out[n] = torch.zeros_like(p) if grad is None else grad
+        return out
 
 
 def _reduce_to(t: Tensor, B: int, shape) -> Tensor:
