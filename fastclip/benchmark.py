@@ -518,22 +518,38 @@ def _quiet_stderr():
         os.close(devnull)
 
 
-def peak_step_memory_mib(step: StepFn, batch, device: torch.device) -> Optional[float]:
-    """Peak memory allocated during one step above what was allocated when it began, in MiB.
+def _native_core():
+    """fastclip._C where it is built with scratch accounting (src/scratch.h), else None."""
+    try:
+        from fastclip import _C
+    except ImportError:
+        return None
+    return _C if hasattr(_C, "scratch_peak_bytes") else None
+
+
+def step_memory_mib(step: StepFn, batch, device: torch.device) -> Tuple[Optional[float], float]:
+    """``(torch_mib, native_mib)`` of one step: the peak memory torch allocated during the step
+    above what was allocated when it began, and the peak of the native core's scratch during it
+    (its per-thread buffers, which torch does not see; ``fastclip._C.scratch_peak_bytes``).
 
     CUDA: the allocator's peak counter. CPU: replays the profiler's allocation events in time order
     (one extra, untimed step; it does not affect the timings).
     """
     x, y = batch
+    core = _native_core()
+    if core is not None:
+        core.scratch_reset_peak()
+        base_native = core.scratch_bytes()
+    native = lambda: (core.scratch_peak_bytes() - base_native) / 2**20 if core is not None else 0.0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step(x, y)
         torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, native()
     if device.type != "cpu":
-        return None
+        return None, 0.0
     try:
         from torch.profiler import ProfilerActivity, profile
 
@@ -541,13 +557,21 @@ def peak_step_memory_mib(step: StepFn, batch, device: torch.device) -> Optional[
             step(x, y)
         events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     except Exception:  # profiler internals differ across torch builds: the column is optional
-        return None
+        return None, native()
     events.sort(key=lambda e: e.start_ns())
     cur = peak = 0
     for e in events:
         cur += e.nbytes()
         peak = max(peak, cur)
-    return peak / 2**20
+    return peak / 2**20, native()
+
+
+def peak_step_memory_mib(step: StepFn, batch, device: torch.device) -> Optional[float]:
+    """Peak memory of one step above what was allocated when it began, in MiB: torch's peak plus
+    the native core's scratch peak (:func:`step_memory_mib`; their sum bounds the step's peak from
+    above, as the two peaks need not coincide)."""
+    torch_mib, native_mib = step_memory_mib(step, batch, device)
+    return None if torch_mib is None else torch_mib + native_mib
 
 
 @dataclass
@@ -558,7 +582,9 @@ class Result:
     median_ms: Optional[float] = None
     times_ms: List[float] = field(default_factory=list)
     ratio: Optional[float] = None
-    peak_mib: Optional[float] = None
+    peak_mib: Optional[float] = None     # torch's peak + native scratch peak (step_memory_mib)
+    native_mib: Optional[float] = None   # of which the native core's scratch
+    mem_ratio: Optional[float] = None    # peak_mib / non-private peak_mib
     limit: Optional[float] = None   # the workload's budgeted fastclip ratio (Workload.limit)
     status: str = "ok"  # ok | not installed | error
     error: str = ""
@@ -622,11 +648,14 @@ def run_workload(name: str, batch_size: Optional[int], warmup: int, steps: int,
         r = by_name[name_]
         r.median_ms = statistics.median(r.times_ms)
         if memory:
-            r.peak_mib = peak_step_memory_mib(step, batches[0], device)
-    base = results[0].median_ms
+            torch_mib, r.native_mib = step_memory_mib(step, batches[0], device)
+            r.peak_mib = None if torch_mib is None else torch_mib + r.native_mib
+    base, base_mib = results[0].median_ms, results[0].peak_mib
     for r in results:
         if r.median_ms is not None and base:
             r.ratio = r.median_ms / base
+        if r.peak_mib is not None and base_mib:
+            r.mem_ratio = r.peak_mib / base_mib
     return results
 
 
@@ -656,6 +685,7 @@ def format_table(results: List[Result], memory: bool) -> str:
     header.insert(at, "limit")
     if memory:
         header.append("peak MiB " + "/".join(methods))
+        header.append("fastclip mem ratio (native MiB)")
     rows = []
     by_wl: Dict[str, Dict[str, Result]] = {}
     for r in results:
@@ -667,6 +697,10 @@ def format_table(results: List[Result], memory: bool) -> str:
         row.insert(at, f"{any_r.limit:.2f}x" if any_r.limit is not None else "-")
         if memory:
             row.append(" / ".join(_mem(rs[m]) if m in rs else "-" for m in methods))
+            fc = rs.get("fastclip")
+            row.append(f"{fc.mem_ratio:.2f}x ({fc.native_mib:.1f})"
+                       if fc is not None and fc.mem_ratio is not None and fc.native_mib is not None
+                       else "-")
         rows.append(row)
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
@@ -859,7 +893,8 @@ def run(args: argparse.Namespace) -> int:
                                 interleave=not args.sequential)
     print(format_table(results, memory))
     print("ratio = method step time / non-private step time, same process, same init, same batches."
-          + (" MiB = peak memory allocated during one step above its start." if memory else ""))
+          + (" MiB = peak memory allocated during one step above its start, torch's allocations plus the "
+             "native core's scratch (native MiB, fastclip._C.scratch_peak_bytes)." if memory else ""))
     others = meter.others_cores()
     env["other_processes_cores"] = others
     if others is not None and others > 0.25:

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "binding.h"
+#include "scratch.h"
 
 #include "../csrc/conv.h"
 
@@ -76,7 +77,8 @@ std::string dims3(const int64_t* v) {
 // the work items B * groups, and each per-thread buffer (K x P or K x tile unfold, Og x K direct
 // product). A wrapped product would pass the core's checks and the unfold would write past its
 // buffer; a huge one would be an allocation failure or hours of work instead of a ValueError.
-void check_conv_sizes(const fastclip::ConvShape& s, fastclip::ConvMethod method) {
+// Returns the per-thread scratch in elements.
+int64_t check_conv_sizes(const fastclip::ConvShape& s, fastclip::ConvMethod method) {
   for (int j = 0; j < 3; ++j) {
     if (s.k[j] < 1) throw py::value_error("kernel sizes must be >= 1, got " + dims3(s.k));
     if (s.stride[j] < 1) throw py::value_error("strides must be >= 1, got " + dims3(s.stride));
@@ -124,11 +126,13 @@ void check_conv_sizes(const fastclip::ConvShape& s, fastclip::ConvMethod method)
                          ? 2.0 * double(P) * double(K) * double(Og)
                          : (double(K) + double(Og) + 1.0) * double(P) * (double(P) + 256.0);
   check_flops(items * (per + 4.0 * double(K) * double(P)), "this convolution's norms");
+  return scratch;
 }
 
 template <class T>
 py::tuple run_conv(const fastclip::ConvShape& s, const py::array& x, const py::array& g,
-                   fastclip::ConvMethod method, bool bias, int num_threads, T* pe_ptr) {
+                   fastclip::ConvMethod method, bool bias, int num_threads, T* pe_ptr,
+                   int64_t scratch) {
   py::array_t<T> w(s.B);
   py::object b = py::none();
   T* b_ptr = nullptr;
@@ -141,6 +145,9 @@ py::tuple run_conv(const fastclip::ConvShape& s, const py::array& x, const py::a
   const T* xp = static_cast<const T*>(x.data());
   const T* gp = static_cast<const T*>(g.data());
   {
+    // The core's buffers: per thread `scratch` elements; per call two per-item partial sums.
+    const ScratchUse use(checked_mul(scratch, int64_t(sizeof(T)), "scratch bytes"),
+                         std::min<int64_t>(num_threads, s.B * s.groups), 2 * s.B * s.groups * 8);
     py::gil_scoped_release release;
     fastclip::conv_sq_norms<T>(s, xp, gp, method, w_ptr, b_ptr, num_threads, pe_ptr);
   }
@@ -205,7 +212,7 @@ py::tuple conv_sq_norms(const py::object& x_obj, const py::object& g_obj, const 
   if (g.size() > 0 && g.shape(1) > 1 && s.gs1 < expect)
     throw py::value_error("grad_output channel stride " + std::to_string(s.gs1) +
                           " overlaps its spatial block of " + std::to_string(expect) + " elements");
-  check_conv_sizes(s, method);
+  const int64_t scratch = check_conv_sizes(s, method);
   fastclip::check_conv_shape(s);  // ArgumentError -> ValueError, with the values
   num_threads = checked_threads(num_threads);
   void* pe_ptr = nullptr;
@@ -232,8 +239,8 @@ py::tuple conv_sq_norms(const py::object& x_obj, const py::object& g_obj, const 
     pe_ptr = pe.mutable_data();
   }
   if (x.dtype().itemsize() == 4)
-    return run_conv<float>(s, x, g, method, bias, num_threads, static_cast<float*>(pe_ptr));
-  return run_conv<double>(s, x, g, method, bias, num_threads, static_cast<double*>(pe_ptr));
+    return run_conv<float>(s, x, g, method, bias, num_threads, static_cast<float*>(pe_ptr), scratch);
+  return run_conv<double>(s, x, g, method, bias, num_threads, static_cast<double*>(pe_ptr), scratch);
 }
 
 std::string choose_conv_method(int64_t P, int64_t K, int64_t Og) {

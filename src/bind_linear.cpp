@@ -1,5 +1,6 @@
 // Bindings of the linear-layer kernels and of the BLAS loader.
 #include "binding.h"
+#include "scratch.h"
 
 #include "../csrc/blas.h"
 #include "../csrc/linear.h"
@@ -9,7 +10,7 @@ namespace {
 
 template <class T>
 py::tuple run_linear(const py::array& A, const py::array& G, fastclip::LinearMethod method,
-                     bool bias, int num_threads) {
+                     bool bias, int num_threads, int64_t scratch) {
   const View3<T> a = view_of<T>(A), g = view_of<T>(G);
   py::array_t<T> w(a.n0);
   py::object b = py::none();
@@ -21,6 +22,8 @@ py::tuple run_linear(const py::array& A, const py::array& G, fastclip::LinearMet
   }
   T* w_ptr = w.mutable_data();
   {
+    const ScratchUse use(scratch * int64_t(sizeof(T)) + (bias ? g.n2 * 8 : 0),
+                         std::min<int64_t>(num_threads, a.n0));
     py::gil_scoped_release release;
     fastclip::linear_sq_norms<T>(a, g, method, w_ptr, b_ptr, num_threads);
   }
@@ -55,8 +58,13 @@ py::tuple linear_sq_norms(const py::object& A_obj, const py::object& G_obj, cons
                                                           : (2.0 * T + 2.0) * d * p;
   check_flops(B * (per + T * p), "this linear layer's norms");
   num_threads = checked_threads(num_threads);
-  if (A.dtype().itemsize() == 4) return run_linear<float>(A, G, method, bias, num_threads);
-  return run_linear<double>(A, G, method, bias, num_threads);
+  // Per-thread scratch, as csrc/linear.cpp sizes it: two 256 x 256 Gram tiles (ghost) or one
+  // min(p, 128) x min(d, 2048) tile of G_i^T A_i (direct); none for T = 1.
+  const int64_t scratch = T <= 1.0 ? 0
+                          : m == fastclip::LinearMethod::Ghost ? 2 * 256 * 256
+                          : std::min<int64_t>(int64_t(p), 128) * std::min<int64_t>(int64_t(d), 2048);
+  if (A.dtype().itemsize() == 4) return run_linear<float>(A, G, method, bias, num_threads, scratch);
+  return run_linear<double>(A, G, method, bias, num_threads, scratch);
 }
 
 std::string choose_linear_method(int64_t T, int64_t d, int64_t p) {

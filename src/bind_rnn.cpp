@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "binding.h"
+#include "scratch.h"
 
 #include "../csrc/rnn.h"
 
@@ -130,6 +131,8 @@ py::tuple forward_impl(const Sizes& s, const py::array& x, const py::object& w_i
     c_n = cn, c_prev = cp, tanh_c = tc;
   }
   {
+    // The core's buffers over all batch slices: state, cell state and gate rows per example.
+    const ScratchUse use(0, 1, s.B * (2 * s.h + s.Gh) * int64_t(sizeof(T)));
     py::gil_scoped_release release;
     fastclip::rnn_forward<T>(a, threads);
   }
@@ -195,6 +198,8 @@ py::tuple backward_impl(const Sizes& s, const py::array& d_out, const py::object
     d_c0 = dc;
   }
   {
+    // Over all batch slices: three state rows and the gate rows per example; W_ih transposed.
+    const ScratchUse use(0, 1, (s.B * (3 * s.h + s.Gh) + (a.d_x ? s.Gh * s.d : 0)) * int64_t(sizeof(T)));
     py::gil_scoped_release release;
     fastclip::rnn_backward<T>(a, threads);
   }
@@ -257,6 +262,8 @@ py::tuple ghost_impl(const py::array& x, const py::array& hp, const py::array& g
   T* pi = w_ih.mutable_data();
   T* ph = w_hh.mutable_data();
   {
+    // Per thread two T x T Gram matrices.
+    const ScratchUse use(2 * xv.n1 * xv.n1 * int64_t(sizeof(T)), std::min<int64_t>(threads, xv.n0));
     py::gil_scoped_release release;
     fastclip::rnn_ghost_sq_norms<T>(xv, hv, gv, gh.is_none() ? nullptr : &hh, pi, ph, threads);
   }

@@ -3,6 +3,7 @@
 // wrong shapes/strides); arrays are used in place, never copied, and the GIL is released around
 // the compute.
 #include "binding.h"
+#include "scratch.h"
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastclip native core (C++17): per-example gradient norm kernels.";
@@ -12,4 +13,5 @@ PYBIND11_MODULE(_C, m) {
   fastclip_py::bind_embedding(m);
   fastclip_py::bind_norm(m);
   fastclip_py::bind_rnn(m);
+  fastclip_py::bind_scratch(m);
 }
