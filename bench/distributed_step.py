@@ -11,6 +11,12 @@ the all-reduce of the clipped sums (inside ``optimizer.step``).
 
     python bench/distributed_step.py --processes 1,2 --threads 1 --steps 10
     python bench/distributed_step.py --pipeline --threads 1 --steps 10   # 2 pipeline stages
+    python bench/distributed_step.py --fsdp --processes 2 --threads 1 --steps 10   # FSDP2
+
+``--fsdp``: a small token model (embedding tied to the output projection, pre-norm MLP blocks)
+with every block and the root passed to ``fully_shard``: torch's non-private FSDP2 step beside
+fastclip's (flat and per-layer clipping) at the same process count, the time of fastclip's
+reduce-scatter of the clipped sums, and rank 0's bytes of parameters + gradients + Adam state.
 """
 from __future__ import annotations
 
@@ -153,6 +159,92 @@ def _pipeline_worker(rank, world, port, args, outdir):
         dist.destroy_process_group()
 
 
+class _TokenNet(nn.Module):
+    def __init__(self, V=2048, d=256, blocks=4):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+            for _ in range(blocks))
+        self.head = nn.Linear(d, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        h = self.emb(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h).mean(1)
+
+
+def _fsdp_worker(rank, world, port, args, outdir):
+    """torch's non-private FSDP2 step, then fastclip flat and per-layer on the same sharded model
+    (audit=False: the audit cannot run sharded, see fastclip/fsdp.py), Adam, steps timed the same
+    way; each rank trains on its share of the global batch."""
+    import fastclip
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(args.threads)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=120))
+    try:
+        local_b, T, V = args.batch_size // world, 32, 2048
+        g = torch.Generator().manual_seed(args.seed + rank)
+        batches = [(torch.randint(0, V, (local_b, T), generator=g),
+                    torch.randint(0, V, (local_b,), generator=g)) for _ in range(4)]
+
+        def sharded():
+            torch.manual_seed(args.seed)
+            m = _TokenNet(V)
+            for block in m.blocks:
+                fully_shard(block)
+            fully_shard(m)
+            return m
+
+        def loop(m, opt):
+            def step(x, y):
+                opt.zero_grad()
+                nn.functional.cross_entropy(m(x), y).backward()
+                opt.step()
+            return step
+
+        def nbytes(m, opt):
+            loc = fastclip.fsdp.local
+            ts = [loc(p) for p in m.parameters()] + [loc(p.grad) for p in m.parameters()
+                                                      if p.grad is not None]
+            ts += [loc(v) for st in opt.state.values() for v in st.values()
+                   if isinstance(v, torch.Tensor) and v.dim() > 0]
+            return sum(t.numel() * t.element_size() for t in ts)
+
+        out, mem = {}, {}
+        m = sharded()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        out["torch"] = _timed(loop(m, opt), batches, args.warmup, args.steps, True)
+        mem["torch"] = nbytes(m, opt)
+        for clipping in ("flat", "per_layer"):
+            m = sharded()
+            m, opt, _ = fastclip.make_private(m, torch.optim.Adam(m.parameters(), lr=1e-3), None,
+                                              noise_multiplier=1.0, max_grad_norm=1.0,
+                                              clipping=clipping, poisson_sampling=False,
+                                              audit=False)
+            inner, red = opt.reducer.reduce, []
+
+            def reduce(params, engine, inner=inner, red=red):
+                t0 = time.perf_counter()
+                inner(params, engine)
+                red.append((time.perf_counter() - t0) * 1e3)
+            opt.reducer.reduce = reduce
+            out[clipping] = _timed(loop(m, opt), batches, args.warmup, args.steps, True)
+            out[clipping + "_reduce"] = red[args.warmup:]
+            mem[clipping] = nbytes(m, opt)
+        out["bytes"] = mem
+        if rank == 0:
+            with open(os.path.join(outdir, f"p{world}.json"), "w") as f:
+                json.dump(out, f)
+    finally:
+        dist.destroy_process_group()
+
+
 def run_pipeline(world: int, args) -> dict:
     return run_processes(world, args, worker=_pipeline_worker)
 
@@ -188,7 +280,29 @@ def main(argv=None) -> int:
     p.add_argument("--pipeline", action="store_true",
                    help="2-stage pipeline (GPipe, 4 micro-batches) of a 512-wide MLP instead: "
                         "torch's non-private pipeline step beside fastclip per-layer and flat")
+    p.add_argument("--fsdp", action="store_true",
+                   help="FSDP2 (fully_shard) token model at each of --processes (>= 2): torch's "
+                        "non-private FSDP step beside fastclip flat and per-layer")
     args = p.parse_args(argv)
+    if args.fsdp:
+        print(f"fsdp token model (V 2048, d 256, 4 blocks, T 32, tied head), Adam, global batch "
+              f"{args.batch_size}, {args.threads} thread(s) per process, {os.cpu_count()} cores, "
+              f"loadavg {os.getloadavg()[0]:.2f}, torch {torch.__version__}")
+        print(f"{'processes':>9} | {'step':>18} | {'ms':>8} | {'/torch':>6} | "
+              f"{'reduce-scatter ms':>17} | {'rank-0 MiB p+g+adam':>19}")
+        for world in [int(c) for c in args.processes.split(",")]:
+            if world < 2:
+                continue
+            r = run_processes(world, args, worker=_fsdp_worker)
+            t = statistics.median(r["torch"])
+            for k in ("torch", "flat", "per_layer"):
+                v = statistics.median(r[k])
+                rs = f"{statistics.median(r[k + '_reduce']):.1f}" if k != "torch" else "-"
+                name = "torch FSDP2" if k == "torch" else "fastclip " + k
+                print(f"{world:>9} | {name:>18} | {v:>8.1f} | {v / t:>6.2f} | {rs:>17} | "
+                      f"{r['bytes'][k] / 2**20:>19.2f}")
+        sys.stdout.flush()
+        return 0
     if args.pipeline:
         r = run_pipeline(2, args)
         t = statistics.median(r["torch"])
