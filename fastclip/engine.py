@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 from .audit import Auditor
 from .clipping import (Bound, check_clipping, check_gamma, clip_factors, group_layers,
                        is_automatic, is_per_layer, resolve_bounds)
-from .layers import Part, Pool, Rule, Use, cross_inner, module_clipped, module_sq_norms, rule_for
+from .layers import Part, Pool, Rule, Use, cross_inner, rule_for
 from .layers.capture import FunctionalRule
 from .layers.direct import DIRECT
 from .layers.linear import LinearRule
@@ -113,6 +113,23 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def engine_class(mode: str) -> type:
+    """The engine of ``mode``: the book-keeping :class:`Engine` ("auto", "ghost", "direct": a
+    rule per module, clipped sums formed from the captured uses) or its sibling
+    :class:`fastclip.nanobatch.NanoBatchEngine` ("nanobatch": per-example gradients of the whole
+    model). Both have the public interface the optimizer, the functional API and the audit use."""
+    if mode == "nanobatch":
+        from .nanobatch import NanoBatchEngine  # here: nanobatch.py builds on this module
+        return NanoBatchEngine
+    return Engine
+
+
+def make_engine(model: nn.Module, mode: str = "auto", **kwargs) -> "Engine":
+    """The engine of ``mode`` (:func:`engine_class`) attached to ``model``; ``kwargs`` are
+    :class:`Engine`'s. ``Engine(model, mode=...)`` gives the same."""
+    return engine_class(check_mode(mode))(model, mode=mode, **kwargs)
+
+
 def _is_time_major(module: nn.Module) -> bool:
     """Whether ``module`` is a torch transformer container built with batch_first=False."""
     if isinstance(module, nn.Transformer):
@@ -165,6 +182,17 @@ class Engine:
             sqrt(sum C_l^2) per layer), or None without max_grad_norm.
     """
 
+    # Whether a rule per module captures the forward (the nanobatch engine has none).
+    _per_module = True
+
+    def __new__(cls, *args, **kwargs):
+        # Engine(model, mode="nanobatch") is the nanobatch engine, as make_engine gives it
+        # (copy/pickle call __new__ with no arguments: the class stays as it is).
+        if cls is Engine and (args or kwargs):
+            mode = args[1] if len(args) > 1 else kwargs.get("mode", "auto")
+            cls = engine_class(mode)
+        return super().__new__(cls)
+
     def __init__(self, model: nn.Module, mode: str = "auto", max_grad_norm: Optional[Bound] = None,
                  loss_reduction: str = "mean", clipping: str = "flat", nanobatch_size: int = 1,
                  num_threads: Optional[int] = None, audit: bool = True, gamma: float = 0.01):
@@ -207,10 +235,7 @@ class Engine:
         # optimizer's step reduce-scatters them into p.grad; None: written to p.grad as usual.
         self.full_grads: Optional[Dict[nn.Parameter, Tensor]] = None
         self._paths: Dict[nn.Module, str] = {}
-        self._nano = None
-        if self.mode == "nanobatch":
-            from .nanobatch import NanoBatch  # here: it needs the engine's plan, not the reverse
-            self._nano = NanoBatch(self, nanobatch_size, num_threads)
+        self._init_capture(nanobatch_size, num_threads)
         self._plan()
         self._plan_time_major()
         # The first-step audit (fastclip/audit.py): models that mix examples are refused.
@@ -243,7 +268,7 @@ class Engine:
                              f"{mixing_refusal(mixing[0][1])}")
         for path, module in self.model.named_modules(remove_duplicate=True):
             label = path or "<root>"
-            why = refusal(module) if self._nano is None else mixing_refusal(module)
+            why = refusal(module) if self._per_module else mixing_refusal(module)
             if why is not None:
                 raise ValueError(f"fastclip cannot make module '{label}' ({type(module).__name__}) "
                                  f"private: {why}")
@@ -255,7 +280,7 @@ class Engine:
                                  "forward pass before making the model private")
             self._paths[module] = label
             self._params[module] = own
-            if self._nano is not None:
+            if not self._per_module:
                 continue  # the whole model's gradient per example: no per-module rule
             rule = rule_for(module)
             if rule is None:
@@ -275,7 +300,7 @@ class Engine:
         transformer layer, which see (T, B, E). MultiheadAttention handles its own layout (it
         works batch-first inside); a leaf whose rule cannot take a transposed use is refused."""
         self._time_major = set()
-        if self._nano is not None:
+        if not self._per_module:
             return      # whole-model per-example gradients: no per-module layout
         for path, module in self.model.named_modules():
             if not _is_time_major(module):
@@ -305,7 +330,7 @@ class Engine:
         # frees its uses, and with them its claim on the layer).
         self._layer_of = {m: i for i, layer in enumerate(layers) for m in layer.modules}
         self._open = ([weakref.WeakSet() for _ in layers]
-                      if bounds is not None and self._nano is None else None)
+                      if bounds is not None and self._per_module else None)
         self._covered = {p for ps in self._params.values() for _, p in ps}
         self._snapshot, self._all = self._scan()
         self._flags = [p.requires_grad for p in self._all]
@@ -377,8 +402,7 @@ class Engine:
                 without a bound); the engine keeps its previous plan.
         """
         if (not self._attached or self._batches or self._finalizing or self._queued
-                or self._pending or self._waiting or self._deferred
-                or (self._nano is not None and self._nano.busy())):
+                or self._pending or self._waiting or self._deferred):
             return False
         if not self._changed(full):
             return False
@@ -492,10 +516,16 @@ class Engine:
         for module in self.model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 self._handles.append(module.register_forward_pre_hook(_refuse_batch_statistics))
-        if self._nano is not None:
-            self._nano.attach()
-            self._attach_param_hooks()
-            return
+        self._attach_capture()
+        self._attach_param_hooks()
+
+    def _init_capture(self, nanobatch_size: int, num_threads: Optional[int]) -> None:
+        """The capture strategy's own state, made before the plan (the nanobatch engine's; the
+        rules' state is the Engine's own)."""
+
+    def _attach_capture(self):
+        """The forward hooks that capture: the model's own call and each module's rule (the
+        nanobatch engine wraps the model's forward instead)."""
         # The model's own call tells the batch size B, for leaves fed inputs broadcast over it.
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self._handles.append(self.model.register_forward_hook(self._root_post, always_call=True))
@@ -503,7 +533,6 @@ class Engine:
             self._handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
             self._handles.append(module.register_forward_hook(self._post, with_kwargs=True,
                                                               always_call=True))
-        self._attach_param_hooks()
 
     def _attach_param_hooks(self):
         seen = set()
@@ -522,8 +551,6 @@ class Engine:
         self._pending.clear()
         self._gate.clear()
         self._new_backward()
-        if self._nano is not None:
-            self._nano.detach()
 
     def set_rule(self, module: nn.Module, rule: Rule):
         """Fix ``module``'s rule for good (a provisional rule resolved at the module's first
@@ -538,26 +565,6 @@ class Engine:
                 out.append((self._names[p], self._rule_name(module)))
         return out
 
-    # -- per-thread state -------------------------------------------------------------------
-    @property
-    def _states(self) -> Dict[nn.Module, List]:
-        """This thread's capture state stack per module (a forward in another thread, e.g. an
-        evaluation under no_grad, has its own)."""
-        try:
-            return self._tls.states
-        except AttributeError:
-            self._tls.states = defaultdict(list)
-            return self._tls.states
-
-    @property
-    def _batches(self) -> List[Optional[int]]:
-        """B of each model call in progress in this thread."""
-        try:
-            return self._tls.batches
-        except AttributeError:
-            self._tls.batches = []
-            return self._tls.batches
-
     # -- read-only views for the other modules ---------------------------------------------
     # The audit, validate, functional, the rules and nanobatch read the engine through these,
     # never through its private attributes, so the engine may change how it keeps its state.
@@ -571,17 +578,11 @@ class Engine:
     def no_capture(self) -> Iterator[None]:
         """Forwards of the model inside the block are not captured (the audit's own forwards);
         the previous state is restored on leaving, also on an error."""
-        nano = self._nano   # nanobatch mode: its re-entrance guard too (this thread's)
-        inside = getattr(nano._local, "inside", False) if nano is not None else None
         prev, self._finalizing = self._finalizing, True
-        if nano is not None:
-            nano._local.inside = True
         try:
             yield
         finally:
             self._finalizing = prev
-            if nano is not None:
-                nano._local.inside = inside
 
     @property
     def auditor(self) -> Auditor:
@@ -620,7 +621,27 @@ class Engine:
         return {p: self._rule_name(module) for module, ps in self._params.items() for _, p in ps}
 
     def _rule_name(self, module: nn.Module) -> str:
-        return "NanoBatch" if self._nano is not None else type(self._rules[module]).__name__
+        return type(self._rules[module]).__name__
+
+    # -- per-thread state -------------------------------------------------------------------
+    @property
+    def _states(self) -> Dict[nn.Module, List]:
+        """This thread's capture state stack per module (a forward in another thread, e.g. an
+        evaluation under no_grad, has its own)."""
+        try:
+            return self._tls.states
+        except AttributeError:
+            self._tls.states = defaultdict(list)
+            return self._tls.states
+
+    @property
+    def _batches(self) -> List[Optional[int]]:
+        """B of each model call in progress in this thread."""
+        try:
+            return self._tls.batches
+        except AttributeError:
+            self._tls.batches = []
+            return self._tls.batches
 
     def current_batch_size(self) -> Optional[int]:
         """B of the innermost model call in progress in this thread (None outside a model call,
@@ -993,7 +1014,7 @@ class Engine:
         parts: Dict[nn.Parameter, List[Part]] = {}
         for m, us in groups.items():
             rule = self._rules[m]
-            sqs = module_sq_norms(rule, m, us, self.mode)
+            sqs = rule.sq_norms(m, us, self.mode)
             for n, p in self._trainable(m):
                 sq = _kernel_out(sqs, n, m, rule, "sq_norms").to(torch.float64)
                 if p in out:
@@ -1054,7 +1075,7 @@ class Engine:
             # One call per module; per parameter dtype when they differ (the clip factors are
             # shrunk by the margin of the dtype each sum is released in).
             for dtype in {p.dtype: None for _, p in named}:
-                sums = module_clipped(rule, m, us, factors(dtype), self._pool)
+                sums = rule.clipped(m, us, factors(dtype), self._pool)
                 for n, p in named:
                     if p.dtype is dtype:
                         g = _kernel_out(sums, n, m, rule, "clipped")

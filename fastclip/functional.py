@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .audit import audit_loss
 from .clipping import Bound
-from .engine import Engine
+from .engine import Engine, make_engine
 from .nn.rnn import converted
 
 
@@ -69,8 +69,9 @@ def per_sample_grad_norms(model: nn.Module, loss_fn: Callable, inputs, targets,
         fastclip.audit.MixingError (a ValueError): the model or the loss mixes examples.
     """
     with converted(model) as model:  # torch.nn RNN/GRU/LSTM -> fastclip.nn, put back after
-        engine = Engine(model, mode=mode, max_grad_norm=None, loss_reduction="sum",
-                        nanobatch_size=nanobatch_size, num_threads=num_threads, audit=audit)
+        engine = make_engine(model, mode=mode, max_grad_norm=None, loss_reduction="sum",
+                             nanobatch_size=nanobatch_size, num_threads=num_threads,
+                             audit=audit)
         return _run(engine, model, loss_fn, inputs, targets)
 
 
@@ -101,9 +102,9 @@ def clipped_grad(model: nn.Module, loss_fn: Callable, inputs, targets, max_grad_
                          "to the next; clipped_grad takes no step. Use clipping='flat' with the "
                          "current bound, or make_private(..., clipping='adaptive')")
     with converted(model) as model:  # torch.nn RNN/GRU/LSTM -> fastclip.nn, put back after
-        engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction="sum",
-                        clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads,
-                        audit=audit, gamma=gamma)
+        engine = make_engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction="sum",
+                             clipping=clipping, nanobatch_size=nanobatch_size,
+                             num_threads=num_threads, audit=audit, gamma=gamma)
         params = [p for _, p in engine.covered_params()]
         for p in params:
             p.grad = None

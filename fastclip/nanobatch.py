@@ -3,7 +3,14 @@
 Exact for any model, whatever its layers or parameter sharing, because nothing is derived per
 layer: each example's gradient is the model's own backward for that example.
 
-How it runs inside the usual training loop (``Engine(model, mode="nanobatch")``):
+:class:`NanoBatchEngine` is the sibling of the book-keeping :class:`fastclip.engine.Engine`,
+chosen for ``mode="nanobatch"`` by :func:`fastclip.engine.make_engine` (and by
+``Engine(model, mode="nanobatch")``). It shares the Engine's plan (which parameters, their names
+and clipping layers, re-planned by ``refresh``), the optimizer's view of the gradients it wrote
+(``covers``, ``wrote_grad``, ``note_grad``...) and the audit; instead of a rule and hooks per
+module it wraps the model's forward.
+
+How it runs inside the usual training loop (``make_private(model, ..., mode="nanobatch")``):
 
 * forward (grad enabled): the model's forward is run on nanobatches of ``nanobatch_size``
   examples (every input tensor whose first dimension is the batch size is split; the others go
@@ -30,7 +37,8 @@ import threading
 import warnings
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +48,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import ops
 from .clipping import clip_factors
+from .engine import Engine
 from .passes import NONE, THREADS, TWICE
 
 
@@ -67,7 +76,7 @@ class _Call:
 
 class _Tap(torch.autograd.Function):
     """The concatenated outputs, detached from the nanobatch graphs; the backward hands G to
-    the NanoBatch engine. The inputs are the trainable parameters, only so that the outputs
+    the nanobatch engine. The inputs are the trainable parameters, only so that the outputs
     require grad; they receive no gradient from here."""
 
     @staticmethod
@@ -81,45 +90,80 @@ class _Tap(torch.autograd.Function):
         return (None, None) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
-class NanoBatch:
-    """The nanobatch machinery of one :class:`fastclip.engine.Engine` (mode "nanobatch")."""
+class NanoBatchEngine(Engine):
+    """The engine of mode "nanobatch" (module docstring); made by
+    :func:`fastclip.engine.make_engine` or ``Engine(model, mode="nanobatch", ...)``, with the
+    arguments of :class:`fastclip.engine.Engine`.
 
-    def __init__(self, engine, nanobatch_size: int = 1, num_threads: Optional[int] = None):
-        self.engine = engine
+    Its backward state is its own (``_calls*``), apart from the Engine's per-use state, which
+    stays empty here."""
+
+    _per_module = False     # no rule per module: the whole model's gradient per example
+
+    def _init_capture(self, nanobatch_size: int = 1, num_threads: Optional[int] = None):
+        """Called by ``Engine.__init__`` before it plans and attaches."""
+        if self.mode != "nanobatch":
+            raise ValueError(f"NanoBatchEngine is the engine of mode='nanobatch', got "
+                             f"mode={self.mode!r}; use fastclip.engine.make_engine")
         self.size = _check_int(nanobatch_size, "nanobatch_size")
         self.num_threads = (torch.get_num_threads() if num_threads is None
                             else _check_int(num_threads, "num_threads"))
         self._inner = None          # the model's forward we wrap
         self._had_attr = False      # whether the model had its own instance attribute 'forward'
         self._local = threading.local()   # re-entrance guard (functional_call calls the model)
-        self._pending: List[_Call] = []
-        self._queued = False
-        self._queued_cb = None      # weakly: freed unrun when its backward fails
-        self._skip = False          # the backward in progress asks for no parameter's gradient
-        self._owner = None          # the thread that runs it
+        self._calls: List[_Call] = []   # calls whose output gradients came in this backward
+        self._calls_queued = False  # this backward's finalize is queued
+        self._calls_cb = None       # weakly: freed unrun when its backward fails
+        self._calls_skip = False    # the backward in progress asks for no parameter's gradient
+        self._calls_owner = None    # the thread that runs it
         self._pool: Optional[ThreadPoolExecutor] = None
         self._warned_vmap = False
-        self._params = []           # [(name, parameter)], set at attach
+        self._flat = []             # [(name, parameter)] covered, each once, set at attach
         # fastclip.validate: norms-only backward passes keep each parameter's squared norms,
-        # param_sq (B, P) float64 in self._params order.
+        # param_sq (B, P) float64 in covered_params() order.
         self.by_param = False
         self.param_sq: Optional[Tensor] = None
 
     def __getstate__(self):
-        # copy.deepcopy(model) copies the wrapped forward with its NanoBatch: threads and the
+        # copy.deepcopy(model) copies the wrapped forward with its engine: threads and the
         # thread-local guard are not copied but made afresh.
-        state = dict(self.__dict__)
-        state.update(_local=None, _pool=None, _pending=[], _queued=False)
+        state = super().__getstate__()
+        state.update(_local=None, _pool=None, _calls=[], _calls_queued=False)
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        super().__setstate__(state)
         self._local = threading.local()
 
+    # -- what differs from the book-keeping Engine -------------------------------------------
+    def _rule_name(self, module: nn.Module) -> str:
+        return "NanoBatch"
+
+    @contextmanager
+    def no_capture(self) -> Iterator[None]:
+        """As :meth:`Engine.no_capture`; also this thread's re-entrance guard, so that a model
+        call inside the block runs the model's own forward, unsplit."""
+        inside = getattr(self._local, "inside", False)
+        self._local.inside = True
+        try:
+            with super().no_capture():
+                yield
+        finally:
+            self._local.inside = inside
+
+    def refresh(self, full: bool = False) -> bool:
+        """As :meth:`Engine.refresh`; nothing either while a backward's output gradients are
+        not yet turned into clipped sums."""
+        if self._calls or self._calls_queued:
+            return False
+        return super().refresh(full)
+
     # -- attach / detach --------------------------------------------------------------------
-    def attach(self):
-        model = self.engine.model
-        self._params = self._plan_params()
+    def _attach_capture(self):
+        """Wrap the model's forward (instead of the Engine's hooks per module); the covered
+        parameters are listed again, as the engine re-attaches when it re-plans."""
+        model = self.model
+        self._flat = self.covered_params()
         self._had_attr = "forward" in model.__dict__
         self._inner = model.forward
         # An instance attribute takes precedence over the class's forward in nn.Module.__call__,
@@ -127,32 +171,19 @@ class NanoBatch:
         model.forward = self._forward
 
     def detach(self):
-        model = self.engine.model
+        """As :meth:`Engine.detach`; the model's own forward is put back too."""
+        super().detach()
+        model = self.model
         if self._inner is not None:
             if self._had_attr:
                 model.forward = self._inner
             else:
                 model.__dict__.pop("forward", None)
             self._inner = None
-        self._pending.clear()
+        self._calls.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-
-    def _plan_params(self):
-        """[(name, parameter)] of every trainable parameter covered, each once; formed at
-        attach, which the engine does again when it re-plans (``Engine.refresh``)."""
-        seen, out = set(), []
-        for ps in self.engine._params.values():
-            for _, p in ps:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    out.append((self.engine._names[p], p))
-        return out
-
-    def busy(self) -> bool:
-        """Whether a backward has delivered output gradients not yet turned into clipped sums."""
-        return bool(self._pending) or self._queued
 
     # -- forward ----------------------------------------------------------------------------
     def _forward(self, *args, **kwargs):
@@ -170,10 +201,10 @@ class NanoBatch:
                 "torch.compile(model), then make_private(model, ...): each nanobatch runs the "
                 "compiled forward), or use mode='auto'")
         # Parameters unfrozen/replaced/added since attach: re-planned (this object re-attached,
-        # self._params and self._inner formed again) and covered from this forward on.
-        self.engine.refresh()
-        self.engine._auditor(args, kwargs)   # once: examples must not mix (fastclip/audit.py)
-        params = self._params
+        # self._flat and self._inner formed again) and covered from this forward on.
+        self.refresh()
+        self._auditor(args, kwargs)   # once: examples must not mix (fastclip/audit.py)
+        params = self._flat
         if not params:
             return self._inner(*args, **kwargs)
         packed = tree_flatten((args, kwargs), is_leaf=lambda t: isinstance(t, PackedSequence))[0]
@@ -231,7 +262,7 @@ class NanoBatch:
             for i, t in zip(tapped, _Tap.apply(self, call, *[p for _, p in params])):
                 result[i] = t
         # Probes until the training loss has been audited once (fastclip/audit.py).
-        return self.engine._auditor.probe(tree_unflatten(result, out_spec), B)
+        return self._auditor.probe(tree_unflatten(result, out_spec), B)
 
     def _vmapped(self, params, part, batched, spec, m):
         """Forward of m examples with one copy of each parameter per example (vmap), so the
@@ -243,7 +274,7 @@ class NanoBatch:
         def one(ps, leaves_i):
             full = [t.unsqueeze(0) if b else t for t, b in zip(leaves_i, batched)]
             a, kw = tree_unflatten(full, spec)
-            out = functional_call(self.engine.model, ps, tuple(a), kw)
+            out = functional_call(self.model, ps, tuple(a), kw)
             return _tree_map_tensors(lambda t: t.squeeze(0), out)
 
         try:
@@ -262,7 +293,7 @@ class NanoBatch:
         for i in range(m):
             li = [t[i:i + 1] if b else t for t, b in zip(part, batched)]
             a, kw = tree_unflatten(li, spec)
-            rows.append(functional_call(self.engine.model, {n: c[i] for n, c in copies.items()},
+            rows.append(functional_call(self.model, {n: c[i] for n, c in copies.items()},
                                         tuple(a), kw))
         leaves0, spec0 = tree_flatten(rows[0])
         per = [tree_flatten(r)[0] for r in rows]
@@ -273,47 +304,46 @@ class NanoBatch:
     # -- backward ---------------------------------------------------------------------------
     def ready(self, call: _Call, grads):
         """From _Tap's backward: the call's output gradients are known."""
-        if not self._queued or self._queued_cb() is None:
-            self._start_backward(call)
-        elif self._owner != threading.get_ident():
+        if not self._calls_queued or self._calls_cb() is None:
+            self._start_calls(call)
+        elif self._calls_owner != threading.get_ident():
             raise RuntimeError(THREADS)
-        if self._skip:
+        if self._calls_skip:
             return
         if call.spent:
             raise RuntimeError(TWICE)
         call.spent = True
         call.grads = grads
-        self._pending.append(call)
+        self._calls.append(call)
 
-    def _start_backward(self, call: _Call):
+    def _start_calls(self, call: _Call):
         """First call of a backward: what it asks for (fastclip/passes.py; every covered
         parameter is an input of _Tap, so asking for a part of them is refused), and the
         finalize queued for its end. A backward that failed left its calls: dropped unreleased."""
-        self._pending, self._queued = [], False
-        engine = self.engine
-        kind, _ = engine._gate.check((p for _, p in call.params), engine._names,
-                                     all_in_graph=True)
-        self._skip = kind == NONE
-        self._owner = threading.get_ident()
-        cb = self._end_skipped if self._skip else self._finalize   # a new bound method each time
-        self._queued_cb = weakref.ref(cb)
-        self._queued = True
+        self._calls, self._calls_queued = [], False
+        kind, _ = self._gate.check((p for _, p in call.params), self._names, all_in_graph=True)
+        self._calls_skip = kind == NONE
+        self._calls_owner = threading.get_ident()
+        # A new bound method each time.
+        cb = self._end_skipped if self._calls_skip else self._finalize_calls
+        self._calls_cb = weakref.ref(cb)
+        self._calls_queued = True
         torch.autograd.Variable._execution_engine.queue_callback(cb)
 
     def _end_skipped(self):
-        self._queued = self._skip = False
+        self._calls_queued = self._calls_skip = False
 
-    def _finalize(self):
-        calls, self._pending, self._queued = self._pending, [], False
+    def _finalize_calls(self):
+        calls, self._calls, self._calls_queued = self._calls, [], False
         if not calls:
             return
-        engine = self.engine
+        engine = self   # (the Engine's plan, layout and counters)
         sizes = {c.B for c in calls}
         if len(sizes) != 1:
             raise ValueError(f"fastclip: batch sizes differ between model calls in one backward "
                              f"({sorted(sizes)}); every call must see the same batch")
         B = sizes.pop()
-        params = self._params
+        params = self._flat
         if any(c.params is not params for c in calls):
             for c in calls:
                 c.outs = c.leaves = None
@@ -350,7 +380,7 @@ class NanoBatch:
                             1 if T > 1 else self.num_threads)
             return accs
 
-        engine._finalizing = True
+        engine._finalizing = True     # no capture while the nanobatch graphs are differentiated
         try:
             if T == 1:
                 results = [work(0)] if n_chunks else []
@@ -413,7 +443,7 @@ class NanoBatch:
         idx = sorted(per)
         if not idx:
             return
-        if accs is not None and self.engine.automatic:
+        if accs is not None and self.automatic:
             # Automatic clipping: the native loop computes min(1, C / norm) factors itself, so the
             # norms come from it (norms only) and the factors from clipping.clip_factors.
             grads, sums = [per[i] for i in idx], [accs[i] for i in idx]
@@ -421,7 +451,7 @@ class NanoBatch:
                                             threads)
             shrink = 1.0 - max(ops.cast_margin(a.dtype) for a in sums)
             b = torch.as_tensor(bounds, dtype=torch.float64, device=res_sq.device) * shrink
-            f = clip_factors(res_sq.sqrt(), b, True, self.engine.gamma) * scale
+            f = clip_factors(res_sq.sqrt(), b, True, self.gamma) * scale
             for g, a, grp in zip(grads, sums, (groups[i] for i in idx)):
                 fl = f[:, grp].to(g.device)
                 rows = fl != 0

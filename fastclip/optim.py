@@ -20,7 +20,7 @@ from .data import (PoissonBatchSampler, _check_generator_state, poisson_loader, 
                    split_batch)
 from .clipping import (AdaptiveClipping, Bound, adaptive_from, check_clipping,
                        is_per_layer)
-from .engine import Engine
+from .engine import Engine, make_engine
 from .nn.rnn import convert_recurrent
 
 
@@ -920,19 +920,20 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
         if isinstance(model, nn.Module) else []
     model = convert_recurrent(model)
     try:
-        engine = Engine(model, mode=mode, max_grad_norm=max_grad_norm, loss_reduction=loss_reduction,
-                        clipping=clipping, nanobatch_size=nanobatch_size, num_threads=num_threads,
-                        audit=audit, gamma=gamma)
+        engine = make_engine(model, mode=mode, max_grad_norm=max_grad_norm,
+                             loss_reduction=loss_reduction, clipping=clipping,
+                             nanobatch_size=nanobatch_size, num_threads=num_threads,
+                             audit=audit, gamma=gamma)
         if pipeline:
             # A float per-layer C is split over every stage's layers (as one process splits it
             # over the whole model); flat clipping holds its clipped sums for the norm exchange.
             bounds = _dist.pipeline_bounds(clipping, max_grad_norm, len(engine.layers))
             if bounds is not max_grad_norm:
                 engine.detach()
-                engine = Engine(model, mode=mode, max_grad_norm=bounds,
-                                loss_reduction=loss_reduction, clipping=clipping,
-                                nanobatch_size=nanobatch_size, num_threads=num_threads,
-                                audit=audit, gamma=gamma)
+                engine = make_engine(model, mode=mode, max_grad_norm=bounds,
+                                     loss_reduction=loss_reduction, clipping=clipping,
+                                     nanobatch_size=nanobatch_size, num_threads=num_threads,
+                                     audit=audit, gamma=gamma)
             engine.defer_flat = not is_per_layer(clipping)
     except Exception:
         for parent, name, child in recurrent:

@@ -14,7 +14,7 @@ from typing import Callable, Dict
 import torch
 from torch import Tensor, nn
 
-from .engine import Engine
+from .engine import Engine, engine_class
 from .nn.rnn import converted
 
 
@@ -102,12 +102,16 @@ def validate(model: nn.Module, loss_fn: Callable, inputs, targets, mode: str = "
     per_sample_grad_norms(model, loss_fn, inputs, targets, mode=mode, audit=False)  # warm-up
     try:
         with converted(model) as m:
-            engine = _Probe(m, mode=mode, max_grad_norm=None, loss_reduction="sum", audit=False)
+            # The book-keeping engine's parts come through _Probe; the nanobatch engine (a
+            # sibling, fastclip/nanobatch.py) keeps each parameter's squared norms itself.
+            cls = engine_class(mode)
+            nano = cls is not Engine
+            engine = (cls if nano else _Probe)(m, mode=mode, max_grad_norm=None,
+                                               loss_reduction="sum", audit=False)
             try:   # from here on the hooks are attached: detached whatever happens
                 engine.keep_norms = True
-                nano = engine._nano
-                if nano is not None:
-                    nano.by_param = True   # each parameter's squared norms (nanobatch.param_sq)
+                if nano:
+                    engine.by_param = True   # each parameter's squared norms (param_sq)
                 t0 = time.perf_counter()
                 losses = loss_fn(m(*inputs), targets)
                 if losses.requires_grad:
@@ -118,8 +122,9 @@ def validate(model: nn.Module, loss_fn: Callable, inputs, targets, mode: str = "
             finally:
                 engine.detach()
             contrib = getattr(engine, "contrib", {})
-            if nano is not None and nano.param_sq is not None:
-                contrib = {p: nano.param_sq[:, i] for i, (_, p) in enumerate(nano._params)}
+            if nano and engine.param_sq is not None:
+                contrib = {p: engine.param_sq[:, i]
+                           for i, (_, p) in enumerate(engine.covered_params())}
             fast_norms = engine.norms_log[0] if engine.norms_log else torch.zeros(B, dtype=torch.float64)
         # exact: float64 copy, one backward per example
         ref = copy.deepcopy(model).double()
