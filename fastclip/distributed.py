@@ -41,9 +41,9 @@ on its own). What changes:
 
 Pipeline stages (``make_private(stage_module, ..., pipeline=True)``, one stage per rank of a
 ``torch.distributed.pipelining`` schedule built with ``scale_grads=False``): see
-:class:`PipelineExchange`. FSDP2 (``fully_shard``) is refused by :func:`fastclip.make_private`:
-FSDP reduce-scatters autograd's gradients per block, fastclip's clipped sums need every layer's
-norm first; until fastclip owns that reduce-scatter, use this data-parallel path or pipeline stages.
+:class:`PipelineExchange`. FSDP2 (``fully_shard`` on the blocks and the root): this data-parallel
+path with sharded parameters, the clipped sums reduce-scattered at the step and noise added per
+shard; see :mod:`fastclip.fsdp`.
 
 DistributedDataParallel: do NOT wrap the model in DDP; :func:`make_private` refuses a DDP model.
 DDP all-reduces the per-process sums of *unclipped* gradients from its own autograd hooks; here
