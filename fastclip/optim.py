@@ -443,6 +443,30 @@ class DPOptimizer(Optimizer):
         for p, g in fresh:
             p.grad = g
 
+    # torch.amp.GradScaler.step(opt) then calls step() itself, with the scaler's state set on
+    # the optimizer (grad_scale, found_inf) instead of unscaling p.grad first: how a scaler is
+    # seen at all (_refuse_grad_scaler). The loss scale is invisible to the backward.
+    _step_supports_amp_scaling = True
+
+    def _refuse_grad_scaler(self) -> None:
+        """Refuse a step driven by an enabled ``torch.amp.GradScaler``: its loss scale S
+        multiplied every per-example gradient before the engine clipped it to C, so after the
+        scaler's unscaling each example's bound would silently be C / S (exactly: the clip
+        factors cannot be formed again once the backward is over)."""
+        if "found_inf" not in self.__dict__:
+            return
+        # GradScaler deletes these after step() returns, which it does not: leave none behind.
+        self.__dict__.pop("found_inf", None)
+        self.__dict__.pop("grad_scale", None)
+        raise RuntimeError(
+            "fastclip: torch.amp.GradScaler cannot drive a private optimizer: the loss scale S "
+            "multiplies every per-example gradient before fastclip clips it to max_grad_norm, so "
+            "after unscaling each example would be clipped to max_grad_norm / S (silently far "
+            "too small). Fix: use bfloat16 autocast (torch.autocast(device, "
+            "dtype=torch.bfloat16)), which needs no scaler (fastclip forms norms and clipped "
+            "sums in float32), and call loss.backward() and optimizer.step() without the "
+            "scaler; nothing was released (no noise added, parameters unchanged)")
+
     @torch.no_grad()
     def step(self, closure=None):
         """One DP-SGD step: checks that the step releases exactly the batch the private loader
@@ -463,9 +487,11 @@ class DPOptimizer(Optimizer):
 
         Raises:
             RuntimeError, ValueError: the step would release something other than the drawn
-                batch's clipped sums (the message names the cause and the fix); nothing is
-                released then.
+                batch's clipped sums (the message names the cause and the fix), or it is driven
+                by a ``torch.amp.GradScaler`` (use bfloat16 autocast, which needs no scaler);
+                nothing is released then.
         """
+        self._refuse_grad_scaler()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -984,6 +1010,34 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
     return model, dp_optimizer, loader
 
 
+def noise_multiplier_for_epochs(loader: Optional[DataLoader], target_epsilon: float,
+                                target_delta: float, epochs: int, accountant: str = "rdp",
+                                poisson_sampling: bool = True) -> float:
+    """The smallest noise multiplier that keeps ``epochs`` epochs of Poisson-sampled training on
+    ``loader`` (``epochs * len(loader)`` steps at sample rate ``1 / len(loader)``) within
+    ``(target_epsilon, target_delta)`` under ``accountant``
+    (:func:`fastclip.accounting.noise_multiplier_for`: within 1e-4, never over the budget). The
+    one calibration of :func:`make_private_with_epsilon` and
+    ``PrivacyEngine.make_private_with_epsilon``.
+
+    Raises:
+        ValueError: no loader, ``poisson_sampling=False`` (the calibration assumes Poisson
+            sampling), ``epochs`` not an integer > 0, or the target cannot be reached.
+    """
+    if loader is None:
+        raise ValueError("fastclip: make_private_with_epsilon needs the DataLoader: the sampling "
+                         "rate and the steps per epoch come from it")
+    if not poisson_sampling:
+        raise ValueError("fastclip: make_private_with_epsilon accounts for Poisson sampling; "
+                         "poisson_sampling=False cannot be calibrated (use make_private with "
+                         "your own noise_multiplier, and account yourself)")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
+        raise ValueError(f"fastclip: epochs must be an integer > 0, got {epochs!r}")
+    _, num_batches = poisson_source(loader)
+    return accounting.noise_multiplier_for(target_epsilon, target_delta, 1.0 / num_batches,
+                                           epochs * num_batches, accountant)
+
+
 def make_private_with_epsilon(model: nn.Module, optimizer: Optimizer, loader: DataLoader, *,
                               target_epsilon: float, target_delta: float, epochs: int,
                               max_grad_norm: float, accountant: str = "rdp",
@@ -1012,16 +1066,7 @@ def make_private_with_epsilon(model: nn.Module, optimizer: Optimizer, loader: Da
     if "noise_multiplier" in kwargs:
         raise TypeError("make_private_with_epsilon chooses noise_multiplier itself; use make_private "
                         "to set it")
-    if loader is None:
-        raise ValueError("make_private_with_epsilon needs the DataLoader: the sampling rate and the "
-                         "steps per epoch come from it")
-    if not kwargs.get("poisson_sampling", True):
-        raise ValueError("make_private_with_epsilon accounts for Poisson sampling; "
-                         "poisson_sampling=False cannot be calibrated")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
-        raise ValueError(f"epochs must be an integer > 0, got {epochs}")
-    _, num_batches = poisson_source(loader)
-    sigma = accounting.noise_multiplier_for(target_epsilon, target_delta, 1.0 / num_batches,
-                                            epochs * num_batches, accountant)
+    sigma = noise_multiplier_for_epochs(loader, target_epsilon, target_delta, epochs, accountant,
+                                        kwargs.get("poisson_sampling", True))
     return make_private(model, optimizer, loader, noise_multiplier=sigma,
                         max_grad_norm=max_grad_norm, accountant=accountant, **kwargs)

@@ -28,8 +28,7 @@ from torch.utils.data import DataLoader
 
 from . import accounting
 from .checkpoint import load_checkpoint as _load, save_checkpoint as _save
-from .data import poisson_source
-from .optim import DPOptimizer, make_private as _make_private
+from .optim import DPOptimizer, make_private as _make_private, noise_multiplier_for_epochs
 
 # grad_sample_mode (Opacus) -> fastclip mode. Every fastclip mode is exact; Opacus' modes only
 # differ in how they get there, so each maps to the fastclip mode of the same spirit.
@@ -313,16 +312,10 @@ class PrivacyEngine:
             warnings.warn("fastclip: make_private_with_epsilon with privacy budget already spent "
                           "by this engine; the noise multiplier assumes a fresh start, so the "
                           "whole run will spend more than target_epsilon", UserWarning, stacklevel=2)
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
-            raise ValueError(f"fastclip: epochs must be an integer > 0, got {epochs!r}")
-        if not kwargs.get("poisson_sampling", True):
-            # The calibration assumes Poisson sampling at rate 1 / len(data_loader).
-            raise ValueError("fastclip: make_private_with_epsilon accounts for Poisson sampling; "
-                             "poisson_sampling=False cannot be calibrated (use make_private with "
-                             "your own noise_multiplier, and account yourself)")
-        _, num_batches = poisson_source(data_loader)
-        sigma = accounting.noise_multiplier_for(target_epsilon, target_delta, 1.0 / num_batches,
-                                                epochs * num_batches, self._fastclip_accountant)
+        # The one calibration (fastclip.make_private_with_epsilon's).
+        sigma = noise_multiplier_for_epochs(data_loader, target_epsilon, target_delta, epochs,
+                                            self._fastclip_accountant,
+                                            kwargs.get("poisson_sampling", True))
         return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
                                  noise_multiplier=sigma, max_grad_norm=max_grad_norm,
                                  criterion=criterion, **kwargs)

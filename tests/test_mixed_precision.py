@@ -471,3 +471,34 @@ def test_generic_rule_reruns_under_the_forwards_autocast(dtype, mode):
             eng.model(x)
         assert dict(eng.covered())["1.w"] == "GenericRule"
         eng.detach()
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+@pytest.mark.parametrize("mode", ["auto", "nanobatch"])
+def test_grad_scaler_is_refused(mode, unscale_first):
+    """torch.amp.GradScaler's loss scale S reaches the per-example gradients before they are
+    clipped, so its unscaling would make the bound C / S: scaler.step(optimizer) is refused,
+    naming GradScaler and the fix, with nothing released; a disabled scaler passes through."""
+    torch.manual_seed(7)
+    m = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    m, opt, _ = fastclip.make_private(m, opt, None, noise_multiplier=0.0, max_grad_norm=0.01,
+                                      loss_reduction="sum", mode=mode)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    before = [p.detach().clone() for p in m.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt.zero_grad()
+    scaler.scale(CE(m(x), y).sum()).backward()
+    if unscale_first:
+        scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match=r"GradScaler.*bfloat16 autocast"):
+        scaler.step(opt)
+    assert all(torch.equal(b, p) for b, p in zip(before, m.parameters()))   # nothing released
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")
+    # Without the scaler the same optimizer steps; a disabled scaler is no scaler.
+    off = torch.amp.GradScaler("cpu", enabled=False)
+    opt.zero_grad()
+    off.scale(CE(m(x), y).sum()).backward()
+    off.step(opt)
+    off.update()
+    assert not all(torch.equal(b, p) for b, p in zip(before, m.parameters()))
