@@ -143,7 +143,7 @@ def _lstm_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4, T:
         for _ in range(n_batches)
     ]
     return Workload(model, batches, description=f"Embedding(10000,128)-LSTM(128,256)-Linear(256,2) "
-                                                f"on the last step, T={T}")
+                                                f"on the last step, T={T}", limit=1.08)
 
 
 class TransformerClassifier(nn.Module):
@@ -181,7 +181,7 @@ def _transformer_workload(batch_size: int, gen: torch.Generator, n_batches: int 
     ]
     return Workload(model, batches, description=f"Embedding(10000,256)+positions, 2 pre-LN blocks "
                                                 f"(4 heads, FFN 1024 GELU), mean-pool, Linear(256,2), "
-                                                f"T={T}")
+                                                f"T={T}", limit=1.09)
 
 
 class BasicBlock(nn.Module):
@@ -227,8 +227,11 @@ class ResNet(nn.Module):
         return self.fc(self.layers(self.stem(x)).mean((2, 3)))
 
 
-# ResNet-18's widths are 64/128/256/512; at B32 on the 2-core development machine its non-private
-# step takes ~2.4 s, so the benchmark keeps the structure and halves the widths.
+# ResNet-18's widths are 64/128/256/512 (11.2 M parameters, ~107 GFLOP per B32 step): on the 2-core
+# development machine its non-private step takes 2.3-3.0 s of CPU time (1.2-1.5 s wall at best),
+# and Opacus' hooks would hold 1.4 GB of per-example gradients; the benchmark keeps the structure
+# and halves the widths (2.8 M parameters, 26.7 GFLOP per step). ResNet(widths=(64, 128, 256, 512))
+# is the full model.
 RESNET_WIDTHS = (32, 64, 128, 256)
 
 
@@ -243,7 +246,7 @@ def _resnet_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4,
     ]
     return Workload(model, batches, description=f"ResNet-18-style (basic blocks 2/2/2/2, widths "
                                                 f"{'/'.join(map(str, widths))}, GroupNorm(8)), 3x32x32, "
-                                                f"10 classes")
+                                                f"10 classes", limit=1.03)
 
 
 class ViT(nn.Module):
@@ -283,7 +286,7 @@ def _vit_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4) -> 
     ]
     return Workload(model, batches, description="ViT-small: patch 4 (Conv2d), d192, 4 pre-LN blocks "
                                                 "(3 heads, FFN 768 GELU), class token, 3x32x32, "
-                                                "10 classes")
+                                                "10 classes", limit=1.07)
 
 
 def _bf16(builder: WorkloadBuilder) -> WorkloadBuilder:
@@ -341,7 +344,7 @@ def _hf_workload(kind: str, batch_size: int, gen: torch.Generator, n_batches: in
             n_layer=4, n_embd=256, n_head=4, n_positions=T, resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, **common))
         ids = [torch.randint(0, vocab, (batch_size, T), generator=gen) for _ in range(n_batches)]
-        return Workload(HFLogits(model), [(x, x) for x in ids], loss_fn=LMLoss(),
+        return Workload(HFLogits(model), [(x, x) for x in ids], loss_fn=LMLoss(), limit=1.08,
                         description=f"transformers GPT2LMHeadModel, 4 layers, d256, 4 heads, "
                                     f"vocab {vocab} (tied lm_head), T={T}, fastclip.lm_loss")
     model = transformers.BertForSequenceClassification(transformers.BertConfig(
@@ -350,7 +353,7 @@ def _hf_workload(kind: str, batch_size: int, gen: torch.Generator, n_batches: in
         attention_probs_dropout_prob=0.0, **common))
     batches = [(torch.randint(0, vocab, (batch_size, T), generator=gen),
                 torch.randint(0, 2, (batch_size,), generator=gen)) for _ in range(n_batches)]
-    return Workload(HFLogits(model), batches,
+    return Workload(HFLogits(model), batches, limit=1.09,
                     description=f"transformers BertForSequenceClassification, 4 layers, d256, "
                                 f"4 heads, FFN 1024, vocab {vocab}, T={T}, 2 classes")
 
@@ -592,7 +595,8 @@ class Result:
 
 def run_workload(name: str, batch_size: Optional[int], warmup: int, steps: int,
                  device: torch.device, seed: int = 0, memory: bool = True,
-                 interleave: bool = True) -> List[Result]:
+                 interleave: bool = True, methods: Optional[Sequence[str]] = None) -> List[Result]:
+    """Every method's steps on workload ``name`` (``methods``: only those, e.g. in tests)."""
     builder, default_bs = WORKLOADS[name]
     bs = default_bs if batch_size is None else batch_size
     gen = torch.Generator().manual_seed(seed)
@@ -606,7 +610,8 @@ def run_workload(name: str, batch_size: Optional[int], warmup: int, steps: int,
     results: List[Result] = []
     steppers: Dict[str, StepFn] = {}
     for m in METHODS:
-        if wl.methods is not None and m.name not in wl.methods:
+        if (wl.methods is not None and m.name not in wl.methods) or \
+                (methods is not None and m.name not in methods):
             continue
         r = Result(name, m.name, bs, limit=wl.limit)
         results.append(r)
