@@ -113,7 +113,7 @@ def test_weight_shared_with_other_rule(dtype):
     conv = nn.Conv2d(3, 3, 3, padding=1).to(dtype)
     other = SharedWeight(conv.weight)
     model = nn.Sequential(conv, nn.Tanh(), other)
-    assert rule_for(other) is None  # the generic rule: per_example_grad + cross term
+    assert rule_for(other) is None  # the generic rule: per_example + cross term
     check_model(model, torch.randn(3, 3, 6, 6, dtype=dtype), dtype, "auto")
 
 

@@ -354,7 +354,7 @@ def test_ops_hostile(fn):
 
 class TiedToCustom(nn.Module):
     """An embedding weight shared with a leaf the generic rule covers: the engine's generic cross
-    path uses EmbeddingRule.per_example_grad."""
+    path uses EmbeddingRule.per_example."""
 
     class Proj(nn.Module):
         def __init__(self, V, d):

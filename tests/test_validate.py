@@ -37,7 +37,8 @@ def test_validate_flags_a_wrong_rule(monkeypatch):
     from fastclip.layers.linear import LinearRule
 
     orig = LinearRule.sq_norms
-    monkeypatch.setattr(LinearRule, "sq_norms", lambda self, e, m, c: 2 * orig(self, e, m, c))
+    monkeypatch.setattr(LinearRule, "sq_norms", lambda self, mod, uses, method: {
+        n: 2 * sq for n, sq in orig(self, mod, uses, method).items()})
     m = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     rep = fastclip.validate(m, CE, torch.randn(3, 3), torch.randint(0, 2, (3,)), verbose=False)
     assert not rep.ok and "MISMATCH" in str(rep)

@@ -6,13 +6,21 @@ module's MRO, so subclasses are covered; a rule may still decline a module (``su
 example a Linear subclass whose ``forward`` is not Linear's. Every leaf module with trainable
 parameters that no native rule takes is covered exactly by the generic rule (``generic.py``).
 
-Writing a rule for your own layer::
+Writing a rule for your own layer (README.md, "Your own layers", has it whole and tested)::
 
     from fastclip.layers import Rule, register
 
     @register(MyLayer)
     class MyLayerRule(Rule):
-        ...  # capture (pre_forward/post_forward) plus the three finalize-time methods
+        ...  # capture: pre_forward / post_forward record each call's Use (inputs, grads)
+
+        def per_example(self, module, uses):   # {name: (B, *shape)}, summed over the uses
+            A, G = ...  # from u.inputs, u.grads of the uses
+            return {"weight": torch.einsum("bti,bto->bio", A, G), "bias": G.sum(1)}
+
+``sq_norms(module, uses, method)`` and ``clipped(module, uses, c, pool)`` default to
+``per_example``; a rule overrides them to skip forming per-example gradients (a ghost norm, one
+GEMM for the clipped sum: ``linear.py``).
 """
 from __future__ import annotations
 
@@ -55,10 +63,6 @@ class Use:
         self.recorded = False
         self.spent = False
         self.memo: Any = None
-
-
-# One entry of a parameter's uses: (module, name of the parameter in that module, use).
-Entry = Tuple[nn.Module, str, Use]
 
 
 class Rule:
@@ -121,6 +125,7 @@ class Rule:
         so they are freed now rather than when autograd frees the graph that holds the use.
         Only what the backward sets again may go (a graph may be backpropagated again)."""
         use.grads = None
+        use.memo = None
 
     def pre_forward(self, engine, module: nn.Module, args, kwargs):
         raise NotImplementedError
@@ -272,53 +277,10 @@ def cross_inner(rule_a: Rule, a: Part, rule_b: Rule, b: Part, method: str) -> Te
     fn = _CROSS.get((type(rule_b), type(rule_a)))
     if fn is not None:
         return fn(b, a, method)
-    ga = _per_example(rule_a, a.module, a.uses)[a.name]
-    gb = _per_example(rule_b, b.module, b.uses)[b.name]
+    ga = rule_a.per_example(a.module, a.uses)[a.name]
+    gb = rule_b.per_example(b.module, b.uses)[b.name]
     wide = torch.promote_types(torch.promote_types(ga.dtype, gb.dtype), torch.float32)
     return (ga.flatten(1).to(wide) * gb.flatten(1).to(wide)).sum(1)
-
-
-# -- transition: rules not yet converted to the per-module kernels ---------------------------
-def _legacy(rule) -> bool:
-    return hasattr(rule, "clipped_grad")
-
-
-def _names(module, uses) -> List[str]:
-    return [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-
-
-def module_sq_norms(rule: Rule, module, uses, method: str) -> Dict[str, Tensor]:
-    if not _legacy(rule):
-        return rule.sq_norms(module, uses, method)
-    cache: Dict = {}
-    if type(rule).sq_norms is Rule.sq_norms:
-        return {n: sq_rows(g) for n, g in _per_example(rule, module, uses).items()}
-    return {n: rule.sq_norms([(module, n, u) for u in uses], method, cache)
-            for n in _names(module, uses)}
-
-
-def module_clipped(rule: Rule, module, uses, c: Tensor, pool: Pool) -> Dict[str, Tensor]:
-    if not _legacy(rule):
-        return rule.clipped(module, uses, c, pool)
-    cache: Dict = {}
-    out = {}
-    for n in _names(module, uses):
-        for u in uses:
-            g = rule.clipped_grad(module, n, u, c, cache)
-            out[n] = g if n not in out else out[n] + g
-    return out
-
-
-def _per_example(rule: Rule, module, uses) -> Dict[str, Tensor]:
-    if not _legacy(rule):
-        return rule.per_example(module, uses)
-    cache: Dict = {}
-    out = {}
-    for n in _names(module, uses):
-        for u in uses:
-            g = rule.per_example_grad(module, n, u, cache)
-            out[n] = g if n not in out else out[n] + g
-    return out
 
 
 def rule_for(module: nn.Module) -> Optional[Rule]:

@@ -10,14 +10,14 @@ import torch
 from .. import ops
 from ..nn.attention import MultiheadAttention
 from .capture import ModuleCaptureRule
-from . import register, zero_rows
+from . import register, sq_rows, zero_rows
 from .linear import _flat
 
 
-def _blocks(entries, name):
+def _blocks(uses, name):
     """{rows: (A stacked over uses, G stacked over uses)} of parameter ``name``'s projections."""
     by_rows: dict = {}
-    for _, _, u in entries:
+    for u in uses:
         for part in u.extra.get("proj", ()):
             if part.weight == name or part.bias == name:
                 by_rows.setdefault(part.rows, []).append(part)
@@ -39,27 +39,34 @@ class AttentionRule(ModuleCaptureRule):
         use.extra["token"] = [(n, zero_rows(g, bad)) for n, g in use.extra.get("token", ())]
         use.grads = zero_rows(use.grads, bad)
 
-    def sq_norms(self, entries, method, cache):
-        name = entries[0][1]
-        B = entries[0][2].batch_size
-        sq = torch.zeros(max(B, 0), dtype=torch.float64,
-                         device=getattr(entries[0][0], name).device)
-        if name in ("bias_k", "bias_v"):
-            return self.per_example_grad(None, name, None, cache, entries).flatten(1).square().sum(1)
-        for rows, (A, G) in _blocks(entries, name).items():
-            if name.endswith("weight"):
-                w, _ = ops.linear_sq_norms(A, G, method=method, bias=False)
-                sq = sq + w.to(torch.float64)
-            else:
-                sq = sq + G.sum(1).square().sum(-1).to(torch.float64)
-        return sq
+    @staticmethod
+    def _trainable(module):
+        return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
-    def per_example_grad(self, module, name, use, cache, entries=None):
-        uses = [use] if entries is None else [u for _, _, u in entries]
-        u0 = uses[0]
-        m = u0.module
-        p = getattr(m, name)
-        B = max(u0.batch_size, 0)
+    def sq_norms(self, module, uses, method):
+        out = {}
+        B = max(uses[0].batch_size, 0)
+        for name, p in self._trainable(module):
+            if name in ("bias_k", "bias_v"):
+                out[name] = sq_rows(self._per_example(module, name, uses))
+                continue
+            sq = torch.zeros(B, dtype=torch.float64, device=p.device)
+            for rows, (A, G) in _blocks(uses, name).items():
+                if name.endswith("weight"):
+                    w, _ = ops.linear_sq_norms(A, G, method=method, bias=False)
+                    sq = sq + w.to(torch.float64)
+                else:
+                    sq = sq + G.sum(1).square().sum(-1).to(torch.float64)
+            out[name] = sq
+        return out
+
+    def per_example(self, module, uses):
+        return {n: self._per_example(module, n, uses) for n, _ in self._trainable(module)}
+
+    @staticmethod
+    def _per_example(module, name, uses):
+        p = getattr(module, name)
+        B = max(uses[0].batch_size, 0)
         wide = torch.promote_types(p.dtype, torch.float32)
         if name in ("bias_k", "bias_v"):
             g = p.new_zeros((B, p.shape[-1]), dtype=wide)
@@ -69,7 +76,7 @@ class AttentionRule(ModuleCaptureRule):
                         g = g + t.to(g.dtype)
             return g.view((B,) + p.shape)
         out = p.new_zeros((B,) + p.shape, dtype=wide)
-        for (r0, r1), (A, G) in _blocks([(m, name, u) for u in uses], name).items():
+        for (r0, r1), (A, G) in _blocks(uses, name).items():
             if name.endswith("weight"):
                 if name == "in_proj_weight":
                     out[:, r0:r1] += torch.einsum("btp,btd->bpd", G, A)
@@ -79,22 +86,25 @@ class AttentionRule(ModuleCaptureRule):
                 out[:, r0:r1] += G.sum(1)
         return out
 
-    def clipped_grad(self, module, name, use, c, cache):
-        p = getattr(module, name)
-        wide = torch.promote_types(p.dtype, torch.float32)
-        if name in ("bias_k", "bias_v"):
-            return torch.tensordot(c.to(wide), self.per_example_grad(module, name, use, cache),
-                                   dims=1)
-        out = torch.zeros_like(p, dtype=wide)
-        for (r0, r1), (A, G) in _blocks([(module, name, use)], name).items():
-            B, T, rows = G.shape
-            Gc = G * c.to(G.dtype).view(-1, 1, 1)
-            if name.endswith("weight"):
-                g = Gc.reshape(B * T, rows).t().mm(A.reshape(B * T, A.shape[-1]))
-                if name == "in_proj_weight":
-                    out[r0:r1] += g
+    def clipped(self, module, uses, c, pool):
+        res = {}
+        for name, p in self._trainable(module):
+            wide = torch.promote_types(p.dtype, torch.float32)
+            if name in ("bias_k", "bias_v"):
+                res[name] = torch.tensordot(c.to(wide), self._per_example(module, name, uses),
+                                            dims=1)
+                continue
+            out = torch.zeros_like(p, dtype=wide)
+            for (r0, r1), (A, G) in _blocks(uses, name).items():
+                B, T, rows = G.shape
+                Gc = G * c.to(G.dtype).view(-1, 1, 1)
+                if name.endswith("weight"):
+                    g = Gc.reshape(B * T, rows).t().mm(A.reshape(B * T, A.shape[-1]))
+                    if name == "in_proj_weight":
+                        out[r0:r1] += g
+                    else:
+                        out += g
                 else:
-                    out += g
-            else:
-                out[r0:r1] += Gc.sum((0, 1))
-        return out
+                    out[r0:r1] += Gc.sum((0, 1))
+            res[name] = out
+        return res

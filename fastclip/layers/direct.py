@@ -21,7 +21,7 @@ is ever left out silently.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -157,10 +157,18 @@ class DirectRule(Rule):
     def zero_examples(self, use, bad):
         use.grads = tuple(None if g is None else _zero(g, bad) for g in use.grads)
 
-    def _per_example(self, use: Use, cache: Dict) -> Dict[str, Tensor]:
-        key = ("direct", id(use))
-        if key in cache:
-            return cache[key]
+    def per_example(self, module: nn.Module, uses: Sequence[Use]) -> Dict[str, Tensor]:
+        # The rule's sq_norms and clipped are the defaults, from these; each use's are memoised
+        # on it for the step (the engine drops them when it ends).
+        out: Dict[str, Tensor] = {}
+        for u in uses:
+            if u.memo is None:
+                u.memo = self._per_example(u)
+            for n, g in u.memo.items():
+                out[n] = g if n not in out else out[n] + g
+        return out
+
+    def _per_example(self, use: Use) -> Dict[str, Tensor]:
         outs, leaves, B = use.extra["outs"], use.extra["leaves"], use.batch_size
         names = list(leaves)
         pairs = [(o, g) for o, g in zip(outs, use.grads) if g is not None and o.requires_grad]
@@ -182,16 +190,7 @@ class DirectRule(Rule):
                     result[n] = g
         # bf16 / fp16 parameters: norms and clipped sums in float32 or wider (the engine rounds
         # the sum to the parameter's dtype once); a bf16 sum of squares under-clips.
-        result = {n: ops.widened(g) for n, g in result.items()}
-        cache[key] = result
-        return result
-
-    def per_example_grad(self, module, name, use, cache):
-        return self._per_example(use, cache)[name]
-
-    def clipped_grad(self, module, name, use, c, cache):
-        g = self._per_example(use, cache)[name]
-        return torch.tensordot(c.to(g.dtype), g, dims=1)
+        return {n: ops.widened(g) for n, g in result.items()}
 
 
 def _zero(t: Tensor, bad: Tensor) -> Tensor:

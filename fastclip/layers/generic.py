@@ -9,7 +9,7 @@ gives the per-example gradients of the module's parameters (memory B x module pa
 from __future__ import annotations
 
 import contextlib
-from typing import Dict
+from typing import Dict, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -144,10 +144,18 @@ class GenericRule(Rule):
             leaves[i] = t
         return tree_unflatten(leaves, out_spec)
 
-    def _per_example(self, module: nn.Module, use: Use, cache: Dict) -> Dict[str, Tensor]:
-        key = ("generic", id(use))
-        if key in cache:
-            return cache[key]
+    def per_example(self, module: nn.Module, uses: Sequence[Use]) -> Dict[str, Tensor]:
+        # The rule's sq_norms and clipped are the defaults, from these; each use's are memoised
+        # on it for the step (the engine drops them when it ends).
+        out: Dict[str, Tensor] = {}
+        for u in uses:
+            if u.memo is None:
+                u.memo = self._per_example(module, u)
+            for n, g in u.memo.items():
+                out[n] = g if n not in out else out[n] + g
+        return out
+
+    def _per_example(self, module: nn.Module, use: Use) -> Dict[str, Tensor]:
         in_leaves, in_tensors, in_spec = use.inputs
         in_leaves = list(in_leaves)
         it = iter(in_tensors)
@@ -156,9 +164,7 @@ class GenericRule(Rule):
                 in_leaves[i] = next(it).detach()
         out_idx, out_spec, random, amp = use.extra
         with _in_autocast(amp):
-            result = self._per_example_in(module, use, in_leaves, in_spec, out_idx, random)
-        cache[key] = result
-        return result
+            return self._per_example_in(module, use, in_leaves, in_spec, out_idx, random)
 
     def _per_example_in(self, module, use, in_leaves, in_spec, out_idx, random):
         B = use.batch_size
@@ -260,19 +266,6 @@ class GenericRule(Rule):
                 rows[n].append(part[n])
         return {n: torch.cat(rows[n]) for n in params}
 
-    def sq_norms(self, entries, method, cache):
-        # float32 or wider: a bf16 / fp16 sum of squares under-clips or overflows.
-        g = sum(self.per_example_grad(m, n, u, cache) for m, n, u in entries)
-        g = g.flatten(1)
-        return g.to(torch.promote_types(g.dtype, torch.float32)).square().sum(1)
-
-    def per_example_grad(self, module, name, use, cache):
-        return self._per_example(module, use, cache)[name]
-
-    def clipped_grad(self, module, name, use, c, cache):
-        g = self._per_example(module, use, cache)[name]
-        wide = torch.promote_types(g.dtype, torch.float32)   # rounded to p's dtype once, later
-        return torch.tensordot(c.to(wide), g.to(wide), dims=1)
 
 
 GENERIC = GenericRule()

@@ -6,11 +6,9 @@ Their affine parameters have only C (or prod(normalized_shape)) entries, so the 
 gradients themselves are cheap to hold (B x C): one native pass per use (``ops.norm_affine_grads``)
 recomputes x_hat from the captured input with the layer's own statistics and forms the weight and
 bias gradients of every example. Norms, clipped sums and per-example gradients all come from that
-one pass, cached per use for the finalize call.
+one pass, kept on the use (``per_example``; the rule's sq_norms / clipped are the defaults).
 """
 from __future__ import annotations
-
-from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from .. import ops
-from . import register, zero_rows
+from . import register, trainable, zero_rows
 from .capture import FunctionalRule
 
 
@@ -134,17 +132,15 @@ class NormRule(FunctionalRule):
             running_mean=opts["running_mean"].to(wide), running_var=opts["running_var"].to(wide))
         return ops.norm_affine_grads("instance_norm", x, g, eps=opts["eps"], bias=bias, **stats)
 
-    @staticmethod
-    def _grads(module: nn.Module, use, cache: Dict):
-        return use.extra["grads"]
-
-    def per_example_grad(self, module, name, use, cache):
-        gw, gb = self._grads(module, use, cache)
-        out = gw if name == "weight" else gb
-        if out is None:
-            raise ValueError(f"{type(module).__name__}: parameter '{name}' was not used by the call")
-        return out.view((out.shape[0],) + tuple(getattr(module, name).shape))
-
-    def clipped_grad(self, module, name, use, c, cache):
-        G = self.per_example_grad(module, name, use, cache)
-        return torch.tensordot(c.to(G.dtype), G, dims=1)
+    def per_example(self, module, uses):
+        out = {}
+        for use in uses:
+            for name, g in zip(("weight", "bias"), use.extra["grads"]):
+                if not trainable(module, name):
+                    continue
+                if g is None:
+                    raise ValueError(
+                        f"{type(module).__name__}: parameter '{name}' was not used by the call")
+                g = g.view((g.shape[0],) + tuple(getattr(module, name).shape))
+                out[name] = g if name not in out else out[name] + g
+        return out

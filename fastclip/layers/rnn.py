@@ -11,7 +11,7 @@ import torch
 from .. import ops
 from ..nn.rnn import GRU, LSTM, RNN, RecurrentPart
 from .capture import ModuleCaptureRule
-from . import register, scaled_rows
+from . import register, scaled_rows, trainable
 
 _NAME = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
 
@@ -46,61 +46,90 @@ class RecurrentRule(ModuleCaptureRule):
             return "proj_size > 0 is not supported"
         return None
 
-    def sq_norms(self, entries, method, cache):
-        kind, which, key = _parse(entries[0][1])
-        uses = [u for _, _, u in entries]
-        parts = [_wide(u.extra[key]) for u in uses if key in u.extra]
+    def sq_norms(self, module, uses, method):
+        out = {}
         B = uses[0].batch_size
-        if not parts:  # no gradient reached this layer/direction: its gradient is zero
-            return torch.zeros(max(B, 0), dtype=torch.float64,
-                               device=getattr(entries[0][0], entries[0][1]).device)
-        if kind == "bias":  # ||sum over uses and steps of g_t||^2, from the backward's sums
-            g = sum(p.g_sum if which == "ih" else p.g_hh_sum for p in parts)
-            return g.square().sum(-1)
-        ck = ("rnn-weight-hh", tuple(id(u) for u in uses), key)
-        if which == "hh" and ck in cache:
-            return cache.pop(ck)
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or name in out:
+                continue
+            kind, which, key = _parse(name)
+            parts = [_wide(u.extra[key]) for u in uses if key in u.extra]
+            if not parts:  # no gradient reached this layer/direction: its gradient is zero
+                out[name] = torch.zeros(max(B, 0), dtype=torch.float64, device=p.device)
+            elif kind == "bias":  # ||sum over uses and steps of g_t||^2, from the backward's sums
+                g = sum(q.g_sum if which == "ih" else q.g_hh_sum for q in parts)
+                out[name] = g.square().sum(-1)
+            else:
+                out.update(self._weight_sq_norms(module, name[len("weight_ih"):], parts, method))
+        return out
+
+    @staticmethod
+    def _weight_sq_norms(module, suffix, parts, method):
+        """{weight_ih, weight_hh}{suffix}'s norms, the uses' steps stacked: with the ghost
+        method both from one pass (the Gram of G serves the two)."""
+        n_ih, n_hh = "weight_ih" + suffix, "weight_hh" + suffix
         cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts, 1)
         x, hp, gi = cat([p.x for p in parts]), cat([p.h_prev for p in parts]), cat([p.g_ih for p in parts])
         shared = all(p.shared_g for p in parts)
         gh = gi if shared else cat([p.g_hh for p in parts])
         T, p_ = gi.shape[1], gi.shape[2]
-        ghost = method == "ghost" or (method == "auto" and T > 1 and
-                                      ops.choose_linear_method(T, x.shape[2], p_) == "ghost" and
-                                      ops.choose_linear_method(T, hp.shape[2], p_) == "ghost")
-        if which == "ih" and ghost:
-            # Both weights at once: the Gram of G serves weight_ih and weight_hh.
-            w_ih, w_hh = ops.rnn_ghost_sq_norms(x, hp, gi, None if shared else gh)
-            cache[ck] = w_hh
-            return w_ih
-        A, G = (x, gi) if which == "ih" else (hp, gh)
-        return ops.linear_sq_norms(A, G, method=method)[0]
+        out = {}
+        if trainable(module, n_ih):
+            ghost = method == "ghost" or (method == "auto" and T > 1 and
+                                          ops.choose_linear_method(T, x.shape[2], p_) == "ghost" and
+                                          ops.choose_linear_method(T, hp.shape[2], p_) == "ghost")
+            if ghost:
+                out[n_ih], w_hh = ops.rnn_ghost_sq_norms(x, hp, gi, None if shared else gh)
+                if trainable(module, n_hh):
+                    out[n_hh] = w_hh
+                return out
+            out[n_ih] = ops.linear_sq_norms(x, gi, method=method)[0]
+        if trainable(module, n_hh):
+            out[n_hh] = ops.linear_sq_norms(hp, gh, method=method)[0]
+        return out
 
-    def per_example_grad(self, module, name, use, cache):
-        kind, which, key = _parse(name)
-        part = _wide(use.extra.get(key))
-        p = getattr(module, name)
-        if part is None:
-            return torch.zeros((max(use.batch_size, 0),) + tuple(p.shape), dtype=p.dtype,
-                               device=p.device)
-        A, G = _factors(part, which)
-        if kind == "bias":
-            return part.g_sum if which == "ih" else part.g_hh_sum
-        return torch.einsum("btp,btd->bpd", G, A)
+    @staticmethod
+    def _each(module, uses, one, empty):
+        """{name: sum over uses of one(kind, which, part)} of the trainable parameters; empty(p)
+        for a layer/direction no gradient reached."""
+        out = {}
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            kind, which, key = _parse(name)
+            total = None
+            for u in uses:
+                part = _wide(u.extra.get(key))
+                if part is not None:
+                    g = one(kind, which, part)
+                    total = g if total is None else total + g
+            out[name] = empty(p) if total is None else total
+        return out
 
-    def clipped_grad(self, module, name, use, c, cache):
-        kind, which, key = _parse(name)
-        part = _wide(use.extra.get(key))
-        if part is None:
-            p = getattr(module, name)
-            return torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-        A, G = _factors(part, which)
-        B, T, p = G.shape
-        c = c.to(G.dtype)
-        if kind == "bias":
-            return c.matmul(part.g_sum if which == "ih" else part.g_hh_sum)
-        d = A.shape[-1]
-        # G^T diag(c) A over all (example, step) rows: rescale the smaller factor, then one GEMM.
-        if p <= d:
-            return scaled_rows(G, c, cache).reshape(B * T, p).t().mm(A.reshape(B * T, d))
-        return G.reshape(B * T, p).t().mm(scaled_rows(A, c, cache).reshape(B * T, d))
+    def per_example(self, module, uses):
+        B = max(uses[0].batch_size, 0)
+
+        def one(kind, which, part):
+            if kind == "bias":
+                return part.g_sum if which == "ih" else part.g_hh_sum
+            A, G = _factors(part, which)
+            return torch.einsum("btp,btd->bpd", G, A)
+
+        return self._each(module, uses, one, lambda p: torch.zeros(
+            (B,) + tuple(p.shape), dtype=p.dtype, device=p.device))
+
+    def clipped(self, module, uses, c, pool):
+        def one(kind, which, part):
+            A, G = _factors(part, which)
+            B, T, p = G.shape
+            cg = c.to(G.dtype)
+            if kind == "bias":
+                return cg.matmul(part.g_sum if which == "ih" else part.g_hh_sum)
+            d = A.shape[-1]
+            # G^T diag(c) A over all (example, step) rows: rescale the smaller factor, one GEMM.
+            if p <= d:
+                return scaled_rows(G, cg, pool).reshape(B * T, p).t().mm(A.reshape(B * T, d))
+            return G.reshape(B * T, p).t().mm(scaled_rows(A, cg, pool).reshape(B * T, d))
+
+        return self._each(module, uses, one, lambda p: torch.zeros(
+            p.shape, dtype=p.dtype, device=p.device))
