@@ -380,7 +380,7 @@ class NanoBatchEngine(Engine):
                             1 if T > 1 else self.num_threads)
             return accs
 
-        engine._finalizing = True     # no capture while the nanobatch graphs are differentiated
+        self._finalizing = True     # no capture while the nanobatch graphs are differentiated
         try:
             if T == 1:
                 results = [work(0)] if n_chunks else []
@@ -392,7 +392,7 @@ class NanoBatchEngine(Engine):
                 futures = [self._pool.submit(work, t) for t in range(T)]
                 results = [f.result() for f in futures]
         finally:
-            engine._finalizing = False
+            self._finalizing = False
             for c in calls:
                 c.outs = c.leaves = None   # free the nanobatch graphs
         norms = sq.sum(1).sqrt()
