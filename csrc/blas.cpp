@@ -63,13 +63,14 @@ void call_gemm(const Library* L, int ta, int tb, int64_t m, int64_t n, int64_t k
   L->dgemm(kRowMajor, ta, tb, int(m), int(n), int(k), 1.0, A, int(lda), B, int(ldb), 0.0, C,
            int(ldc));
 }
-void call_syrk(const Library* L, int64_t n, int64_t k, const float* A, int64_t lda, float* C,
-               int64_t ldc) {
-  L->ssyrk(kRowMajor, kUpper, kNoTrans, int(n), int(k), 1.0f, A, int(lda), 0.0f, C, int(ldc));
+// trans = kNoTrans: C = A A^T (A n x k); kTrans: C = A^T A (A k x n).
+void call_syrk(const Library* L, int trans, int64_t n, int64_t k, const float* A, int64_t lda,
+               float* C, int64_t ldc) {
+  L->ssyrk(kRowMajor, kUpper, trans, int(n), int(k), 1.0f, A, int(lda), 0.0f, C, int(ldc));
 }
-void call_syrk(const Library* L, int64_t n, int64_t k, const double* A, int64_t lda, double* C,
-               int64_t ldc) {
-  L->dsyrk(kRowMajor, kUpper, kNoTrans, int(n), int(k), 1.0, A, int(lda), 0.0, C, int(ldc));
+void call_syrk(const Library* L, int trans, int64_t n, int64_t k, const double* A, int64_t lda,
+               double* C, int64_t ldc) {
+  L->dsyrk(kRowMajor, kUpper, trans, int(n), int(k), 1.0, A, int(lda), 0.0, C, int(ldc));
 }
 
 }  // namespace
@@ -118,11 +119,31 @@ void syrk_upper(int64_t n, int64_t k, const T* A, int64_t lda, T* C, int64_t ldc
   if (n == 0) return;
   const Library* L = active();
   if (L && k > 0 && fits({n, k, ldc}, {{lda, k}, {ldc, n}})) {
-    call_syrk(L, n, k, A, lda, C, ldc);
+    call_syrk(L, kNoTrans, n, k, A, lda, C, ldc);
     return;
   }
   for (int64_t r = 0; r < n; ++r)
     for (int64_t c = r; c < n; ++c) C[r * ldc + c] = static_cast<T>(dot(A + r * lda, A + c * lda, k));
+}
+
+template <class T>
+void syrk_upper_t(int64_t n, int64_t k, const T* A, int64_t lda, T* C, int64_t ldc) {
+  if (n == 0) return;
+  const Library* L = active();
+  if (L && k > 0 && fits({n, k, ldc}, {{lda, n}, {ldc, n}})) {
+    call_syrk(L, kTrans, n, k, A, lda, C, ldc);
+    return;
+  }
+  // Rank-1 updates of the upper triangle, along contiguous rows of A and C (as gemm_tn).
+  for (int64_t r = 0; r < n; ++r) std::fill(C + r * ldc + r, C + r * ldc + n, T(0));
+  for (int64_t t = 0; t < k; ++t) {
+    const T* a = A + t * lda;
+    for (int64_t r = 0; r < n; ++r) {
+      const T ar = a[r];
+      T* c = C + r * ldc;
+      for (int64_t j = r; j < n; ++j) c[j] += ar * a[j];
+    }
+  }
 }
 
 template <class T>
@@ -162,6 +183,7 @@ void gemm_tn(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* 
 
 #define FASTCLIP_INSTANTIATE(T)                                                               \
   template void syrk_upper<T>(int64_t, int64_t, const T*, int64_t, T*, int64_t);              \
+  template void syrk_upper_t<T>(int64_t, int64_t, const T*, int64_t, T*, int64_t);            \
   template void gemm_nt<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, \
                            int64_t);                                                          \
   template void gemm_tn<T>(int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, T*, \

@@ -26,6 +26,11 @@ std::string info();
 template <class T>
 void syrk_upper(int64_t n, int64_t k, const T* A, int64_t lda, T* C, int64_t ldc);
 
+// C (n x n, upper triangle incl. diagonal) = A^T A, A: k x n (the Gram matrix of A's columns).
+// The strict lower triangle of C is left unspecified.
+template <class T>
+void syrk_upper_t(int64_t n, int64_t k, const T* A, int64_t lda, T* C, int64_t ldc);
+
 // C (m x n) = A B^T, A: m x k, B: n x k.
 template <class T>
 void gemm_nt(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,

@@ -9,12 +9,9 @@
 namespace fastclip {
 namespace {
 
-// Ghost tiles are kTile x kTile blocks of the two P x P Gram matrices U^T U and G^T G, so the Gram
-// buffers are 2 kTile^2 elements whatever P is.
-constexpr int64_t kTile = 256;
-// At most this many elements of one example's unfolded input are held per thread (16 MiB of
-// float32). Bigger unfolds are built a position chunk (direct) or a tile (ghost) at a time.
-constexpr int64_t kUnfoldBudget = int64_t(1) << 22;
+// kConvTile and kConvUnfoldBudget (conv.h): the ghost tile and the per-thread unfold budget.
+constexpr int64_t kTile = kConvTile;
+constexpr int64_t kUnfoldBudget = kConvUnfoldBudget;
 // Direct holds one group's per-example gradient (Og x K) per thread; auto does not pick it above
 // this size (64 MiB of float32), ghost's memory is bounded by the tiles instead.
 constexpr int64_t kDirectMaxElems = int64_t(1) << 24;
@@ -28,52 +25,104 @@ std::string dims(const int64_t* v) {
 // Columns [t0, t0 + n) of example xi's unfolded input for the group starting at channel c0, into
 // U (K rows, leading dimension ldu). Row r = ((ch k0 + a) k1 + b) k2 + e is the weight's flattened
 // (C/groups, k0, k1, k2) index, column t the output position (od, oh, ow) in row-major order.
-// Positions reading the zero padding get 0. Each row is filled one output line (fixed od, oh) at a
-// time, whose valid ow range is computed once, so the inner loop is a plain (strided) copy.
+// Positions reading the zero padding get 0.
+//
+// The layout of a row depends only on its tap (a, b, e), not on its channel: per tap the columns
+// are cut once into output-line segments (zeros, a copy from one input line, zeros), and every
+// channel's row replays them. The index arithmetic (divisions included) is per tap and line, the
+// per-element work a plain copy: this keeps the unfold well below the cost of the product that
+// reads it (it was as slow as the GEMM with the arithmetic per row and line).
+constexpr int64_t kUnfoldLines = kConvUnfoldLines;
+
+struct UnfoldSeg {
+  int64_t len;   // columns of this segment (one output line, or the part of it in range)
+  int64_t pre;   // leading zeros
+  int64_t copy;  // then this many copied elements (the rest of len is zeros)
+  int64_t src;   // element offset of the first copied element from the channel's origin
+};
+
+// GCC would turn the short copy and zero loops into memcpy / memset calls, whose call overhead
+// is most of the cost for segments of a few elements (conv3 of the cnn bench: 4x slower).
+#if defined(__GNUC__) && !defined(__clang__)
+#define FASTCLIP_INLINE_LOOPS __attribute__((optimize("no-tree-loop-distribute-patterns")))
+#else
+#define FASTCLIP_INLINE_LOOPS
+#endif
+
 template <class T>
-void unfold(const ConvShape& s, const T* xi, int64_t c0, int64_t t0, int64_t n, T* U, int64_t ldu) {
+FASTCLIP_INLINE_LOOPS void unfold(const ConvShape& s, const T* xi, int64_t c0, int64_t t0, int64_t n,
+                                  T* U, int64_t ldu, std::vector<UnfoldSeg>& segs) {
+  if (n <= 0) return;
   const int64_t Cg = s.C / s.groups;
-  const int64_t Wo = s.out[2], HWo = s.out[1] * s.out[2];
-  const int64_t sw = s.stride[2], xs4 = s.xs[4];
+  const int64_t Ho = s.out[1], Wo = s.out[2], HWo = Ho * Wo;
+  const int64_t sw = s.stride[2], xs4 = s.xs[4], step = sw * xs4;
   const int64_t end = t0 + n;
-  int64_t r = 0;
-  for (int64_t ch = 0; ch < Cg; ++ch) {
-    const T* xc = xi + (c0 + ch) * s.xs[1];
+  // First output position of the range (n > 0, so P = D H W > 0 and HWo, Wo > 0).
+  const int64_t od0 = t0 / HWo, rem0 = t0 - od0 * HWo, oh0 = rem0 / Wo, ow0 = rem0 - oh0 * Wo;
+  const int64_t taps = s.k[0] * s.k[1] * s.k[2];
+  // Lines are taken kUnfoldLines at a time, so the segment list stays small (32 KiB) even when
+  // every line is a single column (a 1-D range over D or H with Wo = 1).
+  int64_t t = t0, od = od0, oh = oh0, ow = ow0;
+  while (t < end) {
+    int64_t t_next = t, od_next = od, oh_next = oh;
+    int64_t tap = 0;
     for (int64_t a = 0; a < s.k[0]; ++a) {
       const int64_t offd = a * s.dil[0] - s.pad_lo[0];
       for (int64_t b = 0; b < s.k[1]; ++b) {
         const int64_t offh = b * s.dil[1] - s.pad_lo[1];
-        for (int64_t e = 0; e < s.k[2]; ++e, ++r) {
+        for (int64_t e = 0; e < s.k[2]; ++e, ++tap) {
           const int64_t offw = e * s.dil[2] - s.pad_lo[2];
           // ow is valid iff 0 <= ow sw + offw < W: ow in [ow_lo, ow_hi).
           const int64_t ow_lo = offw >= 0 ? 0 : (-offw + sw - 1) / sw;
           const int64_t ow_hi = s.in[2] - 1 - offw < 0 ? 0 : std::min(Wo, (s.in[2] - 1 - offw) / sw + 1);
-          T* row = U + r * ldu;
-          int64_t t = t0;
-          while (t < end) {
-            const int64_t od = t / HWo, rem = t - od * HWo, oh = rem / Wo, ow = rem - oh * Wo;
-            const int64_t run = std::min(Wo - ow, end - t);
-            T* o = row + (t - t0);
-            const int64_t id = od * s.stride[0] + offd, ih = oh * s.stride[1] + offh;
-            if (id < 0 || id >= s.in[0] || ih < 0 || ih >= s.in[1] || ow_lo >= ow_hi) {
-              std::fill(o, o + run, T(0));
-            } else {
-              const T* xr = xc + id * s.xs[2] + ih * s.xs[3];
-              const int64_t a1 = ow + run;
-              const int64_t v0 = std::clamp(ow_lo, ow, a1), v1 = std::clamp(ow_hi, v0, a1);
-              std::fill(o, o + (v0 - ow), T(0));
-              if (sw * xs4 == 1) {
-                std::memcpy(o + (v0 - ow), xr + v0 + offw, size_t(v1 - v0) * sizeof(T));
-              } else {
-                for (int64_t q = v0; q < v1; ++q) o[q - ow] = xr[(q * sw + offw) * xs4];
-              }
-              std::fill(o + (v1 - ow), o + run, T(0));
+          segs.clear();
+          int64_t tl = t, dl = od, hl = oh, wl = ow;
+          while (tl < end && int64_t(segs.size()) < kUnfoldLines) {
+            const int64_t run = std::min(Wo - wl, end - tl);
+            const int64_t id = dl * s.stride[0] + offd, ih = hl * s.stride[1] + offh;
+            UnfoldSeg sg{run, run, 0, 0};
+            if (!(id < 0 || id >= s.in[0] || ih < 0 || ih >= s.in[1] || ow_lo >= ow_hi)) {
+              const int64_t a1 = wl + run;
+              const int64_t v0 = std::clamp(ow_lo, wl, a1), v1 = std::clamp(ow_hi, v0, a1);
+              sg.pre = v0 - wl;
+              sg.copy = v1 - v0;
+              sg.src = id * s.xs[2] + ih * s.xs[3] + (v0 * sw + offw) * xs4;
             }
-            t += run;
+            segs.push_back(sg);
+            tl += run;
+            wl = 0;
+            if (++hl == Ho) {
+              hl = 0;
+              ++dl;
+            }
+          }
+          t_next = tl;  // the same for every tap: the lines do not depend on the tap
+          od_next = dl;
+          oh_next = hl;
+          for (int64_t ch = 0; ch < Cg; ++ch) {
+            const T* xc = xi + (c0 + ch) * s.xs[1];
+            T* o = U + (ch * taps + tap) * ldu + (t - t0);
+            for (const UnfoldSeg& sg : segs) {
+              int64_t q = 0;
+              for (; q < sg.pre; ++q) o[q] = T(0);
+              const T* src = xc + sg.src;
+              T* dst = o + sg.pre;
+              if (step == 1) {
+                for (int64_t j = 0; j < sg.copy; ++j) dst[j] = src[j];
+              } else {
+                for (int64_t j = 0; j < sg.copy; ++j) dst[j] = src[j * step];
+              }
+              for (q = sg.pre + sg.copy; q < sg.len; ++q) o[q] = T(0);
+              o += sg.len;
+            }
           }
         }
       }
     }
+    t = t_next;
+    od = od_next;
+    oh = oh_next;
+    ow = 0;
   }
 }
 
@@ -89,10 +138,13 @@ double direct_flops(int64_t P, int64_t K, int64_t Og) {
 template <class T>
 struct Scratch {
   std::vector<T> U, U2, S, C, acc;
+  std::vector<UnfoldSeg> segs;
 };
 
 // ||G U^T||^2 = <U^T U, G^T G> over P x P, visiting tile pairs (I, J >= I) once; off-diagonal
-// pairs count twice. U is either fully unfolded (full) or unfolded per tile.
+// pairs count twice. U is either fully unfolded (full) or unfolded per tile. A diagonal tile is
+// the Gram matrix of one factor's columns: SYRK forms its upper triangle only (half the flops of
+// a GEMM), and the combine reads the diagonal once and the strict upper triangle twice.
 template <class T>
 double ghost_item(const ConvShape& s, const T* xi, int64_t c0, const T* G, int64_t ldg, int64_t Og,
                   Scratch<T>& w) {
@@ -100,7 +152,7 @@ double ghost_item(const ConvShape& s, const T* xi, int64_t c0, const T* G, int64
   const bool full = K * P <= kUnfoldBudget;
   if (full) {
     w.U.resize(size_t(K * P));
-    unfold(s, xi, c0, 0, P, w.U.data(), P);
+    unfold(s, xi, c0, 0, P, w.U.data(), P, w.segs);
   } else {
     w.U.resize(size_t(K * kTile));
     w.U2.resize(size_t(K * kTile));
@@ -117,55 +169,66 @@ double ghost_item(const ConvShape& s, const T* xi, int64_t c0, const T* G, int64
       UI = w.U.data() + i0;
       ldi = P;
     } else {
-      unfold(s, xi, c0, i0, ni, w.U.data(), ni);
+      unfold(s, xi, c0, i0, ni, w.U.data(), ni, w.segs);
       UI = w.U.data();
       ldi = ni;
     }
-    for (int64_t j0 = i0; j0 < P; j0 += kTile) {
+    // Diagonal tile: upper triangles by SYRK.
+    blas::syrk_upper_t(ni, K, UI, ldi, SU, kTile);
+    blas::syrk_upper_t(ni, Og, G + i0, ldg, SG, kTile);
+    double diag = 0.0, upper = 0.0;
+    for (int64_t r = 0; r < ni; ++r) {
+      diag += double(SU[r * kTile + r]) * double(SG[r * kTile + r]);
+      upper += dot(SU + r * kTile + r + 1, SG + r * kTile + r + 1, ni - r - 1);
+    }
+    total += diag + 2.0 * upper;
+    for (int64_t j0 = i0 + kTile; j0 < P; j0 += kTile) {
       const int64_t nj = std::min(kTile, P - j0);
-      const T* UJ = UI;
-      int64_t ldj = ldi;
-      if (j0 != i0) {
-        if (full) {
-          UJ = w.U.data() + j0;
-        } else {
-          unfold(s, xi, c0, j0, nj, w.U2.data(), nj);
-          UJ = w.U2.data();
-          ldj = nj;
-        }
+      const T* UJ;
+      int64_t ldj;
+      if (full) {
+        UJ = w.U.data() + j0;
+        ldj = P;
+      } else {
+        unfold(s, xi, c0, j0, nj, w.U2.data(), nj, w.segs);
+        UJ = w.U2.data();
+        ldj = nj;
       }
       blas::gemm_tn(ni, nj, K, UI, ldi, UJ, ldj, SU, kTile);
       blas::gemm_tn(ni, nj, Og, G + i0, ldg, G + j0, ldg, SG, kTile);
       double part = 0.0;
       for (int64_t r = 0; r < ni; ++r) part += dot(SU + r * kTile, SG + r * kTile, nj);
-      total += j0 == i0 ? part : 2.0 * part;
+      total += 2.0 * part;
     }
   }
   return total;
 }
 
-// ||G U^T||^2 by forming the Og x K per-example gradient, accumulated over position chunks when
-// the whole unfold would exceed the budget.
-// out (nullable): where to leave the Og x K product (the caller keeps it), else thread scratch.
+// ||G U^T||^2 by forming the per-example gradient, accumulated over position chunks when the
+// whole unfold would exceed the budget. The product is formed transposed, K x Og = U G^T: the same
+// flops, but OpenBLAS runs this orientation 5-25% faster on the conv shapes (K >= Og, P the
+// reduction), and the norm does not care.
+// out (nullable): where to leave the K x Og product (the caller keeps it), else thread scratch.
 template <class T>
 double direct_item(const ConvShape& s, const T* xi, int64_t c0, const T* G, int64_t ldg, int64_t Og,
                    Scratch<T>& w, T* out) {
   const int64_t P = s.positions(), K = s.cols();
   const int64_t chunk = std::max<int64_t>(kTile, kUnfoldBudget / std::max<int64_t>(K, 1));
-  w.C.resize(size_t(Og * K));
   if (P <= chunk) {
     w.U.resize(size_t(K * P));
-    unfold(s, xi, c0, 0, P, w.U.data(), P);
+    unfold(s, xi, c0, 0, P, w.U.data(), P, w.segs);
+    if (!out) w.C.resize(size_t(Og * K));
     T* C = out ? out : w.C.data();
-    blas::gemm_nt(Og, K, P, G, ldg, w.U.data(), P, C, K);
+    blas::gemm_nt(K, Og, P, w.U.data(), P, G, ldg, C, Og);
     return sum_sq(C, Og * K);
   }
+  w.C.resize(size_t(Og * K));
   w.U.resize(size_t(K * chunk));
   w.acc.assign(size_t(Og * K), T(0));
   for (int64_t t0 = 0; t0 < P; t0 += chunk) {
     const int64_t nc = std::min(chunk, P - t0);
-    unfold(s, xi, c0, t0, nc, w.U.data(), nc);
-    blas::gemm_nt(Og, K, nc, G + t0, ldg, w.U.data(), nc, w.C.data(), K);
+    unfold(s, xi, c0, t0, nc, w.U.data(), nc, w.segs);
+    blas::gemm_nt(K, Og, nc, w.U.data(), nc, G + t0, ldg, w.C.data(), Og);
     T* acc = w.acc.data();
     const T* c = w.C.data();
     for (int64_t q = 0; q < Og * K; ++q) acc[q] += c[q];

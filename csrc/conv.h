@@ -14,6 +14,16 @@ namespace fastclip {
 
 enum class ConvMethod { Auto, Ghost, Direct };
 
+// Ghost tiles are kConvTile x kConvTile blocks of the two P x P Gram matrices U^T U and G^T G, so
+// the Gram buffers are 2 kConvTile^2 elements whatever P is.
+constexpr int64_t kConvTile = 256;
+// At most this many elements of one example's unfolded input are held per thread (16 MiB of
+// float32). Bigger unfolds are built a position chunk (direct) or a tile (ghost) at a time.
+// The binding (src/bind_conv.cpp) sizes its scratch and overflow checks from the same two.
+constexpr int64_t kConvUnfoldBudget = int64_t(1) << 22;
+// The unfold takes output lines this many at a time (a 32-byte segment per line and tap).
+constexpr int64_t kConvUnfoldLines = 1024;
+
 // "auto" | "ghost" | "direct"; throws ArgumentError with the offending string.
 ConvMethod parse_conv_method(const std::string& name);
 const char* conv_method_name(ConvMethod method);
@@ -51,8 +61,9 @@ ConvMethod choose_conv_method(int64_t P, int64_t K, int64_t Og);
 // w_out[i] = sum over groups ||G_i U_i^T||_F^2, and if b_out != nullptr b_out[i] = ||sum_p G_i[:, p]||^2.
 // Sums accumulate in double. Parallel over (example, group) pairs on up to num_threads threads.
 // pe_out (Direct only, else nullptr): also keep the per-example gradients the direct method forms
-// anyway, (B, O, K) row-major (= B copies of the weight's layout), so the clipped sum is then
-// one (B,) x (B, O K) product instead of a second weight-gradient convolution.
+// anyway, (B, groups, K, Og) row-major (per example and group the K x Og transpose of the
+// weight's rows), so the clipped sum is then one (B,) x (B, O K) product instead of a second
+// weight-gradient convolution.
 template <class T>
 void conv_sq_norms(const ConvShape& s, const T* x, const T* g, ConvMethod method, T* w_out,
                    T* b_out, int num_threads, T* pe_out = nullptr);

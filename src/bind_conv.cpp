@@ -100,23 +100,25 @@ int64_t check_conv_sizes(const fastclip::ConvShape& s, fastclip::ConvMethod meth
   const int64_t P = checked_prod({s.out[0], s.out[1], s.out[2]}, "output positions");
   const int64_t Og = s.O / s.groups;
   checked_mul(s.B, s.groups, "work items batch x groups");
-  // Per-thread scratch, as csrc/conv.cpp sizes it (kTile 256, kUnfoldBudget 2^22): ghost holds
-  // the whole K x P unfold when it fits the budget, else two K x tile blocks; direct holds a
-  // K x P (or K x chunk) unfold and one or two Og x K products.
+  // Per-thread scratch, as csrc/conv.cpp sizes it (kConvTile, kConvUnfoldBudget, conv.h): ghost
+  // holds the whole K x P unfold when it fits the budget, else two K x tile blocks; direct holds a
+  // K x P (or K x chunk) unfold and one or two Og x K products; both a segment list of at most
+  // kConvUnfoldLines entries (32 bytes each, counted here as float elements).
   const int64_t KP = checked_mul(K, P, "unfold K x positions");
   const int64_t KOg = checked_mul(K, Og, "direct product Og x K");
-  const int64_t Ktile = checked_mul(K, 2 * 256, "unfold K x tile");
+  constexpr int64_t tile = fastclip::kConvTile, budget = fastclip::kConvUnfoldBudget;
+  const int64_t Ktile = checked_mul(K, 2 * tile, "unfold K x tile");
   if (method == fastclip::ConvMethod::Auto) method = fastclip::choose_conv_method(P, K, Og);
   int64_t scratch = 0;
   if (P > 0 && K > 0 && Og > 0) {
-    const int64_t budget = int64_t(1) << 22;
     if (method == fastclip::ConvMethod::Ghost) {
       scratch = KP <= budget ? KP : Ktile;
     } else {
-      const int64_t chunk = std::max<int64_t>(256, budget / K);
+      const int64_t chunk = std::max<int64_t>(tile, budget / K);
       scratch = checked_add(P <= chunk ? KP : checked_mul(K, chunk, "unfold K x chunk"),
                             checked_mul(KOg, P <= chunk ? 1 : 2, "direct products"), "direct scratch");
     }
+    scratch = checked_add(scratch, fastclip::kConvUnfoldLines * 32 / 4, "unfold segments");
   }
   check_scratch(scratch, "the per-thread scratch of one example (K = C_in/groups x kernel = " +
                               std::to_string(K) + ", C_out/groups = " + std::to_string(Og) +
@@ -124,7 +126,7 @@ int64_t check_conv_sizes(const fastclip::ConvShape& s, fastclip::ConvMethod meth
   const double items = double(s.B) * double(s.groups);
   const double per = method == fastclip::ConvMethod::Direct
                          ? 2.0 * double(P) * double(K) * double(Og)
-                         : (double(K) + double(Og) + 1.0) * double(P) * (double(P) + 256.0);
+                         : (double(K) + double(Og) + 1.0) * double(P) * (double(P) + double(tile));
   check_flops(items * (per + 4.0 * double(K) * double(P)), "this convolution's norms");
   return scratch;
 }
@@ -218,7 +220,8 @@ py::tuple conv_sq_norms(const py::object& x_obj, const py::object& g_obj, const 
   void* pe_ptr = nullptr;
   if (!pe_obj.is_none()) {
     // The direct method's per-example gradients, kept for the clipped sum: written in place, so
-    // the array must be exactly (B, C_out, K) C-contiguous, writeable, of the input's dtype.
+    // the array must be exactly (B, groups, K, C_out/groups) C-contiguous, writeable, of the
+    // input's dtype: per example and group the K x Og transpose of that group's weight rows.
     const int64_t K = (s.C / s.groups) * s.k[0] * s.k[1] * s.k[2];
     const fastclip::ConvMethod resolved =
         method == fastclip::ConvMethod::Auto ? fastclip::choose_conv_method(s.positions(), K, s.O / s.groups)
@@ -231,9 +234,12 @@ py::tuple conv_sq_norms(const py::object& x_obj, const py::object& g_obj, const 
     py::array pe = py::reinterpret_borrow<py::array>(pe_obj);
     if (!pe.dtype().is(x.dtype()))
       throw py::type_error("per_example dtype " + dtype_name(pe) + " differs from input's " + dtype_name(x));
-    if (pe.ndim() != 3 || pe.shape(0) != s.B || pe.shape(1) != s.O || pe.shape(2) != K)
-      throw py::value_error("per_example must be (B, C_out, K) = (" + std::to_string(s.B) + ", " +
-                            std::to_string(s.O) + ", " + std::to_string(K) + "), got " + shape_str(pe));
+    const int64_t Og = s.O / s.groups;
+    if (pe.ndim() != 4 || pe.shape(0) != s.B || pe.shape(1) != s.groups || pe.shape(2) != K ||
+        pe.shape(3) != Og)
+      throw py::value_error("per_example must be (B, groups, K, C_out/groups) = (" +
+                            std::to_string(s.B) + ", " + std::to_string(s.groups) + ", " +
+                            std::to_string(K) + ", " + std::to_string(Og) + "), got " + shape_str(pe));
     if (!(pe.flags() & py::array::c_style) || !pe.writeable())
       throw py::value_error("per_example must be C-contiguous and writeable");
     pe_ptr = pe.mutable_data();
@@ -262,8 +268,9 @@ void bind_conv(py::module_& m) {
         "input (B, C_in, *spatial) and grad_output (B, C_out, *out_spatial): float32/float64 arrays\n"
         "with non-negative strides; grad_output contiguous over its spatial dims. kernel_size,\n"
         "stride, dilation: d ints; padding: d ints (symmetric) or 2d ints (before, after per dim).\n"
-        "per_example: None, or a (B, C_out, K) array (direct method only) that receives the\n"
-        "per-example weight gradients (K = C_in/groups * prod(kernel)).\n"
+        "per_example: None, or a (B, groups, K, C_out/groups) array (direct method only) that\n"
+        "receives the per-example weight gradients, each group's transposed (K x C_out/groups,\n"
+        "K = C_in/groups * prod(kernel)).\n"
         "Returns (w_sq (B,), b_sq (B,) or None) in the input dtype.");
   m.def("choose_conv_method", &choose_conv_method, py::arg("P"), py::arg("K"), py::arg("Og"),
         "'ghost' or 'direct' for P output positions, K = C_in/groups * prod(kernel), Og = C_out/groups.");

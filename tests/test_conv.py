@@ -1,5 +1,6 @@
 """Conv1d/2d/3d: native norms and clipped sums against tests/reference.py (float64, one backward
 per example), the conv ops against each other, and hostile inputs to the binding."""
+import math
 import random
 
 import numpy as np
@@ -221,6 +222,41 @@ def test_big_unfold_is_chunked():
     ref = ops.conv_sq_norms_torch(x, g, w_shape, 1, 4, 1, 1, "direct")[0]
     for method in ("ghost", "direct"):
         assert_close(ops.conv_sq_norms(x, g, w_shape, 1, 4, 1, 1, method)[0], ref, torch.float64)
+
+
+@pytest.mark.parametrize("blas", [True, False])
+def test_many_lines_and_blas_fallback(blas):
+    # 3000 output lines of one column (W = 1): the unfold takes its lines in blocks, ghost spans
+    # several tiles (SYRK on the diagonal ones); with BLAS off the loop fallbacks run instead.
+    x = torch.randn(2, 3, 3000, 1, dtype=torch.float64)
+    w_shape = (4, 3, 3, 1)
+    g = torch.randn(2, 4, 3000, 1, dtype=torch.float64)
+    ref = per_example_ref(x, g, w_shape, 1, (1, 0), 1, 1)
+    old = fastclip._C.set_blas_enabled(blas)
+    try:
+        for method in ("ghost", "direct"):
+            assert_close(ops.conv_sq_norms(x, g, w_shape, 1, (1, 0), 1, 1, method)[0], ref,
+                         torch.float64)
+    finally:
+        fastclip._C.set_blas_enabled(old)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_kept_per_example_layout(groups):
+    # per_example receives, per example and group, the K x Og transpose of the weight gradient.
+    x = torch.randn(3, 4, 7, 6, dtype=torch.float64)
+    w_shape = (6, 4 // groups, 3, 3)
+    g = torch.randn(3, 6, 7, 6, dtype=torch.float64)
+    K, Og = math.prod(w_shape[1:]), 6 // groups
+    keep = torch.empty(3, groups, K, Og, dtype=torch.float64)
+    w, _ = ops.conv_sq_norms(x, g, w_shape, 1, 1, 1, groups, "direct", per_example=keep)
+    ref = torch.stack([torch.autograd.grad((F.conv2d(x[i:i + 1], wt, None, 1, 1, 1, groups)
+                                            * g[i:i + 1]).sum(), wt)[0]
+                       for i in range(3)
+                       for wt in [torch.zeros(w_shape, dtype=torch.float64, requires_grad=True)]])
+    got = keep.transpose(2, 3).reshape(3, *w_shape)
+    assert_close(got, ref, torch.float64)
+    assert_close(w, ref.flatten(1).square().sum(1), torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -94,7 +94,8 @@ class ConvRule(FunctionalRule):
             if (B * O * K * g.element_size() <= KEEP_PER_EXAMPLE_BYTES
                     and ops.conv_keeps_per_example(x, g, math.prod(g.shape[2:]), K, O // groups,
                                                    method)):
-                keep = torch.empty((B, O, K), dtype=g.dtype)
+                # Per example and group the K x Og transpose (the core's faster GEMM orientation).
+                keep = torch.empty((B, groups, K, O // groups), dtype=g.dtype)
             w, b = ops.conv_sq_norms(x, g, tuple(weight.shape), stride, ops.pads_to_arg(pads),
                                      dilation, groups, method, with_bias, per_example=keep)
             if keep is not None:
@@ -164,8 +165,9 @@ class ConvRule(FunctionalRule):
         kept, use.memo = use.memo, None
         if kept is not None:
             # sum_i c_i grad_W_i from the gradients the direct norm pass formed.
-            B = kept.shape[0]   # B = 0 (an empty Poisson batch) gives a zero sum
-            return c.to(kept.dtype).matmul(kept.reshape(B, weight.numel())).view(weight.shape)
+            B, groups, K, Og = kept.shape   # B = 0 (an empty Poisson batch) gives a zero sum
+            total = c.to(kept.dtype).matmul(kept.reshape(B, weight.numel()))
+            return total.view(groups, K, Og).transpose(1, 2).reshape(weight.shape)
         d, kernel, stride, pads, dilation, groups = _opts(use, weight.shape)
         x = use.inputs
         if any(lo != hi for lo, hi in pads):

@@ -177,9 +177,10 @@ def conv_sq_norms(x: Tensor, g: Tensor, weight_shape, stride=1, padding=0, dilat
     is copied once with ``.contiguous()`` (the same size as the layer output).
 
     ``per_example`` (native path and direct method only, see :func:`conv_keeps_per_example`): a
-    contiguous (B, C_out, K) tensor of x's dtype, K = C_in/groups * prod(kernel), that receives
-    the per-example weight gradients the direct method forms anyway (B copies of the weight's
-    layout), so a clipped sum needs no second weight-gradient convolution.
+    contiguous (B, groups, K, C_out/groups) tensor of x's dtype, K = C_in/groups * prod(kernel),
+    that receives the per-example weight gradients the direct method forms anyway, per example
+    and group the K x C_out/groups transpose of that group's weight rows (the orientation the
+    core's GEMM runs fastest), so a clipped sum needs no second weight-gradient convolution.
 
     Returns:
         (weight_sq (B,), bias_sq (B,) or None), in the dtype of the inputs.
