@@ -227,13 +227,28 @@ def _fsdp_worker(rank, world, port, args, outdir):
                                               noise_multiplier=1.0, max_grad_norm=1.0,
                                               clipping=clipping, poisson_sampling=False,
                                               audit=False)
-            inner, red = opt.reducer.reduce, []
+            # The reduce-scatters run as the clipped sums are formed (buckets, during or at the
+            # end of the backward) and at the step (the last bucket): their time per step.
+            rs, red, spent, inside = opt.reducer, [], [0.0], [False]
 
-            def reduce(params, engine, inner=inner, red=red):
-                t0 = time.perf_counter()
+            def timed(fn, spent=spent, inside=inside):
+                def run(*a, **k):
+                    if inside[0]:
+                        return fn(*a, **k)
+                    inside[0], t0 = True, time.perf_counter()
+                    try:
+                        return fn(*a, **k)
+                    finally:
+                        inside[0] = False
+                        spent[0] += (time.perf_counter() - t0) * 1e3
+                return run
+            rs._flush, rs._direct, inner = timed(rs._flush), timed(rs._direct), timed(rs.reduce)
+
+            def reduce(params, engine, inner=inner, red=red, spent=spent):
                 inner(params, engine)
-                red.append((time.perf_counter() - t0) * 1e3)
-            opt.reducer.reduce = reduce
+                red.append(spent[0])
+                spent[0] = 0.0
+            rs.reduce = reduce
             out[clipping] = _timed(loop(m, opt), batches, args.warmup, args.steps, True)
             out[clipping + "_reduce"] = red[args.warmup:]
             mem[clipping] = nbytes(m, opt)

@@ -967,10 +967,10 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
         raise
     try:
         if sharded:
-            # FSDP2: full-size clipped sums held for the step's reduce-scatter, and the backward
+            # FSDP2: clipped sums reduce-scattered in buckets as they are formed, and the backward
             # classified by the unsharded parameters autograd sees (fastclip/fsdp.py).
             _fsdp.check_rules(engine)
-            engine.full_grads = {}
+            engine.grad_sink = _fsdp.ShardedReducer(managed)
             engine._gate = _fsdp.ShardedGate(managed)
         expected = q = sampler = None
         if loader is not None and poisson_sampling:
@@ -995,7 +995,7 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
         dp_optimizer = DPOptimizer(optimizer, engine, noise_multiplier, expected, generator, q,
                                    secure_mode=secure_mode, sampler=sampler, accountant=accountant,
                                    reducer=(None if ranks is None
-                                            else _fsdp.ShardedReducer(managed) if sharded
+                                            else engine.grad_sink if sharded
                                             else _dist.GradReducer()),
                                    adaptive=adaptive,
                                    pipeline=None if not pipeline else _dist.PipelineExchange(

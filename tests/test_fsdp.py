@@ -3,7 +3,9 @@
 tied inside the root's unit. The sharded update must equal the single-process update on the same
 Poisson batches (fastclip in one process, and tests/reference.py's float64 per-example loop), flat
 and per-layer; the noise is added once per shard (each coordinate N(0, sigma^2 C^2), the ranks'
-shards independent); per-rank parameters + gradients + Adam state shrink with the shards; per-rank
+shards independent); the clipped sums are reduce-scattered in buckets as the engine forms them,
+several backward passes before a step add up exactly, and the per-rank peak of parameters +
+gradients + Adam state + the full-size clipped sums fastclip holds shrinks with the shards; per-rank
 checkpoints resume exactly; the misuses are refused with the fix.
 
 The scenarios of each world size run in one set of processes, spawned once for the module
@@ -29,7 +31,13 @@ TIMEOUT_S = 60
 DELTA = 1e-5
 SIGMA, C, LR = 1.3, 0.6, 0.5
 SMALL = dict(V=11, d=6, h=7)          # dims not divisible by 4: padded and empty shards
-WIDE = dict(V=64, d=32, h=128)        # ~19k parameters: the noise and memory scenarios
+WIDE = dict(V=64, d=32, h=128)        # ~19k parameters: the noise scenario
+MEM = dict(V=64, d=32, h=128, L=4)    # ~36k parameters (285 KB): the memory scenario
+# Buckets far smaller than the parameters, so that the small models send many buckets, during
+# the backward too (per-layer clipping), and some parameters alone: 64 bytes, and 16 KiB for MEM
+# (its largest module, a 32x128 Linear, is 33 KB of float64: one bucket, as a 25 MiB bucket is to
+# a large model).
+TINY_BUCKET_MB, MEM_BUCKET_MB = 2.0 ** -14, 2.0 ** -6
 
 
 class Net(nn.Module):
@@ -73,17 +81,30 @@ def _full(m):
                       for p in m.parameters()])
 
 
-def _local_bytes(m, opt):
-    """This rank's parameters + gradients + optimizer state, in bytes of local tensors."""
+def _local_bytes(m, opt, grads=True):
+    """This rank's parameters + gradients (``grads``) + optimizer state, in bytes of local
+    tensors."""
     loc = fastclip.fsdp.local
-    ts = [loc(p) for p in m.parameters()] + [loc(p.grad) for p in m.parameters() if p.grad is not None]
+    ts = [loc(p) for p in m.parameters()]
+    ts += [loc(p.grad) for p in m.parameters() if p.grad is not None and grads]
     ts += [loc(v) for s in opt.state.values() for v in s.values()
            if isinstance(v, torch.Tensor) and v.dim() > 0]
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def _train(shard, clipping="flat", noise=0.0, steps=2, dims=SMALL, adam=False, seed=7):
-    """Poisson-sampled steps; returns (model, optimizer, loader, batches)."""
+def _peak_bytes(m, opt):
+    """This rank's peak over the steps run of parameters + gradients + Adam state + the
+    full-size clipped sums fastclip held: the gradients (this rank's shards of the reduced sums,
+    moved into p.grad at the step) and the full-size sums (the buckets, the module being
+    clipped, received chunks) are the reducer's own most at once, counted with the parameters and
+    the Adam state as if all were alive together (an upper bound)."""
+    return _local_bytes(m, opt, grads=False) + opt.reducer.peak_bytes
+
+
+def _train(shard, clipping="flat", noise=0.0, steps=2, dims=SMALL, adam=False, seed=7,
+           bucket=None, split=1):
+    """Poisson-sampled steps (``split``: each batch in that many backward passes before the
+    step); returns (model, optimizer, loader, batches)."""
     m = _model(dims, shard)
     opt = torch.optim.Adam(m.parameters(), lr=1e-2) if adam else torch.optim.SGD(m.parameters(), lr=LR)
     bound = C if clipping == "flat" else [0.3, 0.2, 0.25, 0.2, 0.3, 0.35, 0.15]   # 7 layers
@@ -91,17 +112,22 @@ def _train(shard, clipping="flat", noise=0.0, steps=2, dims=SMALL, adam=False, s
         m, opt, DataLoader(_data(dims["V"]), batch_size=8), noise_multiplier=noise,
         max_grad_norm=bound, clipping=clipping, audit=not shard,
         generator=torch.Generator().manual_seed(seed), distributed=None if shard else False)
-    batches = _steps(m, opt, iter(loader), steps)
+    if bucket is not None:
+        opt.reducer.bucket_cap_mb = bucket
+    batches = _steps(m, opt, iter(loader), steps, split)
     return m, opt, loader, batches
 
 
-def _steps(m, opt, it, k):
+def _steps(m, opt, it, k, split=1):
     batches = []
     for _ in range(k):
         x, y = next(it)
         batches.append((x, y))
         opt.zero_grad()
-        nn.functional.cross_entropy(m(x), y).backward()
+        B = len(x)
+        for i in range(split):      # the engine scales each part's mean back to a sum
+            lo, hi = i * B // split, (i + 1) * B // split
+            nn.functional.cross_entropy(m(x[lo:hi]), y[lo:hi]).backward()
         opt.step()
     return batches
 
@@ -149,12 +175,16 @@ def _worker2(rank, port, outdir):
     try:
         out = {}
         for clipping in ("flat", "per_layer"):
-            m, opt, _, batches = _train(True, clipping)
-            out[clipping] = (_full(m), [len(x) for x, _ in batches], opt.epsilon(DELTA))
+            m, opt, _, batches = _train(True, clipping, bucket=TINY_BUCKET_MB)
+            out[clipping] = (_full(m), [len(x) for x, _ in batches], opt.epsilon(DELTA),
+                             opt.reducer.reductions)
+            # a logical batch: each rank's share in two backward passes before the step
+            out[clipping + "_split"] = _full(_train(True, clipping, bucket=TINY_BUCKET_MB,
+                                                    split=2)[0])
         m, opt, _, _ = _train(True, noise=SIGMA, steps=1, dims=WIDE)
         out["noisy"] = [fastclip.fsdp.local(p).detach().flatten().clone() for p in m.parameters()]
-        m, opt, _, _ = _train(True, steps=1, dims=WIDE, adam=True)
-        out["bytes"] = _local_bytes(m, opt)
+        m, opt, _, _ = _train(True, steps=2, dims=MEM, adam=True, bucket=MEM_BUCKET_MB)
+        out["bytes"] = (_peak_bytes(m, opt), opt.reducer.reductions)
         out["straight"] = _full(_train(True, noise=SIGMA, steps=3, adam=True)[0])
         out["resumed"] = _resumed(outdir)
         out["misuse"] = _misuses()
@@ -166,7 +196,7 @@ def _worker2(rank, port, outdir):
 def _worker4(rank, port, outdir):
     init_gloo(rank, port, 4, TIMEOUT_S)
     try:
-        out = {c: _full(_train(True, c)[0]) for c in ("flat", "per_layer")}
+        out = {c: _full(_train(True, c, bucket=TINY_BUCKET_MB)[0]) for c in ("flat", "per_layer")}
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -210,9 +240,13 @@ def test_two_processes_equal_one_process(two, clipping):
     moved = single - _full(_model())
     assert moved.abs().max() > 1e-3
     for r in range(2):
-        got, sizes, eps = two[r][clipping]
+        got, sizes, eps, reductions = two[r][clipping]
         torch.testing.assert_close(got, single, rtol=1e-10, atol=1e-12)
         assert eps == pytest.approx(opt.epsilon(DELTA), rel=1e-12)
+        # many buckets per step (64-byte buckets), not one reduction at the step
+        assert reductions > 4 * len(batches)
+        # the step's two backward passes (logical batch) add up to the one-backward update
+        torch.testing.assert_close(two[r][clipping + "_split"], single, rtol=1e-10, atol=1e-12)
     # the ranks' batches are shards of the single-process batches
     assert [a + b for a, b in zip(two[0][clipping][1], two[1][clipping][1])] == \
         [len(x) for x, _ in batches]
@@ -259,11 +293,17 @@ def test_noise_is_added_once_per_shard_with_the_known_std(two):
     assert abs(corr.item()) < 5 / math.sqrt(a.numel())
 
 
-def test_per_rank_memory_of_params_grads_and_adam_state(two):
-    m, opt, _, _ = _train(False, steps=1, dims=WIDE, adam=True)
+def test_per_rank_peak_memory_of_params_grads_adam_state_and_held_sums(two):
+    """The peak over 2 Adam steps of parameters + gradients + Adam state + every full-size
+    clipped sum fastclip holds (reduce-scattered in 16 KiB buckets as they are formed), per rank
+    at 2 processes, against one process's parameters + gradients + Adam state. Holding the
+    full-size sums until the step would give 0.75 here."""
+    m, opt, _, _ = _train(False, steps=2, dims=MEM, adam=True)
     one = _local_bytes(m, opt)
     for r in range(2):
-        assert two[r]["bytes"] <= 0.6 * one, (two[r]["bytes"], one)
+        peak, reductions = two[r]["bytes"]
+        assert peak <= 0.6 * one, (peak, one, peak / one)
+        assert reductions > 2 * 10      # buckets and lone large sums, not one send per step
 
 
 def test_per_rank_checkpoints_resume_exactly(two):
