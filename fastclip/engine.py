@@ -81,24 +81,23 @@ def _widen(uses: List[Use], rules: Dict) -> List:
     return saved
 
 
-@contextmanager
-def _memos(uses: List[Use]) -> Iterator[None]:
-    """One clipping step: what the kernels memoise on ``uses`` (``Use.memo``) is dropped when
-    it ends, also on an error, so no per-example result outlives the step."""
-    try:
-        yield
-    finally:
-        for u in uses:
-            u.memo = None
+def _forget_memos(uses: List[Use]) -> None:
+    """End of a clipping step: what the kernels memoised on ``uses`` (``Use.memo``) is dropped,
+    also after an error, so no per-example result outlives the step."""
+    for u in uses:
+        u.memo = None
 
 
 def _kernel_out(out: Dict[str, Tensor], name: str, module: nn.Module, rule: Rule, kernel: str):
-    try:
+    if name in out:
         return out[name]
-    except KeyError:
-        raise RuntimeError(f"fastclip: the {kernel} kernel of {type(rule).__name__} gave no result "
-                           f"for the trainable parameter '{name}' of {type(module).__name__} "
-                           f"(it gave {sorted(out)})") from None
+    raise RuntimeError(f"fastclip: the {kernel} kernel of {type(rule).__name__} gave no result "
+                       f"for the trainable parameter '{name}' of {type(module).__name__} "
+                       f"(it gave {sorted(out)})")
+
+
+# The uses of one clipping step by module: {module: (its uses, its trainable (name, parameter)s)}.
+Groups = Dict[nn.Module, Tuple[List[Use], List[Tuple[str, nn.Parameter]]]]
 
 
 # Rules whose use is one (input, output gradient) pair that may be recorded time-major and
@@ -231,9 +230,9 @@ class Engine:
         self.defer_flat = False
         self._deferred: List = []
         # FSDP2 (fastclip/fsdp.py): the planned parameters are this rank's shards (DTensors), so
-        # each module's full-size clipped sums go to this sink (a ShardedReducer: add, clear) as
-        # soon as they are formed, to be reduce-scattered in buckets; None: written to p.grad.
-        self.grad_sink = None
+        # the full-size clipped sums are held here, {p: Tensor of p's global shape}, until the
+        # optimizer's step reduce-scatters them into p.grad; None: written to p.grad as usual.
+        self.full_grads: Optional[Dict[nn.Parameter, Tensor]] = None
         self._paths: Dict[nn.Module, str] = {}
         self._init_capture(nanobatch_size, num_threads)
         self._plan()
@@ -878,23 +877,28 @@ class Engine:
         if self.keep_norms:
             self.norms_log.append(sq.sqrt() * scale)
 
-    def _groups(self, uses: List[Use]) -> Dict[nn.Module, List[Use]]:
-        """The uses of one clipping step by module, in order, for the modules with a trainable
-        parameter: each rule's kernels are called once per module."""
-        groups: Dict[nn.Module, List[Use]] = {}
+    def _groups(self, uses: List[Use]) -> Groups:
+        """The uses of one clipping step by module, in order, with each module's trainable
+        parameters (modules without one left out): each rule's kernels run once per module."""
+        by_module: Dict[nn.Module, List[Use]] = {}
         for u in uses:
-            groups.setdefault(u.module, []).append(u)
-        return {m: us for m, us in groups.items()
-                if any(p.requires_grad for _, p in self._params[m])}
+            us = by_module.get(u.module)
+            if us is None:
+                by_module[u.module] = [u]
+            else:
+                us.append(u)
+        groups: Groups = {}
+        for m, us in by_module.items():
+            named = [(n, p) for n, p in self._params[m] if p.requires_grad]
+            if named:
+                groups[m] = (us, named)
+        return groups
 
-    def _trainable(self, module: nn.Module) -> List:
-        return [(n, p) for n, p in self._params[module] if p.requires_grad]
-
-    def _check_wanted(self, groups: Dict[nn.Module, List[Use]]) -> None:
+    def _check_wanted(self, groups: Groups) -> None:
         """Refuse a backward that asked for some parameters' gradients only (passes.SOME) when
         ``groups`` touches a trainable parameter it did not ask for."""
         if self._wanted is not None:
-            missed = list({p: None for m in groups for _, p in self._trainable(m)
+            missed = list({p: None for _, named in groups.values() for _, p in named
                            if p not in self._wanted})
             if missed:
                 raise partial_error(missed, self._names)
@@ -918,8 +922,11 @@ class Engine:
         if not groups:
             return None
         self._check_wanted(groups)
-        with self._widened(uses), _memos(uses):
-            sq = self._sq_norms(groups, B)
+        with self._widened(uses):
+            try:
+                sq = self._sq_norms(groups, B)
+            finally:
+                _forget_memos(uses)
         self._deferred.append((uses, B, sq))
         return sq
 
@@ -946,20 +953,21 @@ class Engine:
             part = sq_total[off:off + B].to(device=sq.device, dtype=torch.float64)
             off += B
             prev, self._finalizing = self._finalizing, True  # rules re-run modules: no capture
-            with self._widened(uses), _memos(uses):
+            with self._widened(uses):
                 try:
                     self._write_clipped(self._groups(uses), uses, part, B, self.max_grad_norm)
                 finally:
                     self._finalizing = prev
+                    _forget_memos(uses)
             for u in uses:
                 self._rules[u.module].release(u)
 
     def drop_deferred(self) -> None:
         """Forget the deferred backward passes (zero_grad): nothing of them is released; also
-        the clipped sums the FSDP2 sink (:attr:`grad_sink`) holds."""
+        the full-size clipped sums held for FSDP2 (:attr:`full_grads`)."""
         self._deferred = []
-        if self.grad_sink is not None:
-            self.grad_sink.clear()
+        if self.full_grads is not None:
+            self.full_grads.clear()
 
     def _clip_layer(self, l: int, uses: List[Use]):
         """Per-layer clipping of layer ``l`` to its bound C_l from all of its uses in this
@@ -1000,42 +1008,52 @@ class Engine:
         if not groups:
             return None
         self._check_wanted(groups)
-        with self._widened(uses), _memos(uses):
-            sq = self._sq_norms(groups, B)
-            if self.write_grads:
-                self._write_clipped(groups, uses, sq, B, C)
+        with self._widened(uses):
+            try:
+                sq = self._sq_norms(groups, B)
+                if self.write_grads:
+                    self._write_clipped(groups, uses, sq, B, C)
+            finally:
+                _forget_memos(uses)
         return sq
 
-    def param_sq_norms(self, groups: Dict[nn.Module, List[Use]]) -> Dict[nn.Parameter, Tensor]:
+    def param_sq_norms(self, groups: Groups) -> Dict[nn.Parameter, Tensor]:
         """Each parameter's per-example squared gradient norm, {p: (B,) float64}, for the uses
         of one clipping step by module (``groups``): what :meth:`_sq_norms` sums, and what
         ``fastclip.validate`` reports per parameter. One kernel call per module."""
         out: Dict[nn.Parameter, Tensor] = {}
-        parts: Dict[nn.Parameter, List[Part]] = {}
-        for m, us in groups.items():
+        tied = False
+        for m, (us, named) in groups.items():
             rule = self._rules[m]
             sqs = rule.sq_norms(m, us, self.mode)
-            for n, p in self._trainable(m):
-                sq = _kernel_out(sqs, n, m, rule, "sq_norms").to(torch.float64)
-                if p in out:
-                    out[p] = out[p] + sq
-                    parts[p].append(Part(m, n, us))
-                else:
+            for n, p in named:
+                sq = (sqs[n] if n in sqs else _kernel_out(sqs, n, m, rule, "sq_norms")
+                      ).to(torch.float64)
+                prev = out.get(p)
+                if prev is None:
                     out[p] = sq
-                    parts[p] = [Part(m, n, us)]
+                else:
+                    out[p], tied = prev + sq, True
+        if tied:
+            self._add_cross_terms(groups, out)
+        return out
+
+    def _add_cross_terms(self, groups: Groups, out: Dict[nn.Parameter, Tensor]) -> None:
+        """A parameter shared between modules (tied weights): ||sum of parts||^2 = the sum of
+        the parts' norms (in ``out``) + 2 * their inner products, exact without a per-example
+        copy of every part where a cross kernel is registered."""
+        parts: Dict[nn.Parameter, List[Part]] = {}
+        for m, (us, named) in groups.items():
+            for n, p in named:
+                parts.setdefault(p, []).append(Part(m, n, us))
         for p, ps in parts.items():
-            # A parameter shared between modules (tied weights): ||sum of parts||^2 = the sum of
-            # the parts' norms + 2 * their inner products, exact without a per-example copy of
-            # every part where a cross kernel is registered.
-            for i in range(len(ps)):
+            for i, a in enumerate(ps):
                 for b in ps[i + 1:]:
-                    a = ps[i]
                     out[p] = out[p] + 2 * cross_inner(self._rules[a.module], a,
                                                       self._rules[b.module], b,
                                                       self.mode).to(torch.float64)
-        return out
 
-    def _sq_norms(self, groups: Dict[nn.Module, List[Use]], B: int) -> Tensor:
+    def _sq_norms(self, groups: Groups, B: int) -> Tensor:
         """sum over the parameters ``groups`` touch of each example's squared gradient norm,
         (B,) float64."""
         parts = self.param_sq_norms(groups)
@@ -1045,7 +1063,7 @@ class Engine:
             sq += part
         return sq
 
-    def _write_clipped(self, groups: Dict[nn.Module, List[Use]], uses: List[Use], sq: Tensor,
+    def _write_clipped(self, groups: Groups, uses: List[Use], sq: Tensor,
                        B: int, C: float):
         """Add ``sum_i c_i g_i`` to ``p.grad`` for every trainable parameter ``groups`` touches,
         with ``c_i = min(1, C / ||g_i||)`` from the squared norms ``sq`` (times the loss scale)."""
@@ -1070,25 +1088,28 @@ class Engine:
                 self._rules[u.module].zero_examples(u, bad)
                 u.memo = None   # per-example results memoised from the bad rows
         grads: Dict[nn.Parameter, Tensor] = {}
-        for m, us in groups.items():
-            rule, named = self._rules[m], self._trainable(m)
+        for m, (us, named) in groups.items():
+            rule = self._rules[m]
             # One call per module; per parameter dtype when they differ (the clip factors are
             # shrunk by the margin of the dtype each sum is released in).
-            for dtype in {p.dtype: None for _, p in named}:
+            dtypes = [named[0][1].dtype]
+            for _, p in named:
+                if p.dtype not in dtypes:
+                    dtypes.append(p.dtype)
+            for dtype in dtypes:
                 sums = rule.clipped(m, us, factors(dtype), self._pool)
-                if self.grad_sink is not None:
-                    # FSDP2: p is this rank's shard; the module's full-size sums are handed to
-                    # the bucketed reduce-scatter now (fastclip/fsdp.py), none is held here.
-                    self.grad_sink.add([(p, _kernel_out(sums, n, m, rule, "clipped"))
-                                        for n, p in named if p.dtype is dtype])
-                    del sums
-                    continue
                 for n, p in named:
                     if p.dtype is dtype:
-                        g = _kernel_out(sums, n, m, rule, "clipped")
-                        grads[p] = g if p not in grads else grads[p] + g
+                        g = sums[n] if n in sums else _kernel_out(sums, n, m, rule, "clipped")
+                        prev = grads.get(p)
+                        grads[p] = g if prev is None else prev + g
         for p, grad in grads.items():
-            grad = grad.to(p.dtype).view(p.shape)
+            grad = grad.to(p.dtype).view(p.shape)   # p.shape: a DTensor's is its global shape
+            if self.full_grads is not None:
+                # FSDP2: p is this rank's shard; fastclip/fsdp.py reduce-scatters at the step.
+                held = self.full_grads.get(p)
+                self.full_grads[p] = grad if held is None else held.add_(grad)
+                continue
             before = p.grad
             if p.grad is None:
                 p.grad = grad

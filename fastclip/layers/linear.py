@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import as_computed
-from . import Part, Pool, Rule, Use, register, register_cross, scaled_rows, trainable
+from . import Part, Pool, Rule, Use, register, register_cross, scaled_rows
 from .capture import CaptureMode
 
 
@@ -69,11 +69,19 @@ def stack_uses(uses: Sequence[Use]):
 
     A weight used k times has one per-example gradient, the sum over uses: stacking the uses
     along T before the norm makes it exact (docs/design.md)."""
+    if len(uses) == 1:
+        u = uses[0]
+        return _flat(u.inputs), _flat(u.grads[0])
     As = [_flat(u.inputs) for u in uses]
     Gs = [_flat(u.grads[0]) for u in uses]
-    if len(As) == 1:
-        return As[0], Gs[0]
     return torch.cat(As, 1), torch.cat(Gs, 1)
+
+
+def _trainable(module: nn.Module):
+    """(weight trainable, bias trainable): read from ``_parameters`` (no Module.__getattr__)."""
+    ps = module._parameters
+    b = ps.get("bias")
+    return ps["weight"].requires_grad, b is not None and b.requires_grad
 
 
 @register(nn.Linear)
@@ -96,8 +104,8 @@ class LinearRule(Rule):
 
     def sq_norms(self, module, uses, method):
         A, G = stack_uses(uses)
-        with_bias = trainable(module, "bias")
-        if not trainable(module, "weight"):
+        with_weight, with_bias = _trainable(module)
+        if not with_weight:
             return {"bias": G.sum(1).square().sum(-1)} if with_bias else {}
         # The bias's norms come from the same pass over G as the weight's.
         w, b = ops.linear_sq_norms(A, G, method=method, bias=with_bias)
@@ -105,14 +113,15 @@ class LinearRule(Rule):
 
     def per_example(self, module, uses):
         A, G = stack_uses(uses)
-        out = {"weight": torch.einsum("btp,btd->bpd", G, A)} if trainable(module, "weight") else {}
-        if trainable(module, "bias"):
+        with_w, with_b = _trainable(module)
+        out = {"weight": torch.einsum("btp,btd->bpd", G, A)} if with_w else {}
+        if with_b:
             out["bias"] = G.sum(1)
         return out
 
     def clipped(self, module, uses, c, pool):
         w = b = None
-        with_w, with_b = trainable(module, "weight"), trainable(module, "bias")
+        with_w, with_b = _trainable(module)
         for u in uses:
             G = _flat(u.grads[0])
             if with_w:
@@ -148,6 +157,7 @@ def clipped_product(A: Tensor, G: Tensor, c: Tensor, pool: Optional[Pool]) -> Te
     B, T, p = G.shape
     d = A.shape[-1]
     c = c.to(G.dtype)
+    scale = scaled_rows if pool is None else pool.scaled_rows
     if p <= d:
-        return scaled_rows(G, c, pool).reshape(B * T, p).t().mm(A.reshape(B * T, d))
-    return G.reshape(B * T, p).t().mm(scaled_rows(A, c, pool).reshape(B * T, d))
+        return scale(G, c).reshape(B * T, p).t().mm(A.reshape(B * T, d))
+    return G.reshape(B * T, p).t().mm(scale(A, c).reshape(B * T, d))
