@@ -230,9 +230,9 @@ class Engine:
         self.defer_flat = False
         self._deferred: List = []
         # FSDP2 (fastclip/fsdp.py): the planned parameters are this rank's shards (DTensors), so
-        # the full-size clipped sums are held here, {p: Tensor of p's global shape}, until the
-        # optimizer's step reduce-scatters them into p.grad; None: written to p.grad as usual.
-        self.full_grads: Optional[Dict[nn.Parameter, Tensor]] = None
+        # each module's full-size clipped sums go to this sink (a ShardedReducer: add, clear) as
+        # soon as they are formed, to be reduce-scattered in buckets; None: written to p.grad.
+        self.grad_sink = None
         self._paths: Dict[nn.Module, str] = {}
         self._init_capture(nanobatch_size, num_threads)
         self._plan()
@@ -964,10 +964,10 @@ class Engine:
 
     def drop_deferred(self) -> None:
         """Forget the deferred backward passes (zero_grad): nothing of them is released; also
-        the full-size clipped sums held for FSDP2 (:attr:`full_grads`)."""
+        the clipped sums the FSDP2 sink (:attr:`grad_sink`) holds."""
         self._deferred = []
-        if self.full_grads is not None:
-            self.full_grads.clear()
+        if self.grad_sink is not None:
+            self.grad_sink.clear()
 
     def _clip_layer(self, l: int, uses: List[Use]):
         """Per-layer clipping of layer ``l`` to its bound C_l from all of its uses in this
@@ -1098,18 +1098,20 @@ class Engine:
                     dtypes.append(p.dtype)
             for dtype in dtypes:
                 sums = rule.clipped(m, us, factors(dtype), self._pool)
+                if self.grad_sink is not None:
+                    # FSDP2: p is this rank's shard; the module's full-size sums are handed to
+                    # the bucketed reduce-scatter now (fastclip/fsdp.py), none is held here.
+                    self.grad_sink.add([(p, _kernel_out(sums, n, m, rule, "clipped"))
+                                        for n, p in named if p.dtype is dtype])
+                    del sums
+                    continue
                 for n, p in named:
                     if p.dtype is dtype:
                         g = sums[n] if n in sums else _kernel_out(sums, n, m, rule, "clipped")
                         prev = grads.get(p)
                         grads[p] = g if prev is None else prev + g
         for p, grad in grads.items():
-            grad = grad.to(p.dtype).view(p.shape)   # p.shape: a DTensor's is its global shape
-            if self.full_grads is not None:
-                # FSDP2: p is this rank's shard; fastclip/fsdp.py reduce-scatters at the step.
-                held = self.full_grads.get(p)
-                self.full_grads[p] = grad if held is None else held.add_(grad)
-                continue
+            grad = grad.to(p.dtype).view(p.shape)
             before = p.grad
             if p.grad is None:
                 p.grad = grad
