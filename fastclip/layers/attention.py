@@ -11,7 +11,7 @@ from .. import ops
 from ..nn.attention import MultiheadAttention
 from .capture import ModuleCaptureRule
 from . import register, sq_rows, zero_rows
-from .linear import _flat
+from .linear import _flat, clipped_product
 
 
 def _blocks(uses, name):
@@ -25,10 +25,22 @@ def _blocks(uses, name):
     for rows, parts in by_rows.items():
         # bf16 / fp16 factors (autocast, low-precision parameters) seen in float32: norms and
         # clipped sums in float32 or wider, rounded to the parameter's dtype once by the engine.
-        A = ops.widened(torch.cat([_flat(p.A) for p in parts], 1))
-        G = ops.widened(torch.cat([_flat(p.G) for p in parts], 1))
+        # One part (self-attention called once: the fused q/k/v projection) needs no copy.
+        A = ops.widened(_cat([_flat(p.A) for p in parts]))
+        G = ops.widened(_cat([_flat(p.G) for p in parts]))
         out[rows] = (A, G)
     return out
+
+
+def _cat(ts):
+    return ts[0] if len(ts) == 1 else torch.cat(ts, 1)
+
+
+def _same_blocks(uses, weight, bias) -> bool:
+    """Whether every projection that took ``weight`` took ``bias`` too, and the other way round:
+    the bias's blocks are then the weight's, its norms and clipped sum come from the same (A, G)."""
+    return all((part.weight == weight) == (part.bias == bias)
+               for u in uses for part in u.extra.get("proj", ()))
 
 
 @register(MultiheadAttention)
@@ -43,21 +55,40 @@ class AttentionRule(ModuleCaptureRule):
     def _trainable(module):
         return [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
 
+    @staticmethod
+    def _fused_bias(module, name):
+        """The trainable in_proj_bias whose blocks are ``name``'s (a weight's), or None."""
+        b = module.in_proj_bias
+        return "in_proj_bias" if (name.endswith("weight") and b is not None
+                                  and b.requires_grad) else None
+
     def sq_norms(self, module, uses, method):
         out = {}
         B = max(uses[0].batch_size, 0)
-        for name, p in self._trainable(module):
+        names = self._trainable(module)
+        for name, p in names:
+            if name in out:
+                continue
             if name in ("bias_k", "bias_v"):
                 out[name] = sq_rows(self._per_example(module, name, uses))
                 continue
             sq = torch.zeros(B, dtype=torch.float64, device=p.device)
+            # A weight whose projections all took in_proj_bias: the bias's norms in the same pass
+            # over G (the fused q/k/v projection: one kernel call for both).
+            bname = self._fused_bias(module, name)
+            with_bias = bname is not None and _same_blocks(uses, name, bname)
+            bsq = torch.zeros(B, dtype=torch.float64, device=p.device) if with_bias else None
             for rows, (A, G) in _blocks(uses, name).items():
                 if name.endswith("weight"):
-                    w, _ = ops.linear_sq_norms(A, G, method=method, bias=False)
+                    w, b = ops.linear_sq_norms(A, G, method=method, bias=with_bias)
                     sq = sq + w.to(torch.float64)
+                    if with_bias:
+                        bsq = bsq + b.to(torch.float64)
                 else:
                     sq = sq + G.sum(1).square().sum(-1).to(torch.float64)
             out[name] = sq
+            if with_bias:
+                out[bname] = bsq
         return out
 
     def per_example(self, module, uses):
@@ -94,17 +125,27 @@ class AttentionRule(ModuleCaptureRule):
                 res[name] = torch.tensordot(c.to(wide), self._per_example(module, name, uses),
                                             dims=1)
                 continue
+            blocks = _blocks(uses, name)
+            if len(blocks) == 1 and next(iter(blocks)) == (0, p.shape[0]):
+                # One block covering the parameter (the fused q/k/v projection): its sum is
+                # the parameter's, with no zero-filled buffer to add it into.
+                (A, G), = blocks.values()
+                res[name] = self._block_sum(name, A, G, c, pool).to(wide)
+                continue
             out = torch.zeros_like(p, dtype=wide)
-            for (r0, r1), (A, G) in _blocks(uses, name).items():
-                B, T, rows = G.shape
-                Gc = G * c.to(G.dtype).view(-1, 1, 1)
-                if name.endswith("weight"):
-                    g = Gc.reshape(B * T, rows).t().mm(A.reshape(B * T, A.shape[-1]))
-                    if name == "in_proj_weight":
-                        out[r0:r1] += g
-                    else:
-                        out += g
+            for (r0, r1), (A, G) in blocks.items():
+                g = self._block_sum(name, A, G, c, pool)
+                if name.endswith("weight") and name != "in_proj_weight":
+                    out += g
                 else:
-                    out[r0:r1] += Gc.sum((0, 1))
+                    out[r0:r1] += g
             res[name] = out
         return res
+
+    @staticmethod
+    def _block_sum(name, A, G, c, pool):
+        """sum_i c_i grad_i of one block: G^T diag(c) A (rescaling the smaller factor) for a
+        weight, c^T (sum_t G) for a bias."""
+        if name.endswith("weight"):
+            return clipped_product(A, G, c, pool)
+        return c.to(G.dtype).matmul(G.sum(1))
