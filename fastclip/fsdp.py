@@ -307,15 +307,15 @@ class ShardedReducer:
             dtype = p.dtype
             g = g.reshape(n0, per_row)
             size = max(int(self.bucket_cap_mb * (1 << 20)) // (p.element_size() * world), 1)
-            if slot > size:
+            b = self._buckets.get(dtype)
+            if slot > size or (b is not None and slot > b.size):
                 self._direct(p, g, chunk, per_row, incoming)
                 continue
-            b = self._buckets.get(dtype)
             if b is not None and b.off + slot > b.size:
                 self._flush(dtype)
             if b is None:
                 # no larger than all of this dtype's parameters that fit a bucket need
-                need = sum(s for q, s in self._slots(dtype).items() if s <= size)
+                need = sum(s for s in self._slots(dtype).values() if s <= size)
                 b = self._buckets[dtype] = _Bucket(world, min(size, max(need, slot)), dtype,
                                                    g.device)
                 self._note(incoming)
