@@ -293,8 +293,9 @@ void check_conv_shape(const ConvShape& s) {
 
 template <class T>
 void conv_sq_norms(const ConvShape& s, const T* x, const T* g, ConvMethod method, T* w_out,
-                   T* b_out, int num_threads, T* pe_out) {
+                   T* b_out, int num_threads, T* pe_out, T* gb_out) {
   check_conv_shape(s);
+  check(gb_out == nullptr || b_out != nullptr, "per-example bias gradients need the bias norms");
   check(num_threads >= 1, "num_threads must be >= 1, got " + std::to_string(num_threads));
   const int64_t B = s.B, groups = s.groups, P = s.positions(), K = s.cols(), Og = s.O / groups;
   const int64_t ldg = std::max<int64_t>(P, 1);
@@ -336,6 +337,7 @@ void conv_sq_norms(const ConvShape& s, const T* x, const T* g, ConvMethod method
         double bsq = 0.0;
         for (int64_t o = 0; o < Og; ++o) {
           const double acc = dot(G + o * ldgr, ones.data(), P);
+          if (gb_out) gb_out[i * s.O + grp * Og + o] = static_cast<T>(acc);
           bsq += acc * acc;
         }
         bpart[size_t(it)] = bsq;
@@ -354,8 +356,8 @@ void conv_sq_norms(const ConvShape& s, const T* x, const T* g, ConvMethod method
 }
 
 template void conv_sq_norms<float>(const ConvShape&, const float*, const float*, ConvMethod, float*,
-                                   float*, int, float*);
+                                   float*, int, float*, float*);
 template void conv_sq_norms<double>(const ConvShape&, const double*, const double*, ConvMethod,
-                                    double*, double*, int, double*);
+                                    double*, double*, int, double*, double*);
 
 }  // namespace fastclip

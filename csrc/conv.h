@@ -64,8 +64,10 @@ ConvMethod choose_conv_method(int64_t P, int64_t K, int64_t Og);
 // anyway, (B, groups, K, Og) row-major (per example and group the K x Og transpose of the
 // weight's rows), so the clipped sum is then one (B,) x (B, O K) product instead of a second
 // weight-gradient convolution.
+// gb_out (needs b_out, else nullptr): also keep the per-example bias gradients sum_p G_i[:, p],
+// (B, O) row-major, which the bias norm forms anyway (its clipped sum is then c @ gb_out).
 template <class T>
 void conv_sq_norms(const ConvShape& s, const T* x, const T* g, ConvMethod method, T* w_out,
-                   T* b_out, int num_threads, T* pe_out = nullptr);
+                   T* b_out, int num_threads, T* pe_out = nullptr, T* gb_out = nullptr);
 
 }  // namespace fastclip

@@ -134,7 +134,7 @@ int64_t check_conv_sizes(const fastclip::ConvShape& s, fastclip::ConvMethod meth
 template <class T>
 py::tuple run_conv(const fastclip::ConvShape& s, const py::array& x, const py::array& g,
                    fastclip::ConvMethod method, bool bias, int num_threads, T* pe_ptr,
-                   int64_t scratch) {
+                   T* gb_ptr, int64_t scratch) {
   py::array_t<T> w(s.B);
   py::object b = py::none();
   T* b_ptr = nullptr;
@@ -151,7 +151,7 @@ py::tuple run_conv(const fastclip::ConvShape& s, const py::array& x, const py::a
     const ScratchUse use(checked_mul(scratch, int64_t(sizeof(T)), "scratch bytes"),
                          std::min<int64_t>(num_threads, s.B * s.groups), 2 * s.B * s.groups * 8);
     py::gil_scoped_release release;
-    fastclip::conv_sq_norms<T>(s, xp, gp, method, w_ptr, b_ptr, num_threads, pe_ptr);
+    fastclip::conv_sq_norms<T>(s, xp, gp, method, w_ptr, b_ptr, num_threads, pe_ptr, gb_ptr);
   }
   return py::make_tuple(w, b);
 }
@@ -160,7 +160,7 @@ py::tuple conv_sq_norms(const py::object& x_obj, const py::object& g_obj, const 
                         const py::object& stride_obj, const py::object& padding_obj,
                         const py::object& dilation_obj, const py::object& groups_obj,
                         const std::string& method_name, bool bias, int num_threads,
-                        const py::object& pe_obj) {
+                        const py::object& pe_obj, const py::object& gb_obj) {
   const auto method = fastclip::parse_conv_method(method_name);
   const py::array x = conv_array(x_obj, "input");
   const py::array g = conv_array(g_obj, "grad_output");
@@ -244,9 +244,28 @@ py::tuple conv_sq_norms(const py::object& x_obj, const py::object& g_obj, const 
       throw py::value_error("per_example must be C-contiguous and writeable");
     pe_ptr = pe.mutable_data();
   }
+  void* gb_ptr = nullptr;
+  if (!gb_obj.is_none()) {
+    // The per-example bias gradients the bias norm forms anyway: (B, C_out) C-contiguous,
+    // writeable, of the input's dtype; only with bias=True.
+    if (!bias) throw py::value_error("bias_grads needs bias=True");
+    if (!py::isinstance<py::array>(gb_obj))
+      throw py::type_error("bias_grads must be an array or None, got " + type_name(gb_obj));
+    py::array gb = py::reinterpret_borrow<py::array>(gb_obj);
+    if (!gb.dtype().is(x.dtype()))
+      throw py::type_error("bias_grads dtype " + dtype_name(gb) + " differs from input's " + dtype_name(x));
+    if (gb.ndim() != 2 || gb.shape(0) != s.B || gb.shape(1) != s.O)
+      throw py::value_error("bias_grads must be (B, C_out) = (" + std::to_string(s.B) + ", " +
+                            std::to_string(s.O) + "), got " + shape_str(gb));
+    if (!(gb.flags() & py::array::c_style) || !gb.writeable())
+      throw py::value_error("bias_grads must be C-contiguous and writeable");
+    gb_ptr = gb.mutable_data();
+  }
   if (x.dtype().itemsize() == 4)
-    return run_conv<float>(s, x, g, method, bias, num_threads, static_cast<float*>(pe_ptr), scratch);
-  return run_conv<double>(s, x, g, method, bias, num_threads, static_cast<double*>(pe_ptr), scratch);
+    return run_conv<float>(s, x, g, method, bias, num_threads, static_cast<float*>(pe_ptr),
+                           static_cast<float*>(gb_ptr), scratch);
+  return run_conv<double>(s, x, g, method, bias, num_threads, static_cast<double*>(pe_ptr),
+                          static_cast<double*>(gb_ptr), scratch);
 }
 
 std::string choose_conv_method(int64_t P, int64_t K, int64_t Og) {
@@ -264,6 +283,7 @@ void bind_conv(py::module_& m) {
         py::arg("kernel_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         py::arg("groups"), py::arg("method") = "auto", py::arg("bias") = false,
         py::arg("num_threads") = 1, py::arg("per_example") = py::none(),
+        py::arg("bias_grads") = py::none(),
         "Per-example squared weight (and bias) gradient norms of a 1-D/2-D/3-D convolution.\n\n"
         "input (B, C_in, *spatial) and grad_output (B, C_out, *out_spatial): float32/float64 arrays\n"
         "with non-negative strides; grad_output contiguous over its spatial dims. kernel_size,\n"
@@ -271,6 +291,8 @@ void bind_conv(py::module_& m) {
         "per_example: None, or a (B, groups, K, C_out/groups) array (direct method only) that\n"
         "receives the per-example weight gradients, each group's transposed (K x C_out/groups,\n"
         "K = C_in/groups * prod(kernel)).\n"
+        "bias_grads: None, or a (B, C_out) array (bias=True only) that receives the per-example\n"
+        "bias gradients (sums over positions of grad_output).\n"
         "Returns (w_sq (B,), b_sq (B,) or None) in the input dtype.");
   m.def("choose_conv_method", &choose_conv_method, py::arg("P"), py::arg("K"), py::arg("Og"),
         "'ghost' or 'direct' for P output positions, K = C_in/groups * prod(kernel), Og = C_out/groups.");

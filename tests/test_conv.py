@@ -257,6 +257,15 @@ def test_kept_per_example_layout(groups):
     got = keep.transpose(2, 3).reshape(3, *w_shape)
     assert_close(got, ref, torch.float64)
     assert_close(w, ref.flatten(1).square().sum(1), torch.float64)
+    # bias_grads receives the per-example bias gradients the bias norm forms.
+    gb = torch.empty(3, 6, dtype=torch.float64)
+    _, b = ops.conv_sq_norms(x, g, w_shape, 1, 1, 1, groups, "auto", True, bias_grads=gb)
+    assert_close(gb, g.sum((2, 3)), torch.float64)
+    assert_close(b, g.sum((2, 3)).square().sum(1), torch.float64)
+    with pytest.raises(ValueError, match="bias_grads needs bias=True"):
+        ops.conv_sq_norms(x, g, w_shape, 1, 1, 1, groups, "auto", False, bias_grads=gb)
+    with pytest.raises(ValueError, match=r"bias_grads must be \(B, C_out\)"):
+        ops.conv_sq_norms(x, g, w_shape, 1, 1, 1, groups, "auto", True, bias_grads=gb[:2])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,12 +96,16 @@ class ConvRule(FunctionalRule):
                                                    method)):
                 # Per example and group the K x Og transpose (the core's faster GEMM orientation).
                 keep = torch.empty((B, groups, K, O // groups), dtype=g.dtype)
+            # The per-example bias gradients (B, O): the bias norm forms them anyway, and the
+            # clipped bias sum is then c @ them instead of a second pass over g.
+            gb = torch.empty((B, O), dtype=g.dtype) if with_bias and ops.conv_native(x, g) else None
             w, b = ops.conv_sq_norms(x, g, tuple(weight.shape), stride, ops.pads_to_arg(pads),
-                                     dilation, groups, method, with_bias, per_example=keep)
-            if keep is not None:
+                                     dilation, groups, method, with_bias, per_example=keep,
+                                     bias_grads=gb)
+            if keep is not None or gb is not None:
                 # For the clipped sum of this step (the engine drops memos when the step ends,
                 # and when an example is zeroed for a non-finite norm).
-                use.memo = keep
+                use.memo = (keep, gb)
         else:
             w = self._stacked_sq_norms(uses, weight.shape, method)
             b = self._bias_sum(uses).square().sum(1) if with_bias else None
@@ -148,21 +152,29 @@ class ConvRule(FunctionalRule):
 
     def clipped(self, module, uses, c, pool):
         out = {}
-        if trainable(module, "weight"):
+        # What the norm pass kept per use: (per-example weight gradients, bias gradients). Each
+        # is taken by the parameter it serves (the operation rule asks for weight and bias apart).
+        want_w, want_b = trainable(module, "weight"), trainable(module, "bias")
+        memos = [u.memo or (None, None) for u in uses]
+        for u, (kept, gb) in zip(uses, memos):
+            rest = (None if want_w else kept, None if want_b else gb)
+            u.memo = rest if any(r is not None for r in rest) else None
+        if want_w:
             grad = None
-            for u in uses:
-                g = self._clipped_weight(module.weight, u, c, pool)
+            for u, (kept, _) in zip(uses, memos):
+                g = self._clipped_weight(module.weight, u, kept, c, pool)
                 grad = g if grad is None else grad + g
             out["weight"] = grad
-        if trainable(module, "bias"):
-            out["bias"] = c.to(uses[0].grads[0].dtype).matmul(self._bias_sum(uses))
+        if want_b:
+            gbs = [gb for _, gb in memos]
+            bias_sum = sum(gbs) if all(gb is not None for gb in gbs) else self._bias_sum(uses)
+            out["bias"] = c.to(uses[0].grads[0].dtype).matmul(bias_sum)
         return out
 
     @staticmethod
-    def _clipped_weight(weight, use, c, pool) -> Tensor:
+    def _clipped_weight(weight, use, kept, c, pool) -> Tensor:
         g = use.grads[0]
         c = c.to(g.dtype)
-        kept, use.memo = use.memo, None
         if kept is not None:
             # sum_i c_i grad_W_i from the gradients the direct norm pass formed.
             B, groups, K, Og = kept.shape   # B = 0 (an empty Poisson batch) gives a zero sum

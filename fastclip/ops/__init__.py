@@ -15,7 +15,7 @@ is re-exported here.
 from ._common import HAS_NATIVE, NATIVE_DTYPES, as_computed, cast_margin, widened
 from .clip import clip_accumulate, clip_accumulate_torch
 from .conv import (_conv_tuple, choose_conv_method, conv_padding, conv_sq_norms, conv_sq_norms_torch,
-                   conv_keeps_per_example, conv_unfold_torch, pads_to_arg)
+                   conv_keeps_per_example, conv_native, conv_unfold_torch, pads_to_arg)
 from .embedding import (embedding_linear_cross, embedding_linear_cross_torch, embedding_sq_norms,
                         embedding_sq_norms_torch)
 from .linear import HAS_BLAS, blas_info, choose_linear_method, linear_sq_norms, linear_sq_norms_torch
@@ -28,7 +28,7 @@ __all__ = [
     "HAS_NATIVE", "HAS_BLAS", "NATIVE_DTYPES", "as_computed", "cast_margin", "widened", "blas_info",
     "choose_linear_method", "linear_sq_norms", "linear_sq_norms_torch",
     "choose_conv_method", "conv_padding", "conv_sq_norms", "conv_sq_norms_torch",
-    "conv_keeps_per_example", "conv_unfold_torch", "pads_to_arg",
+    "conv_keeps_per_example", "conv_native", "conv_unfold_torch", "pads_to_arg",
     "embedding_sq_norms", "embedding_sq_norms_torch", "embedding_linear_cross",
     "embedding_linear_cross_torch",
     "NORM_KINDS", "norm_affine_grads", "norm_affine_grads_torch",

@@ -167,7 +167,7 @@ def choose_conv_method(P: int, K: int, Og: int) -> str:
 
 def conv_sq_norms(x: Tensor, g: Tensor, weight_shape, stride=1, padding=0, dilation=1,
                   groups: int = 1, method: str = "auto", bias: bool = False,
-                  per_example: Tensor | None = None):
+                  per_example: Tensor | None = None, bias_grads: Tensor | None = None):
     """Per-example squared gradient norms of a convolution's weight (and bias).
 
     Same arguments and result as :func:`conv_sq_norms_torch`. CPU float32/float64 tensors run in
@@ -182,6 +182,10 @@ def conv_sq_norms(x: Tensor, g: Tensor, weight_shape, stride=1, padding=0, dilat
     and group the K x C_out/groups transpose of that group's weight rows (the orientation the
     core's GEMM runs fastest), so a clipped sum needs no second weight-gradient convolution.
 
+    ``bias_grads`` (native path, ``bias=True`` only): a contiguous (B, C_out) tensor of x's dtype
+    that receives the per-example bias gradients (sums of ``g`` over positions), which the bias
+    norm forms anyway, so the clipped bias sum needs no second pass over ``g``.
+
     Returns:
         (weight_sq (B,), bias_sq (B,) or None), in the dtype of the inputs.
     """
@@ -190,8 +194,9 @@ def conv_sq_norms(x: Tensor, g: Tensor, weight_shape, stride=1, padding=0, dilat
     x, g, kernel, stride, pads, dilation, groups = _check_conv(x, g, weight_shape, stride, padding,
                                                                dilation, groups)
     if not _native(x, g):
-        if per_example is not None:
-            raise ValueError("per_example is kept by the native core only (CPU float32/float64)")
+        if per_example is not None or bias_grads is not None:
+            raise ValueError("per_example and bias_grads are kept by the native core only (CPU "
+                             "float32/float64)")
         return conv_sq_norms_torch(x, g, weight_shape, stride, pads_to_arg(pads), dilation, groups,
                                    method, bias)
     # The core needs each (example, channel) row of G's positions contiguous.
@@ -207,8 +212,15 @@ def conv_sq_norms(x: Tensor, g: Tensor, weight_shape, stride=1, padding=0, dilat
     flat = [p for lohi in pads for p in lohi]
     w, b = _C.conv_sq_norms(xa, ga, list(kernel), list(stride), flat, list(dilation), int(groups),
                             method, bool(bias), torch.get_num_threads(),
-                            None if per_example is None else per_example.numpy())
+                            None if per_example is None else per_example.numpy(),
+                            None if bias_grads is None else bias_grads.numpy())
     return torch.from_numpy(w), (torch.from_numpy(b) if b is not None else None)
+
+
+def conv_native(x: Tensor, g: Tensor) -> bool:
+    """Whether :func:`conv_sq_norms` runs ``(x, g)`` in the native core (which can also keep the
+    per-example bias gradients, ``bias_grads``)."""
+    return _native(x, g)
 
 
 def conv_keeps_per_example(x: Tensor, g: Tensor, P: int, K: int, Og: int, method: str) -> bool:
