@@ -74,11 +74,37 @@ def _widen(uses: List[Use], rules: Dict) -> List:
     for u in uses:
         if rules.get(u.module) is GENERIC:
             continue
-        leaves = tree_flatten((u.inputs, u.grads))[0]
-        if any(isinstance(t, Tensor) and t.dtype in _LOW_PRECISION for t in leaves):
+        if _low_precision(u.inputs, u.grads):
             saved.append((u, u.inputs, u.grads))
             u.inputs, u.grads = tree_map(widened, u.inputs), tree_map(widened, u.grads)
     return saved
+
+
+def _low_precision(inputs, grads) -> bool:
+    """Whether a half / bfloat16 tensor is among ``inputs`` and ``grads`` (any pytree); the
+    common capture (a tensor and a tuple of tensors) is looked at without flattening."""
+    if (inputs is None or isinstance(inputs, Tensor)) and type(grads) is tuple:
+        if inputs is not None and inputs.dtype in _LOW_PRECISION:
+            return True
+        if all(g is None or isinstance(g, Tensor) for g in grads):
+            return any(g is not None and g.dtype in _LOW_PRECISION for g in grads)
+    leaves = tree_flatten((inputs, grads))[0]
+    return any(isinstance(t, Tensor) and t.dtype in _LOW_PRECISION for t in leaves)
+
+
+def _batch_of(args, kwargs) -> Optional[int]:
+    """The leading dimension of the first tensor of dimension >= 1 in ``(args, kwargs)``
+    (pytree order), or None; plain tensor arguments are looked at without flattening."""
+    for a in args:
+        if not isinstance(a, Tensor):
+            break
+        if a.dim() > 0:
+            return a.shape[0]
+    else:
+        if not kwargs:
+            return None
+    leaves, _ = tree_flatten((args, kwargs))
+    return next((t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0), None)
 
 
 def _forget_memos(uses: List[Use]) -> None:
@@ -662,9 +688,7 @@ class Engine:
     def _root_pre(self, module, args, kwargs):
         self.refresh()   # parameters unfrozen/replaced/added since the plan: clipped from now on
         self._auditor(args, kwargs)   # once: examples must not mix (a flag test afterwards)
-        leaves, _ = tree_flatten((args, kwargs))
-        B = next((t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0), None)
-        self._batches.append(B)
+        self._batches.append(_batch_of(args, kwargs))
 
     def _root_post(self, module, args, output):
         if self._batches:
@@ -680,6 +704,9 @@ class Engine:
         B = self.current_batch_size()
         if B is None or B == 1:
             return None
+        if not kwargs and all(isinstance(t, Tensor) for t in args) and \
+                not any(t.dim() > 0 and t.shape[0] == 1 for t in args):
+            return None     # the common call: batch-first tensors, nothing to expand
         leaves, spec = tree_flatten((args, kwargs))
         hit = False
         for i, t in enumerate(leaves):
