@@ -51,7 +51,7 @@ from .._rng import forked_rng
 from . import Rule, sq_rows, zero_rows
 from .capture import CaptureMode, _FnCapture
 from .conv import ConvRule
-from .embedding import (EmbeddingRule, _masked, _parse_embedding, _refusal, _stack, clipped_rows,
+from .embedding import (_masked, _parse_embedding, _refusal, _stack, clipped_rows,
                         per_example_rows)
 from .linear import clipped_product
 
@@ -634,7 +634,6 @@ class PendingOpsRule(OpsRule):
         return DIRECT if next(module.children(), None) is not None else GENERIC
 
 
-_EMB_RULE = EmbeddingRule()
 _CONV_RULE = ConvRule()
 OPS = OpsRule()
 PENDING = PendingOpsRule()
