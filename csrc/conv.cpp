@@ -141,6 +141,85 @@ struct Scratch {
   std::vector<UnfoldSeg> segs;
 };
 
+// Stride 1, one tile: U^T U from the Gram matrix of the zero-padded input instead of the unfold.
+// With stride 1 the unfolded column of output p under tap t is the padded input at position
+// a(p) + o(t) (a: p in padded coordinates, o: the tap's offset), so
+//   (U^T U)[p, q] = sum_t Gx[a(p) + o(t), a(q) + o(t)],   Gx = Xp^T Xp (Pin x Pin, Cg rows),
+// which costs Pin^2 Cg / 2 (SYRK) + taps P^2 adds instead of P^2 K / 2 + the K x P unfold
+// (K = Cg taps): for the 8 x 8 maps of a 3 x 3 conv, Pin = 100 against 9 x 64 = 576 per channel.
+bool ghost_gram_fits(const ConvShape& s, int64_t P, int64_t K) {
+  if (s.stride[0] != 1 || s.stride[1] != 1 || s.stride[2] != 1 || P > kTile) return false;
+  const int64_t Cg = s.C / s.groups;
+  int64_t Pin = 1;
+  for (int j = 0; j < 3; ++j) Pin *= s.in[j] + s.pad_lo[j] + s.pad_hi[j];
+  if (Pin > kConvGramMax || Cg * Pin > kUnfoldBudget) return false;
+  // Gram + gather against the unfold's SYRK (both halves of a triangle) and its copy.
+  const double taps = double(K / std::max<int64_t>(Cg, 1));
+  const double gram = double(Pin) * double(Pin) * double(Cg) + 2.0 * taps * double(P) * double(P);
+  const double unfold = double(P) * double(P) * double(K) + 4.0 * double(K) * double(P);
+  return gram < unfold;
+}
+
+template <class T>
+double ghost_gram_item(const ConvShape& s, const T* xi, int64_t c0, const T* G, int64_t ldg,
+                       int64_t Og, Scratch<T>& w) {
+  const int64_t P = s.positions(), Cg = s.C / s.groups;
+  int64_t n[3];
+  for (int j = 0; j < 3; ++j) n[j] = s.in[j] + s.pad_lo[j] + s.pad_hi[j];
+  const int64_t Pin = n[0] * n[1] * n[2];
+  // Xp: Cg x Pin, the group's channels zero-padded.
+  w.U.assign(size_t(Cg * Pin), T(0));
+  for (int64_t ch = 0; ch < Cg; ++ch) {
+    const T* xc = xi + (c0 + ch) * s.xs[1];
+    T* o = w.U.data() + ch * Pin;
+    for (int64_t d = 0; d < s.in[0]; ++d)
+      for (int64_t h = 0; h < s.in[1]; ++h) {
+        T* row = o + ((d + s.pad_lo[0]) * n[1] + h + s.pad_lo[1]) * n[2] + s.pad_lo[2];
+        const T* src = xc + d * s.xs[2] + h * s.xs[3];
+        for (int64_t ww = 0; ww < s.in[2]; ++ww) row[ww] = src[ww * s.xs[4]];
+      }
+  }
+  // Gx, upper triangle by SYRK. The gather below reads a whole output line of q from p's own,
+  // so its q < p entries read Gx's (unspecified, but initialised) lower triangle: those SU
+  // entries are never read (the combine takes SU's diagonal and strict upper triangle).
+  w.C.resize(size_t(Pin * Pin));
+  T* Gx = w.C.data();
+  blas::syrk_upper_t(Pin, Cg, w.U.data(), Pin, Gx, Pin);
+  w.S.resize(size_t(2 * kTile * kTile));
+  T* SU = w.S.data();
+  T* SG = SU + kTile * kTile;
+  // SU[p, q >= p] = sum over taps of Gx[a(p) + o, a(q) + o], one output line of q at a time.
+  const int64_t Ho = s.out[1], Wo = s.out[2];
+  for (int64_t p = 0; p < P; ++p) std::fill(SU + p * kTile, SU + p * kTile + P, T(0));
+  for (int64_t a = 0; a < s.k[0]; ++a)
+    for (int64_t b = 0; b < s.k[1]; ++b)
+      for (int64_t e = 0; e < s.k[2]; ++e) {
+        const int64_t off = ((a * s.dil[0]) * n[1] + b * s.dil[1]) * n[2] + e * s.dil[2];
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t pd = p / (Ho * Wo), ph = (p / Wo) % Ho, pw = p % Wo;
+          const T* grow = Gx + ((pd * n[1] + ph) * n[2] + pw + off) * Pin + off;
+          T* su = SU + p * kTile;
+          int64_t qd = pd, qh = ph;
+          for (int64_t q0 = p - pw; q0 < P; q0 += Wo) {  // output lines from p's own
+            const T* __restrict__ gline = grow + (qd * n[1] + qh) * n[2];
+            T* __restrict__ sline = su + q0;
+            for (int64_t q = 0; q < Wo; ++q) sline[q] += gline[q];
+            if (++qh == Ho) {
+              qh = 0;
+              ++qd;
+            }
+          }
+        }
+      }
+  blas::syrk_upper_t(P, Og, G, ldg, SG, kTile);
+  double diag = 0.0, upper = 0.0;
+  for (int64_t r = 0; r < P; ++r) {
+    diag += double(SU[r * kTile + r]) * double(SG[r * kTile + r]);
+    upper += dot(SU + r * kTile + r + 1, SG + r * kTile + r + 1, P - r - 1);
+  }
+  return diag + 2.0 * upper;
+}
+
 // ||G U^T||^2 = <U^T U, G^T G> over P x P, visiting tile pairs (I, J >= I) once; off-diagonal
 // pairs count twice. U is either fully unfolded (full) or unfolded per tile. A diagonal tile is
 // the Gram matrix of one factor's columns: SYRK forms its upper triangle only (half the flops of
@@ -149,6 +228,7 @@ template <class T>
 double ghost_item(const ConvShape& s, const T* xi, int64_t c0, const T* G, int64_t ldg, int64_t Og,
                   Scratch<T>& w) {
   const int64_t P = s.positions(), K = s.cols();
+  if (ghost_gram_fits(s, P, K)) return ghost_gram_item(s, xi, c0, G, ldg, Og, w);
   const bool full = K * P <= kUnfoldBudget;
   if (full) {
     w.U.resize(size_t(K * P));

@@ -23,6 +23,9 @@ constexpr int64_t kConvTile = 256;
 constexpr int64_t kConvUnfoldBudget = int64_t(1) << 22;
 // The unfold takes output lines this many at a time (a 32-byte segment per line and tap).
 constexpr int64_t kConvUnfoldLines = 1024;
+// Ghost of a stride-1 conv with one tile of positions forms the Gram matrix of the padded input
+// (Pin x Pin) instead of the unfold's, when Pin <= this (a 1 MiB float32 buffer) and cheaper.
+constexpr int64_t kConvGramMax = 2 * kConvTile;
 
 // "auto" | "ghost" | "direct"; throws ArgumentError with the offending string.
 ConvMethod parse_conv_method(const std::string& name);

@@ -112,7 +112,14 @@ int64_t check_conv_sizes(const fastclip::ConvShape& s, fastclip::ConvMethod meth
   int64_t scratch = 0;
   if (P > 0 && K > 0 && Og > 0) {
     if (method == fastclip::ConvMethod::Ghost) {
-      scratch = KP <= budget ? KP : Ktile;
+      // The unfold (or its tiles), or the padded input of the stride-1 Gram path (taken only
+      // when it fits the budget), + the Gram buffer of that path and the two Gram tiles.
+      const int64_t Pin = checked_prod({s.in[0] + s.pad_lo[0] + s.pad_hi[0],
+                                        s.in[1] + s.pad_lo[1] + s.pad_hi[1],
+                                        s.in[2] + s.pad_lo[2] + s.pad_hi[2]}, "padded input positions");
+      const int64_t CgPin = checked_mul(s.C / s.groups, Pin, "padded input of a group");
+      scratch = std::max(KP <= budget ? KP : Ktile, std::min(CgPin, budget)) +
+                fastclip::kConvGramMax * fastclip::kConvGramMax + 2 * tile * tile;
     } else {
       const int64_t chunk = std::max<int64_t>(tile, budget / K);
       scratch = checked_add(P <= chunk ? KP : checked_mul(K, chunk, "unfold K x chunk"),

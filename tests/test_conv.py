@@ -164,6 +164,10 @@ OP_CASES = [
     (2, 1, 2, 2, (1, 1), (1, 1), 1, 0, 1, 1),       # P = 1
     (2, 2, 2, 2, (2, 2), (3, 3), 1, 0, 1, 1),       # no output positions
     (1, 2, 0, 0, (5,), (2,), 1, 0, 1, 1),           # no channels
+    # stride 1, one tile: ghost from the padded input's Gram matrix (csrc/conv.cpp)
+    (2, 3, 8, 6, (8, 8), (3, 3), 1, 1, 1, 2),
+    (3, 2, 4, 4, (4, 4, 4), (3, 3, 3), 1, 1, 1, 1),
+    (2, 2, 16, 4, (6, 7), (3, 3), 1, "same", 2, 1),
 ]
 
 
