@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..ops import as_computed
 from . import Part, Pool, Rule, Use, register, register_cross, scaled_rows
+from . import keep
 from .capture import CaptureMode
 
 
@@ -107,8 +108,13 @@ class LinearRule(Rule):
         with_weight, with_bias = _trainable(module)
         if not with_weight:
             return {"bias": G.sum(1).square().sum(-1)} if with_bias else {}
-        # The bias's norms come from the same pass over G as the weight's.
-        w, b = ops.linear_sq_norms(A, G, method=method, bias=with_bias)
+        if keep.keeps(G.shape[0], G.shape[1], A.shape[2], G.shape[2], G.dtype, method):
+            # The per-example gradients, kept for this step's clipped sum (layers/keep.py).
+            kept = uses[0].memo = keep.form([(A, G)], with_bias)
+            w, b = keep.sq_norms(kept)
+        else:
+            # The bias's norms come from the same pass over G as the weight's.
+            w, b = ops.linear_sq_norms(A, G, method=method, bias=with_bias)
         return {"weight": w, "bias": b} if with_bias else {"weight": w}
 
     def per_example(self, module, uses):
@@ -122,6 +128,16 @@ class LinearRule(Rule):
     def clipped(self, module, uses, c, pool):
         w = b = None
         with_w, with_b = _trainable(module)
+        kept = uses[0].memo
+        if isinstance(kept, keep.Kept):
+            uses[0].memo = None   # its bytes go back to the keep budget once this call is done
+            if with_w:
+                w = keep.clipped_weight(kept, c)
+            if with_b and kept.b is not None:
+                b = keep.clipped_bias(kept, c)
+            if not with_b or b is not None:
+                return {"weight": w, "bias": b} if with_b else {"weight": w}
+            with_w = False   # only the bias is left to sum from the uses
         for u in uses:
             G = _flat(u.grads[0])
             if with_w:
@@ -130,7 +146,7 @@ class LinearRule(Rule):
             if with_b:
                 g = c.to(G.dtype).matmul(G[:, 0] if G.shape[1] == 1 else G.sum(1))
                 b = g if b is None else b + g
-        out = {"weight": w} if with_w else {}
+        out = {"weight": w} if w is not None else {}
         if with_b:
             out["bias"] = b
         return out

@@ -1,0 +1,149 @@
+"""Per-example weight gradients of a linear map, kept from the norm pass for the clipped sum.
+
+A linear map's per-example weight gradient is ``grad_i = G_i^T A_i`` (A: (B, T, d) inputs, G:
+(B, T, p) output gradients). Its norm is taken today by the ghost form ``<A_i A_i^T, G_i G_i^T>``
+(or the tiled direct product), and the clipped sum is then a second full GEMM ``G^T diag(c) A``:
+about 1.6-2.1 weight-gradient products for T ~ 128. Kept instead: the per-example gradients
+(B, p, d) by one batched product (the weight gradient's flops, at near-GEMM rate since each
+product is T x p x d), their squared norms one pass over them, and the clipped sum ``c @ (B, p d)``
+one more (no second GEMM). It costs B p d elements of memory, so:
+
+* a layer keeps only while the bytes kept by every layer at once stay within
+  :data:`KEEP_STEP_BYTES` (:class:`Kept` holds its bytes in the ledger until it is dropped: under
+  flat clipping every layer's kept gradients live until all norms are known and its clipped sum
+  is formed; per-layer clipping frees them layer by layer), else the ghost / direct norm and the
+  GEMM as before;
+* and only where it is the cheaper one (:func:`keep_wins`): not for T = 1 or short sequences
+  (the product norm or ghost is then nearly free), and never in mode "ghost".
+
+Used by the Linear rule (``linear.py``), the attention rule's projections (``attention.py``) and
+the operation rule's linear calls (``ops_rule.py``: Hugging Face GPT-2's Conv1D).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+# The most bytes of per-example gradients kept at once by the linear rules (all layers of a
+# clipping step together). fastclip.layers.keep.KEEP_STEP_BYTES = 0 turns keeping off.
+KEEP_STEP_BYTES = 64 << 20
+
+# Cost model of one example, in units of one flop of a large GEMM (measured at 1 thread, float32,
+# AVX-512 Xeon, OpenBLAS core vs torch's bmm; T ~ 64-128, d, p 192-1024):
+#   ghost norm (native): T^2 (d + p) flops by SYRK at ~0.55x GEMM rate; below 128 positions the
+#       Gram tile is a full GEMM (twice the flops);
+#   direct norm (native, tiled): 2 T d p at ~0.85x GEMM rate;
+#   clipped-sum GEMM: 2 T d p;
+#   kept: the batched product 2 T d p at ~0.95x GEMM rate, plus per element of the (p, d)
+#       gradient about _KEEP_ELEMENT flops' worth of memory traffic (its write, the norm pass and
+#       the c @ (B, p d) product).
+_GHOST_RATE = 0.55
+_DIRECT_RATE = 0.85
+_KEPT_RATE = 0.95
+_KEEP_ELEMENT = 48.0
+
+
+def _ghost_cost(T: int, d: int, p: int) -> float:
+    flops = float(T) * T * (d + p + 2)
+    return flops * (2.0 if T < 128 else 1.0) / _GHOST_RATE
+
+
+def keep_wins(T: int, d: int, p: int, method: str) -> bool:
+    """Whether keeping the per-example gradients (module doc) is cheaper than the norm ``method``
+    ("auto": the cheaper of ghost and direct; "direct"; "ghost" never keeps) plus the clipped-sum
+    GEMM, for one example with T positions, d inputs, p outputs."""
+    if T <= 1 or method not in ("auto", "direct"):
+        return False
+    product = 2.0 * T * d * p
+    norm = product / _DIRECT_RATE
+    if method == "auto":
+        norm = min(norm, _ghost_cost(T, d, p))
+    return product / _KEPT_RATE + _KEEP_ELEMENT * d * p < norm + product
+
+
+class _Ledger:
+    """Bytes of per-example gradients held by live :class:`Kept` memos (process-wide)."""
+
+    __slots__ = ("live", "peak")
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+
+
+LEDGER = _Ledger()
+
+
+class Kept:
+    """A memo (``Use.memo``) holding one module's kept per-example gradients for its clipped sum:
+    ``w`` (B, p, d), or (B, d, p) when ``transposed``, summed over the module's uses, and the
+    per-example bias gradients ``b`` (B, p) or None. Its bytes count in the ledger until the memo
+    is dropped (the engine drops memos when the step ends or examples are zeroed; ``clipped``
+    drops it once used)."""
+
+    __slots__ = ("w", "b", "transposed", "nbytes")
+
+    def __init__(self, w: Tensor, b: Optional[Tensor], transposed: bool, nbytes: int):
+        self.w, self.b, self.transposed, self.nbytes = w, b, transposed, nbytes
+        LEDGER.live += nbytes
+        LEDGER.peak = max(LEDGER.peak, LEDGER.live)
+
+    def __del__(self):
+        LEDGER.live -= self.nbytes
+
+
+def keeps(B: int, T: int, d: int, p: int, dtype: torch.dtype, method: str,
+          force: Optional[bool] = None) -> bool:
+    """Whether a linear map of this shape keeps its per-example gradients now: cheaper
+    (:func:`keep_wins`, or ``force``) and within :data:`KEEP_STEP_BYTES` with what is kept."""
+    if T <= 1 or method not in ("auto", "direct"):
+        return False
+    if not (keep_wins(T, d, p, method) if force is None else force):
+        return False
+    nbytes = B * d * p * torch.empty((), dtype=dtype).element_size()
+    return LEDGER.live + nbytes <= KEEP_STEP_BYTES
+
+
+def form(pairs: Sequence[Tuple[Tensor, Tensor]], bias: bool) -> Kept:
+    """The kept per-example gradients of a linear map from its uses' (A (B, T, d), G (B, T, p))
+    pairs (same B, d, p; T may differ): ``sum_u G_u^T A_u`` per example by batched products, in
+    the orientation whose product runs faster (the wider dimension as rows), and with ``bias``
+    the per-example bias gradients ``sum_u sum_t G_u``."""
+    A0, G0 = pairs[0]
+    d, p = A0.shape[-1], G0.shape[-1]
+    transposed = d > p
+    w = None
+    for A, G in pairs:
+        x, y = (A, G) if transposed else (G, A)
+        w = torch.bmm(x.transpose(1, 2), y) if w is None else w.baddbmm_(x.transpose(1, 2), y)
+    b = None
+    if bias:
+        for _, G in pairs:
+            s = G.sum(1)
+            b = s if b is None else b + s
+    nbytes = w.numel() * w.element_size() + (b.numel() * b.element_size() if b is not None else 0)
+    return Kept(w, b, transposed, nbytes)
+
+
+def sq_norms(kept: Kept) -> Tuple[Tensor, Optional[Tensor]]:
+    """(weight squared norms (B,), bias squared norms (B,) or None) of the kept gradients."""
+    w = kept.w
+    B, r, s = w.shape
+    wsq = torch.linalg.vector_norm(w.reshape(B, r * s), dim=1).square()
+    bsq = kept.b.square().sum(-1) if kept.b is not None else None
+    return wsq, bsq
+
+
+def clipped_weight(kept: Kept, c: Tensor) -> Tensor:
+    """``sum_i c_i grad_i`` (p, d) from the kept weight gradients."""
+    w = kept.w
+    B, r, s = w.shape
+    out = c.to(w.dtype).matmul(w.reshape(B, r * s)).view(r, s)
+    return out.t().contiguous() if kept.transposed else out
+
+
+def clipped_bias(kept: Kept, c: Tensor) -> Tensor:
+    """``sum_i c_i b_i`` (p,) from the kept bias gradients."""
+    return c.to(kept.b.dtype).matmul(kept.b)
