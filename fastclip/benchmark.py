@@ -473,6 +473,11 @@ def setup_opacus_ghost(wl: Workload, model: nn.Module, batch_size: int) -> StepF
     return step
 
 
+# Exceptions by which an optional method says it cannot run a model (Opacus' UnsupportedModuleError
+# for nn.MultiheadAttention, NotImplementedError for tied parameters under ghost clipping).
+_REFUSALS = ("UnsupportedModuleError", "NotImplementedError")
+
+
 @dataclass
 class Method:
     name: str
@@ -589,7 +594,7 @@ class Result:
     native_mib: Optional[float] = None   # of which the native core's scratch
     mem_ratio: Optional[float] = None    # peak_mib / non-private peak_mib
     limit: Optional[float] = None   # the workload's budgeted fastclip ratio (Workload.limit)
-    status: str = "ok"  # ok | not installed | error
+    status: str = "ok"  # ok | not installed | unsupported (shown "-") | error
     error: str = ""
 
 
@@ -627,6 +632,10 @@ def run_workload(name: str, batch_size: Optional[int], warmup: int, steps: int,
             r.status, r.error = "not installed", str(e)
         except Exception as e:  # report and go on: one broken method must not hide the others
             r.status, r.error = "error", f"{type(e).__name__}: {e}"
+            # An optional method that refuses the model (Opacus: nn.MultiheadAttention, tied
+            # parameters under ghost clipping) cannot run it: shown as "-", not as a failure.
+            if m.optional and type(e).__name__ in _REFUSALS:
+                r.status = "unsupported"
 
     by_name = {r.method: r for r in results}
     if interleave:
@@ -670,6 +679,8 @@ def run_workload(name: str, batch_size: Optional[int], warmup: int, steps: int,
 
 
 def _cell(r: Result) -> str:
+    if r.status == "unsupported":
+        return "-"
     if r.status != "ok":
         return r.status
     s = f"{r.median_ms:.2f}"
@@ -909,6 +920,9 @@ def run(args: argparse.Namespace) -> int:
     errors = [r for r in results if r.status == "error"]
     for r in errors:
         print(f"error: {r.workload} / {r.method}: {r.error}", file=sys.stderr)
+    for r in results:
+        if r.status == "unsupported":
+            print(f"-: {r.method} cannot run {r.workload}: {r.error[:160]}", file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             args_json = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))}
