@@ -32,6 +32,29 @@ from .. import ops
 from . import Rule, Use
 
 
+_EXPANDS = (Tensor.expand, Tensor.broadcast_to, torch.broadcast_to)
+_ADDS = (Tensor.add, Tensor.__add__, Tensor.__radd__, torch.add)
+_SUBS = (Tensor.sub, Tensor.__sub__, Tensor.subtract, torch.sub, torch.subtract)
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def _unbatched(shape, out_shape) -> bool:
+    """A tensor of ``shape`` broadcast to ``out_shape`` is the same in every row of dim 0."""
+    return len(shape) < len(out_shape) or (len(shape) == len(out_shape) and shape[0] == 1)
+
+
+def _reduce(g: Tensor, shape) -> Tensor:
+    """Per-example gradients (B, *shape) of an unbatched tensor of ``shape`` broadcast to
+    ``g.shape`` (B first): ``g`` summed over the dimensions it was broadcast along."""
+    rest = g.shape[1:]
+    aligned = tuple(shape[1:]) if len(shape) == g.dim() else (
+        (1,) * (len(rest) - len(shape)) + tuple(shape))
+    dims = [k + 1 for k, (a, r) in enumerate(zip(aligned, rest)) if a == 1 and r != 1]
+    if dims:
+        g = g.sum(dims, keepdim=True)
+    return g.reshape((g.shape[0],) + tuple(shape))
+
+
 class _Mix(torch.autograd.Function):
     """The mixing op. Inputs: the data tensors that require grad, then the followed leaves (so
     the outputs require grad even when the data does not), then the module's own parameters (so
@@ -75,6 +98,9 @@ class _Follow(TorchFunctionMode):
         self.leaves = leaves                       # parameter name -> fresh leaf q
         self.params = params                       # the parameters q stands for
         self.followed: Dict[int, Tensor] = {id(q): q for q in leaves.values()}
+        # id(t) -> (t, s) for a followed t = s.expand(...) whose rows are all s (leading dim of s
+        # 1 or absent): the mixing op's gradient for example i then needs only row i of t's.
+        self.expanded: Dict[int, tuple] = {}
 
     def _is_followed(self, t) -> bool:
         return isinstance(t, Tensor) and self.followed.get(id(t)) is t
@@ -92,6 +118,9 @@ class _Follow(TorchFunctionMode):
             for t in tree_flatten(out)[0]:
                 if isinstance(t, Tensor):
                     self.followed[id(t)] = t
+            if (func in _EXPANDS and isinstance(out, Tensor) and self._is_followed(args[0])
+                    and _unbatched(args[0].shape, out.shape)):
+                self.expanded[id(out)] = (out, args[0])
             return out
         name = getattr(func, "__name__", "")
         if name.endswith("_") and not name.endswith("__"):
@@ -113,7 +142,8 @@ class _Follow(TorchFunctionMode):
             out_spec["spec"], out_spec["flat"] = spec, flat
             return [t for t in flat if isinstance(t, Tensor) and t.is_floating_point()]
 
-        use = self.engine.new_use(self.module, extra={"leaves": dict(self.leaves), "B": B})
+        use = self.engine.new_use(self.module, extra={"leaves": dict(self.leaves), "B": B,
+                                                      "plan": self._plan(func, args, kwargs, B)})
         res = _Mix.apply(self.engine, use, run, len(needs), *needs, *self.leaves.values(),
                          *self.params)
         flat = list(out_spec["flat"])
@@ -123,6 +153,73 @@ class _Follow(TorchFunctionMode):
                 flat[i] = next(it)
         from torch.utils._pytree import tree_unflatten
         return tree_unflatten(flat, out_spec["spec"])
+
+    def _source(self, t: Tensor, out_dim: int, B: int):
+        """The unbatched followed tensor ``s`` whose broadcast ``t`` is in the mixing op (``t``
+        itself, or the ``s`` that ``t = s.expand(B, ...)`` was made from), or None."""
+        if t.dim() <= out_dim and (t.dim() < out_dim or t.shape[0] == 1):
+            return t
+        rec = self.expanded.get(id(t))
+        if rec is not None and rec[0] is t and t.dim() == out_dim and t.shape[0] == B:
+            return rec[1]
+        return None
+
+    def _plan(self, func, args, kwargs, B: int):
+        """For ``data + s``, ``data - s``, ``s + data`` (``torch.add/sub`` with ``alpha``) and
+        ``torch.cat`` along a non-batch dimension of data and expanded followed tensors: a list of
+        ``(s, dim, offset, length, scale)``, one per followed operand, with which example i's
+        gradient of the unbatched ``s`` is ``scale`` times row i of the output gradient (narrowed
+        to ``[offset, offset + length)`` along ``dim`` for cat), summed over the dimensions ``s``
+        is broadcast along. None for any other op: the general batched VJP."""
+        try:
+            if func in _ADDS or func in _SUBS:
+                if len(args) != 2 or set(kwargs) - {"alpha"}:
+                    return None
+                a, b = args
+                if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
+                    return None
+                fa, fb = self._is_followed(a), self._is_followed(b)
+                if fa == fb:
+                    return None
+                t = a if fa else b
+                d = b if fa else a
+                out_dim = max(a.dim(), b.dim())
+                if d.dim() != out_dim or d.shape[0] != B:
+                    return None
+                s = self._source(t, out_dim, B)
+                if s is None:
+                    return None
+                alpha = kwargs.get("alpha", 1)
+                if isinstance(alpha, Tensor):
+                    return None
+                scale = 1 if fa else alpha
+                if func in _SUBS and fb:
+                    scale = -scale
+                return [(s, None, 0, 0, scale)]
+            if func in _CATS:
+                if "out" in kwargs or not args and "tensors" not in kwargs:
+                    return None
+                tensors = args[0] if args else kwargs["tensors"]
+                dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+                if not isinstance(tensors, (list, tuple)) or isinstance(dim, str):
+                    return None
+                pieces = [t for t in tensors if not (t.dim() == 1 and t.numel() == 0)]
+                nd = pieces[0].dim()
+                dim = dim + nd if dim < 0 else dim
+                if dim <= 0 or dim >= nd:
+                    return None
+                plan, off = [], 0
+                for t in pieces:
+                    if self._is_followed(t):
+                        s = self._source(t, nd, B)
+                        if s is None:
+                            return None
+                        plan.append((s, dim, off, t.shape[dim], 1))
+                    off += t.shape[dim]
+                return plan
+        except (TypeError, IndexError, AttributeError):
+            return None
+        return None
 
 
 class DirectRule(Rule):
@@ -173,7 +270,11 @@ class DirectRule(Rule):
         names = list(leaves)
         pairs = [(o, g) for o, g in zip(outs, use.grads) if g is not None and o.requires_grad]
         result = {n: leaves[n].new_zeros((max(B, 0),) + leaves[n].shape) for n in names}
-        if pairs and B > 0:
+        plan = use.extra.get("plan")
+        if plan is not None and len(outs) == 1:
+            if pairs and B > 0:
+                self._planned(plan, pairs[0][1], leaves, result)
+        elif pairs and B > 0:
             eye = torch.eye(B, dtype=pairs[0][1].dtype, device=pairs[0][1].device)
             batched = [eye.view((B, B) + (1,) * (g.dim() - 1)) * g.unsqueeze(0) for _, g in pairs]
             inputs = [leaves[n] for n in names]
@@ -191,6 +292,44 @@ class DirectRule(Rule):
         # bf16 / fp16 parameters: norms and clipped sums in float32 or wider (the engine rounds
         # the sum to the parameter's dtype once); a bf16 sum of squares under-clips.
         return {n: ops.widened(g) for n, g in result.items()}
+
+
+    @staticmethod
+    def _planned(plan, G: Tensor, leaves: Dict[str, Tensor], result: Dict[str, Tensor]) -> None:
+        """Per-example gradients for a planned add/sub/cat (``_Follow._plan``): example i's
+        gradient of each unbatched operand ``s`` is read off row i of ``G`` (a slice, a sum over
+        its broadcast dimensions, a sign), O(|G|) instead of a batched VJP over B x |G|; then, if
+        ``s`` is not a leaf itself, one batched VJP of the small sub-graph leaf -> ``s``."""
+        by_leaf = {id(q): n for n, q in leaves.items()}
+        srcs, cots = [], []
+        for s, dim, off, length, scale in plan:
+            g = G if dim is None else G.narrow(dim, off, length)
+            g = _reduce(g, s.shape)
+            if scale != 1:
+                g = g * scale
+            g = g.to(s.dtype)
+            n = by_leaf.get(id(s))
+            if n is not None and leaves[n] is s:
+                result[n] = result[n] + g
+            elif s.requires_grad:
+                srcs.append(s)
+                cots.append(g)
+        if not srcs:
+            return
+        names = list(leaves)
+        inputs = [leaves[n] for n in names]
+        try:
+            got = torch.autograd.grad(srcs, inputs, cots, retain_graph=True, allow_unused=True,
+                                      is_grads_batched=True)
+        except (RuntimeError, NotImplementedError):
+            B = cots[0].shape[0]
+            rows = [torch.autograd.grad(srcs, inputs, [c[i] for c in cots], retain_graph=True,
+                                        allow_unused=True) for i in range(B)]
+            got = [None if rows[0][j] is None else torch.stack([r[j] for r in rows])
+                   for j in range(len(inputs))]
+        for n, g in zip(names, got):
+            if g is not None:
+                result[n] = result[n] + g
 
 
 def _zero(t: Tensor, bad: Tensor) -> Tensor:
