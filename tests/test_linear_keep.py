@@ -156,3 +156,83 @@ def test_cost_model():
     assert keep.keep_wins(128, 256, 768, "auto")         # a transformer block's projection
     assert keep.keep_wins(128, 1024, 256, "auto")
     assert not keep.keep_wins(4, 256, 256, "auto")       # short sequences: ghost is nearly free
+
+
+# -- the attention rule's projections and the operation rule's linear calls --------------------
+
+class Attn(nn.Module):
+    """MultiheadAttention called twice (self-attention: the fused q/k/v block; or with kdim /
+    vdim: q, k, v blocks of their own), with a Linear head."""
+
+    def __init__(self, self_attn=True, **opts):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True, **opts)
+        self.kproj = nn.Linear(8, opts.get("kdim", 8))
+        self.vproj = nn.Linear(8, opts.get("vdim", 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.self_attn:
+            h, _ = self.mha(x, x, x)
+            h, _ = self.mha(h, h, h)
+        else:
+            h, _ = self.mha(x, self.kproj(x), self.vproj(x))
+        return self.head(torch.tanh(h).mean(1))
+
+
+@pytest.mark.parametrize("opts", [{}, {"bias": False}, {"add_bias_kv": True},
+                                  {"kdim": 6, "vdim": 5}])
+@pytest.mark.parametrize("B", [0, 1, 3])
+def test_attention_projections_kept(kept, opts, B):
+    torch.manual_seed(7)
+    m = Attn("kdim" not in opts, **opts).double()
+    check(m, torch.randn(B, 5, 8, dtype=torch.float64), torch.randint(0, 3, (B,)), modes=MODES,
+          C=0.3)
+    assert ((B, 24, 8) if "kdim" not in opts else (B, 8, 6)) in kept   # the attention rule's
+
+
+def test_attention_float32_per_layer(kept):
+    torch.manual_seed(8)
+    m = Attn(True)
+    check(m, torch.randn(4, 5, 8), torch.randint(0, 3, (4,)), modes=MODES, dtype=torch.float32,
+          clipping="per_layer", C=0.2)
+    assert (4, 24, 8) in kept
+
+
+class Conv1D(nn.Module):
+    """GPT-2's: weight (in, out), y = addmm(b, x.view(-1, in), W).view(..., out) (the operation
+    rule), used twice."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class GPTish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = Conv1D(6, 9)
+        self.proj = Conv1D(9, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.proj(torch.tanh(self.fc(x)))
+        h = self.proj(torch.tanh(self.fc(h)))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [0, 1, 3])
+def test_conv1d_ops_rule_kept(kept, dtype, B):
+    torch.manual_seed(9)
+    m = GPTish().to(dtype)
+    check(m, torch.randn(B, 4, 6, dtype=dtype), torch.randint(0, 3, (B,)), modes=MODES, C=0.3,
+          dtype=dtype)
+    # Conv1D weights are (in, out): kept as (B, 6, 9) and (B, 9, 6) (the wider dimension as rows)
+    assert {(B, 9, 6)} <= set(kept)

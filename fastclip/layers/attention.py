@@ -10,7 +10,7 @@ import torch
 from .. import ops
 from ..nn.attention import MultiheadAttention
 from .capture import ModuleCaptureRule
-from . import register, sq_rows, zero_rows
+from . import keep, register, sq_rows, zero_rows
 from .linear import _flat, clipped_product
 
 
@@ -80,7 +80,14 @@ class AttentionRule(ModuleCaptureRule):
             bsq = torch.zeros(B, dtype=torch.float64, device=p.device) if with_bias else None
             for rows, (A, G) in _blocks(uses, name).items():
                 if name.endswith("weight"):
-                    w, b = ops.linear_sq_norms(A, G, method=method, bias=with_bias)
+                    if keep.keeps(B, A.shape[1], A.shape[2], G.shape[2], G.dtype, method):
+                        # The block's per-example gradients, kept for this step's clipped sum.
+                        kept = keep.form([(A, G)], with_bias)
+                        memo = uses[0].memo = uses[0].memo or {}
+                        memo[(name, rows)] = kept
+                        w, b = keep.sq_norms(kept)
+                    else:
+                        w, b = ops.linear_sq_norms(A, G, method=method, bias=with_bias)
                     sq = sq + w.to(torch.float64)
                     if with_bias:
                         bsq = bsq + b.to(torch.float64)
@@ -118,6 +125,10 @@ class AttentionRule(ModuleCaptureRule):
         return out
 
     def clipped(self, module, uses, c, pool):
+        # What the norm pass kept, by (weight name, rows): taken for this call, so its bytes go
+        # back to the keep budget when the call is done.
+        kept = uses[0].memo if isinstance(uses[0].memo, dict) else {}
+        uses[0].memo = None
         res = {}
         for name, p in self._trainable(module):
             wide = torch.promote_types(p.dtype, torch.float32)
@@ -129,12 +140,12 @@ class AttentionRule(ModuleCaptureRule):
             if len(blocks) == 1 and next(iter(blocks)) == (0, p.shape[0]):
                 # One block covering the parameter (the fused q/k/v projection): its sum is
                 # the parameter's, with no zero-filled buffer to add it into.
-                (A, G), = blocks.values()
-                res[name] = self._block_sum(name, A, G, c, pool).to(wide)
+                (rows, (A, G)), = blocks.items()
+                res[name] = self._block_sum(name, rows, A, G, c, pool, kept).to(wide)
                 continue
             out = torch.zeros_like(p, dtype=wide)
             for (r0, r1), (A, G) in blocks.items():
-                g = self._block_sum(name, A, G, c, pool)
+                g = self._block_sum(name, (r0, r1), A, G, c, pool, kept)
                 if name.endswith("weight") and name != "in_proj_weight":
                     out += g
                 else:
@@ -143,9 +154,14 @@ class AttentionRule(ModuleCaptureRule):
         return res
 
     @staticmethod
-    def _block_sum(name, A, G, c, pool):
-        """sum_i c_i grad_i of one block: G^T diag(c) A (rescaling the smaller factor) for a
-        weight, c^T (sum_t G) for a bias."""
+    def _block_sum(name, rows, A, G, c, pool, kept):
+        """sum_i c_i grad_i of one block: from the per-example gradients the norm pass kept
+        (``kept``: {(weight name, rows): keep.Kept}), else G^T diag(c) A (rescaling the smaller
+        factor) for a weight, c^T (sum_t G) for a bias."""
         if name.endswith("weight"):
-            return clipped_product(A, G, c, pool)
+            k = kept.get((name, rows))
+            return keep.clipped_weight(k, c) if k is not None else clipped_product(A, G, c, pool)
+        k = kept.get(("in_proj_weight", rows)) if name == "in_proj_bias" else None
+        if k is not None and k.b is not None:
+            return keep.clipped_bias(k, c)
         return c.to(G.dtype).matmul(G.sum(1))

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from .._rng import forked_rng
-from . import Rule, sq_rows, zero_rows
+from . import Rule, keep, sq_rows, zero_rows
 from .capture import CaptureMode, _FnCapture
 from .conv import ConvRule
 from .embedding import (_masked, _parse_embedding, _refusal, _stack, clipped_rows,
@@ -529,7 +529,17 @@ class OpsRule(Rule):
                 pairs = [self._lin(u, r) for u, r in parts]
                 A = torch.cat([a for a, _ in pairs], 1) if len(pairs) > 1 else pairs[0][0]
                 G = torch.cat([g for _, g in pairs], 1) if len(pairs) > 1 else pairs[0][1]
-                out[n] = ops.linear_sq_norms(A.contiguous(), G.contiguous(), method=method)[0]
+                if keep.keeps(G.shape[0], G.shape[1], A.shape[2], G.shape[2], G.dtype, method):
+                    # The per-example gradients, kept for this step's clipped sum (on the first
+                    # call's use: a "lin" use, whose memo no other kernel sets).
+                    kept = keep.form([(A, G)], False)
+                    u0 = parts[0][0]
+                    u0.memo = u0.memo if isinstance(u0.memo, dict) else {}
+                    u0.memo[n] = kept
+                    out[n] = keep.sq_norms(kept)[0]
+                else:
+                    out[n] = ops.linear_sq_norms(A.contiguous(), G.contiguous(),
+                                                 method=method)[0]
             elif kind == "emb":
                 ids, g, pad = _stack([u for u, _ in parts])
                 out[n] = ops.embedding_sq_norms(ids, g, p.shape[0], pad)
@@ -580,7 +590,16 @@ class OpsRule(Rule):
         out = {}
         for n, p in _trainable(module):
             grad = None
-            for u, role in self._parts(uses, n):
+            parts = self._parts(uses, n)
+            memo = parts[0][0].memo if parts else None
+            if isinstance(memo, dict) and n in memo:
+                # Kept by the norm pass (every part a "lin" call): taken, its bytes go back to
+                # the keep budget once this sum is formed.
+                grad = keep.clipped_weight(memo.pop(n), c)
+                if not memo:
+                    parts[0][0].memo = None
+                parts = ()
+            for u, role in parts:
                 if role[0] == "lin":
                     A, G = self._lin(u, role)
                     g = clipped_product(A, G, c, pool)
