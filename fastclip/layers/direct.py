@@ -105,11 +105,23 @@ class _Follow(TorchFunctionMode):
     def _is_followed(self, t) -> bool:
         return isinstance(t, Tensor) and self.followed.get(id(t)) is t
 
+    def _any_followed(self, obj) -> bool:
+        # Every op of the module's forward (a ViT's whole body) passes here: a plain scan of
+        # tensors, lists, tuples and dicts instead of a pytree flatten. A followed tensor hidden
+        # in another container is not missed silently: q's guard refuses the step.
+        if isinstance(obj, Tensor):
+            return self.followed.get(id(obj)) is obj
+        if isinstance(obj, (list, tuple)):
+            return any(self._any_followed(t) for t in obj)
+        if isinstance(obj, dict):
+            return any(self._any_followed(t) for t in obj.values())
+        return False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        leaves, _ = tree_flatten((args, kwargs))
-        if not any(self._is_followed(t) for t in leaves):
+        if not (self._any_followed(args) or (kwargs and self._any_followed(kwargs))):
             return func(*args, **kwargs)
+        leaves, _ = tree_flatten((args, kwargs))
         B = self.engine.current_batch_size()
         data = [t for t in leaves if isinstance(t, Tensor) and not self._is_followed(t)]
         mixing = B is not None and any(t.dim() > 0 and t.shape[0] == B for t in data)
