@@ -1,20 +1,24 @@
-"""Single-backward book-keeping engine.
+"""The engine: attaches to a model and forms clipped gradients in the model's own backward.
 
-While attached to a model, every leaf module with trainable parameters is captured by its rule
-(``fastclip.layers``): the forward records each use, the backward delivers the output gradients
-and skips the non-private parameter-gradient products. When the backward ends, ``_finalize``
-turns the recorded uses into per-example gradient norms over all parameters, clip factors
-``c_i = min(1, C / ||g_i||)`` and, per parameter, the clipped sum ``sum_i c_i g_i`` added to
-``p.grad`` (several backward calls accumulate like ordinary gradients).
+One DP step, as the engine runs it:
 
-Per-layer clipping (``clipping="per_layer"``) clips each layer in the backward itself: rules make
-their uses with ``new_use`` at forward time, so the engine knows how many uses each layer awaits;
-when ``record`` has seen the last one, the layer's norms, clip factors and clipped sums are formed
-right there and its uses' tensors are dropped. Uses whose backward never comes (an output not in
-the loss) hold nothing up: what is left is clipped by ``_finalize``.
+1. **Plan** (``_plan``, at attach and whenever the trainable parameters change, ``refresh``):
+   every module owning trainable parameters gets a rule (``fastclip.layers``) and a clipping
+   layer (``fastclip.clipping.group_layers``).
+2. **Capture** (``_pre`` / ``_post`` forward hooks): each rule records a ``Use`` of its module
+   per call (``new_use``) and skips the non-private parameter-gradient products in the backward,
+   delivering the output gradients instead (``record``).
+3. **Schedule** (``fastclip/scheduling.py``): when a backward ends (flat clipping) or a layer's
+   last use is recorded (``clipping="per_layer"``), the uses are handed to the clipping step.
+4. **Clip** (``_clip``, pure functions in ``fastclip/finalize.py``): per-example squared norms
+   from each rule's ``sq_norms`` kernel, clip factors ``c_i = min(1, C / ||g_i||)`` and, per
+   parameter, the clipped sum ``sum_i c_i g_i`` from its ``clipped`` kernel, added to ``p.grad``
+   (several backward calls accumulate like ordinary gradients). The optimizer
+   (``fastclip/optim.py``) adds the noise and steps.
 
 The engine owns all of its state (dicts keyed by module or parameter) and hook handles;
-``detach()`` removes every hook and leaves the model as it was.
+``detach()`` removes every hook and leaves the model as it was. Mode "nanobatch" is
+:class:`fastclip.nanobatch.NanoBatchEngine` (:func:`make_engine`).
 """
 from __future__ import annotations
 
@@ -25,23 +29,25 @@ import weakref
 from collections import defaultdict
 from contextlib import contextmanager
 from types import MappingProxyType
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .audit import Auditor
-from .clipping import (Bound, check_clipping, check_gamma, clip_factors, group_layers,
-                       is_automatic, is_per_layer, resolve_bounds)
-from .layers import Part, Pool, Rule, Use, cross_inner, rule_for
+from .clipping import (Bound, check_clipping, check_gamma, group_layers, is_automatic,
+                       is_per_layer, resolve_bounds)
+from .finalize import (Groups, batch_size, check_wanted, clipped_sums, forget_memos,
+                       group_uses, param_sq_norms, total_sq, widened)
+from .layers import Pool, Rule, Use, rule_for
 from .layers.capture import FunctionalRule
 from .layers.direct import DIRECT
 from .layers.linear import LinearRule
-from .layers.generic import GENERIC, mixing_refusal, refusal
-from .ops import cast_margin, widened
+from .layers.generic import mixing_refusal, refusal
 from .layers.ops_rule import PENDING
-from .passes import NONE, THREADS, TWICE, Gate, partial_error
+from .passes import Gate
+from .scheduling import Schedule
 
 # Bumped whenever any module in the process registers a parameter or a submodule (a parameter
 # replaced by assignment or load_state_dict(assign=True), a head appended): an engine then walks
@@ -61,35 +67,6 @@ if _HOOKED:
         getattr(nn.modules.module, _register)(_bump_structure)
 
 MODES = ("auto", "ghost", "direct", "nanobatch")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _widen(uses: List[Use], rules: Dict) -> List:
-    """Half / bfloat16 captures of ``uses`` seen as float32 by the rules for one finalize: norms
-    and clip factors are computed in float32 or wider (a bf16 squared norm is 2^-8 off, which
-    under-clips; an fp16 one overflows and drops the example), and the clipped sum is formed in
-    float32 and rounded to the parameter's dtype once (``_write_clipped``). Returns what to put
-    back. The generic rule re-runs its module, in the module's own dtype: it widens itself."""
-    saved = []
-    for u in uses:
-        if rules.get(u.module) is GENERIC:
-            continue
-        if _low_precision(u.inputs, u.grads):
-            saved.append((u, u.inputs, u.grads))
-            u.inputs, u.grads = tree_map(widened, u.inputs), tree_map(widened, u.grads)
-    return saved
-
-
-def _low_precision(inputs, grads) -> bool:
-    """Whether a half / bfloat16 tensor is among ``inputs`` and ``grads`` (any pytree); the
-    common capture (a tensor and a tuple of tensors) is looked at without flattening."""
-    if (inputs is None or isinstance(inputs, Tensor)) and type(grads) is tuple:
-        if inputs is not None and inputs.dtype in _LOW_PRECISION:
-            return True
-        if all(g is None or isinstance(g, Tensor) for g in grads):
-            return any(g is not None and g.dtype in _LOW_PRECISION for g in grads)
-    leaves = tree_flatten((inputs, grads))[0]
-    return any(isinstance(t, Tensor) and t.dtype in _LOW_PRECISION for t in leaves)
 
 
 def _batch_of(args, kwargs) -> Optional[int]:
@@ -105,25 +82,6 @@ def _batch_of(args, kwargs) -> Optional[int]:
             return None
     leaves, _ = tree_flatten((args, kwargs))
     return next((t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0), None)
-
-
-def _forget_memos(uses: List[Use]) -> None:
-    """End of a clipping step: what the kernels memoised on ``uses`` (``Use.memo``) is dropped,
-    also after an error, so no per-example result outlives the step."""
-    for u in uses:
-        u.memo = None
-
-
-def _kernel_out(out: Dict[str, Tensor], name: str, module: nn.Module, rule: Rule, kernel: str):
-    if name in out:
-        return out[name]
-    raise RuntimeError(f"fastclip: the {kernel} kernel of {type(rule).__name__} gave no result "
-                       f"for the trainable parameter '{name}' of {type(module).__name__} "
-                       f"(it gave {sorted(out)})")
-
-
-# The uses of one clipping step by module: {module: (its uses, its trainable (name, parameter)s)}.
-Groups = Dict[nn.Module, Tuple[List[Use], List[Tuple[str, nn.Parameter]]]]
 
 
 # Rules whose use is one (input, output gradient) pair that may be recorded time-major and
@@ -244,8 +202,10 @@ class Engine:
         self._handles: List = []
         self._gate = Gate()      # which backward passes may enter the step (fastclip/passes.py)
         self._pool = Pool()         # scratch buffers lent to the rules' clipped kernels
-        self._pending: List[Use] = []
-        self._queued = False
+        # When the uses of a backward are clipped (fastclip/scheduling.py). Rules call its
+        # new_use / expect / record through the engine: bound here, no extra call per use.
+        self._schedule = Schedule(self, self._gate)
+        self._bind_schedule()
         self._finalizing = False            # rules re-run modules at finalize: no capture then
         self.norms_log: List[Tensor] = []   # per backward: per-example norms (B,), when kept
         self.keep_norms = False
@@ -277,7 +237,6 @@ class Engine:
         self._versions: Dict[nn.Parameter, int] = {}  # p -> that p.grad's version when written
         self._former: Dict[nn.Parameter, str] = {}  # parameters the model no longer has -> name
         self._set_layout(self.layers, self.bounds)
-        self._new_backward()
         self._attach()
 
     # -- planning ---------------------------------------------------------------------------
@@ -350,12 +309,8 @@ class Engine:
         self.layers, self.bounds = layers, bounds
         # Flat clipping's C (the total bound) for the finalize; per-layer uses self.bounds.
         self.max_grad_norm = self.sensitivity if bounds is None else None
-        # Per-layer clipping in the backward (record): each module's layer, and per layer the
-        # uses announced at forward and not recorded yet (weak: a forward never backpropagated
-        # frees its uses, and with them its claim on the layer).
-        self._layer_of = {m: i for i, layer in enumerate(layers) for m in layer.modules}
-        self._open = ([weakref.WeakSet() for _ in layers]
-                      if bounds is not None and self._per_module else None)
+        self._schedule.lay_out(self._rules, self._params, self._names, self._time_major, layers,
+                               per_layer=bounds is not None and self._per_module)
         self._covered = {p for ps in self._params.values() for _, p in ps}
         self._snapshot, self._all = self._scan()
         self._flags = [p.requires_grad for p in self._all]
@@ -426,8 +381,9 @@ class Engine:
             ValueError: the changed model cannot be made private (an unsupported module, a layer
                 without a bound); the engine keeps its previous plan.
         """
-        if (not self._attached or self._batches or self._finalizing or self._queued
-                or self._pending or self._waiting or self._deferred):
+        s = self._schedule
+        if (not self._attached or self._batches or self._finalizing or s.queued or s.pending
+                or s.waiting or self._deferred):
             return False
         if not self._changed(full):
             return False
@@ -448,16 +404,8 @@ class Engine:
         for p, name in old[0].items():
             if p not in self._names:
                 self._former[p] = name   # for the optimizer's error about a replaced parameter
-        old_open = self._open
         self.detach()
-        self._set_layout(layers, bounds)
-        if old_open is not None:
-            # Uses of forwards not backpropagated yet keep their claim on their module's layer.
-            for group in old_open:
-                for u in list(group):
-                    l = self._layer_of.get(u.module)
-                    if l is not None:
-                        self._open[l].add(u)
+        self._set_layout(layers, bounds)   # uses awaited per layer keep their claim
         self._attach()
 
     def _rebound(self, layers) -> Optional[tuple]:
@@ -573,9 +521,8 @@ class Engine:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._pending.clear()
         self._gate.clear()
-        self._new_backward()
+        self._schedule.clear()
 
     def set_rule(self, module: nn.Module, rule: Rule):
         """Fix ``module``'s rule for good (a provisional rule resolved at the module's first
@@ -678,11 +625,19 @@ class Engine:
         # afresh, not copied.
         state = dict(self.__dict__)
         state["_tls"] = None
+        for name in ("new_use", "expect", "record"):
+            state.pop(name, None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._tls = threading.local()
+        self._bind_schedule()
+
+    def _bind_schedule(self):
+        s = self._schedule
+        # Engine.new_use / expect / record, documented in fastclip/scheduling.py.
+        self.new_use, self.expect, self.record = s.new_use, s.expect, s.record
 
     # -- capture ----------------------------------------------------------------------------
     def _root_pre(self, module, args, kwargs):
@@ -746,214 +701,97 @@ class Engine:
             return grad
         return hook
 
-    # -- uses -------------------------------------------------------------------------------
-    def new_use(self, module: nn.Module, inputs=None, extra=None) -> Use:
-        """A :class:`Use` of ``module`` made at forward time, whose backward will call
-        :meth:`record` once. Rules make their uses here so that per-layer clipping knows how
-        many uses each layer awaits (a Use made directly is clipped at the end of the backward)."""
-        use = Use(module, inputs, extra)
-        if self._open is not None:
-            self.expect(use)
-        return use
-
-    def expect(self, use: Use):
-        """Announce, at forward time, one more :meth:`record` call of ``use`` from the backward:
-        a use completed in pieces (each layer and direction of an RNN, each attention projection)
-        records once per piece."""
-        if self._open is not None:
-            use.expected += 1
-            self._open[self._layer_of[use.module]].add(use)
-
-    def record(self, use: Use) -> bool:
-        """Called from a rule's backward once ``use.grads`` is set (and again for each further
-        piece of a use announced in pieces, see :meth:`expect`). Returns whether the use entered
-        the step: not in a backward that asks for no parameter's gradient
-        (``torch.autograd.grad(loss, x)``), which the engine leaves alone."""
-        if use.module not in self._rules:
-            return False  # made before a re-plan (refresh) that dropped its module: nothing trainable
-        if not self._queued or self._queued_cb() is None:
-            self._start_backward()
-        elif self._owner != threading.get_ident():
-            raise RuntimeError(THREADS)
-        if self._skip:
-            return False
-        if not use.recorded:
-            if use.spent:
-                raise RuntimeError(TWICE)
-            use.spent = True
-            use.recorded = True
-            if use.module in self._time_major:     # (T, B, ...) -> (B, T, ...), as views
-                use.inputs = use.inputs.transpose(0, 1)
-                use.grads = tuple(None if g is None else g.transpose(0, 1) for g in use.grads)
-            g0 = next((g for g in use.grads if g is not None), None)
-            use.batch_size = g0.shape[0] if g0 is not None and g0.dim() > 0 else -1
-            self._rules[use.module].on_record(use)
-            if self._open is None:
-                self._pending.append(use)
-            else:
-                self._waiting.setdefault(self._layer_of[use.module], []).append(use)
-        if self._open is not None:
-            self._arrived(use)
-        return True
-
-    def _start_backward(self):
-        """First record of a backward: queue the finalize for its end. A finalize autograd
-        dropped unrun (its backward failed) left that backward's uses behind: forget them.
-        A backward that asks for no parameter's gradient is left alone to its end; one that asks
-        for some but not all is refused (fastclip/passes.py)."""
-        if self._queued:
-            for u in self._pending:
-                u.recorded = False
-            self._pending = []
-            self._new_backward()
-        params = (p for ps in self._params.values() for _, p in ps)
-        kind, self._wanted = self._gate.check(params, self._names)
-        self._skip = kind == NONE
-        self._owner = threading.get_ident()
-        if self._skip:
-            cb = lambda: self._new_backward()  # noqa: E731
-        else:
-            cb = lambda: self._finalize()  # noqa: E731  (weakly watched: freed unrun if the backward fails)
-        self._queued_cb = weakref.ref(cb)
-        self._queued = True
-        torch.autograd.Variable._execution_engine.queue_callback(cb)
-
-    def _arrived(self, use: Use):
-        """Per-layer clipping: one announced record of ``use`` has come; clip its layer now if
-        that was the last one the layer awaits."""
-        l = self._layer_of[use.module]
+    # -- the clipping step (fastclip/finalize.py); the schedule calls it ---------------------
+    def _finalize(self, uses: List[Use]) -> None:
+        """End of a backward, flat clipping: the per-example norms over every parameter the
+        backward's ``uses`` touch, clip factors from the one bound C, the clipped sums added to
+        ``p.grad`` (across pipeline stages: held back, :meth:`_defer`); the norms logged."""
+        B = batch_size(uses)
+        self._finalizing = True     # rules re-run modules: no capture
         try:
-            if l in self._clipped:
-                raise RuntimeError(
-                    f"fastclip: a use of layer '{self.layers[l].name}' was recorded after the layer "
-                    "was clipped in this backward (a rule that makes its Use without "
-                    "engine.new_use, a graph backpropagated again together with a new one, or a "
-                    "forward run inside the backward); per-layer clipping cannot include it, so the "
-                    "step is refused")
-            if use.expected > 0:
-                use.expected -= 1
-                if use.expected == 0:
-                    self._open[l].discard(use)
-            else:
-                self._late.add(l)  # not announced at forward: more may come, clip at the end
-            if not self._open[l] and l not in self._late:
-                self._clip_layer(l, self._waiting.pop(l))
-        except BaseException:
-            self._new_backward()  # this backward fails: the next one starts clean
-            raise
-
-    def _new_backward(self):
-        """Forget the per-backward state (called when a backward ends or fails)."""
-        for group in getattr(self, "_waiting", {}).values():
-            for u in group:
-                u.recorded = False
-        self._waiting: Dict[int, List[Use]] = {}  # per-layer: layer -> its uses recorded so far
-        self._clipped = set()   # layers clipped in this backward
-        self._late = set()      # layers that got a use not announced at forward
-        self._sq: Optional[Tensor] = None  # sum over clipped layers of squared norms (B,)
-        self._B: Optional[int] = None
-        self._sizes: List = []  # (module type, B) of the uses clipped so far, for errors
-        self._queued = False
-        self._queued_cb = None
-        self._skip = False      # this backward asks for no parameter's gradient: left alone
-        self._wanted = None     # the parameters it asks for, when not all (passes.SOME)
-        self._owner = None      # the thread that runs it
-
-    # -- finalize ---------------------------------------------------------------------------
-    def _finalize(self):
-        uses, self._pending, self._queued = self._pending, [], False
-        if self._open is not None:
-            uses = [u for group in self._waiting.values() for u in group]
-            self._waiting = {}
-            if not uses and self._sq is None:
-                self._new_backward()
-                return
-        elif not uses:
-            return
-        self._finalizing = True
-        try:
-            self._clip(uses)
+            sq = (self._defer(uses, B) if self.defer_flat and self.write_grads
+                  else self._clip(uses, B, self.max_grad_norm))
         finally:
             self._finalizing = False
-            for u in uses:
-                u.recorded = False
-            if self._open is not None or self.bounds is not None:
-                self._new_backward()
-
-    def _clip(self, uses: List[Use]):
-        """Clip the uses of one backward and log the per-example norms: flat, all of them
-        together; per layer, the uses of each layer not clipped yet in this backward."""
-        if self.bounds is None:
-            B = self._batch_size(uses)
-            sq = (self._defer(uses, B) if self.defer_flat and self.write_grads
-                  else self._clip_params(uses, B, self.max_grad_norm))
-            if sq is not None and self.clipping == "adaptive" and self.write_grads:
-                scale = float(B) if self.loss_reduction == "mean" else 1.0
-                self.unclipped += int((sq.sqrt() * scale <= self.max_grad_norm).sum())
-        else:
-            by_layer: Dict[int, List[Use]] = {}
-            for u in uses:
-                by_layer.setdefault(self._layer_of[u.module], []).append(u)
-            for l, group in by_layer.items():
-                self._clip_layer(l, group)
-            sq, B = self._sq, self._B
         if sq is None:
             return
         scale = float(B) if self.loss_reduction == "mean" else 1.0
+        if self.clipping == "adaptive" and self.write_grads:
+            self.unclipped += int((sq.sqrt() * scale <= self.max_grad_norm).sum())
         self.examples += B
         if self.keep_norms:
             self.norms_log.append(sq.sqrt() * scale)
 
-    def _groups(self, uses: List[Use]) -> Groups:
-        """The uses of one clipping step by module, in order, with each module's trainable
-        parameters (modules without one left out): each rule's kernels run once per module."""
-        by_module: Dict[nn.Module, List[Use]] = {}
-        for u in uses:
-            us = by_module.get(u.module)
-            if us is None:
-                by_module[u.module] = [u]
-            else:
-                us.append(u)
-        groups: Groups = {}
-        for m, us in by_module.items():
-            named = [(n, p) for n, p in self._params[m] if p.requires_grad]
-            if named:
-                groups[m] = (us, named)
-        return groups
-
-    def _check_wanted(self, groups: Groups) -> None:
-        """Refuse a backward that asked for some parameters' gradients only (passes.SOME) when
-        ``groups`` touches a trainable parameter it did not ask for."""
-        if self._wanted is not None:
-            missed = list({p: None for _, named in groups.values() for _, p in named
-                           if p not in self._wanted})
-            if missed:
-                raise partial_error(missed, self._names)
-
-    @contextmanager
-    def _widened(self, uses: List[Use]) -> Iterator[None]:
-        """``uses``' half / bfloat16 captures seen as float32 inside the block (:func:`_widen`),
-        put back on leaving it, also on an error."""
-        saved = _widen(uses, self._rules)
+    def _clip_layer(self, uses: List[Use], B: int, l: int) -> Optional[Tensor]:
+        """Per-layer clipping, inside the backward: layer ``l``'s uses clipped to its bound."""
+        prev, self._finalizing = self._finalizing, True  # rules re-run modules: no capture
         try:
-            yield
+            return self._clip(uses, B, self.bounds[l])
         finally:
-            for u, inputs, grads in saved:
-                u.inputs, u.grads = inputs, grads
+            self._finalizing = prev
 
-    def _defer(self, uses: List[Use], B: int) -> Optional[Tensor]:
-        """Flat clipping across pipeline stages: this backward's per-example squared norms over
-        this stage's parameters, its uses kept (with their activations and output gradients) for
-        :meth:`write_deferred` once the other stages' norms are known. Nothing is written."""
-        groups = self._groups(uses)
+    def _log(self, sq: Tensor, B: int) -> None:
+        """Per-layer clipping, end of a backward: its examples counted, the total norms kept."""
+        self.examples += B
+        if self.keep_norms:
+            self.norms_log.append(sq.sqrt() * (float(B) if self.loss_reduction == "mean" else 1.0))
+
+    def _clip(self, uses: List[Use], B: int, C: Optional[float]) -> Optional[Tensor]:
+        """Per-example squared norms (B,) float64 of the gradient of the parameters ``uses``
+        touch (None if they touch no trainable parameter) and, when gradients are written, their
+        sums clipped to C added to ``p.grad``. The norms are of the true per-example gradients
+        (times B for loss_reduction "mean")."""
+        groups = group_uses(uses, self._params)
         if not groups:
             return None
-        self._check_wanted(groups)
-        with self._widened(uses):
+        check_wanted(groups, self._schedule.wanted, self._names)
+        with widened(uses, self._rules):
             try:
-                sq = self._sq_norms(groups, B)
+                sq = total_sq(self.param_sq_norms(groups), B)
+                if self.write_grads:
+                    self._write_clipped(groups, uses, sq, B, C)
             finally:
-                _forget_memos(uses)
+                forget_memos(uses)
+        return sq
+
+    def param_sq_norms(self, groups: Groups) -> Dict[nn.Parameter, Tensor]:
+        """Each parameter's per-example squared gradient norm, {p: (B,) float64}, for the uses
+        of one clipping step by module (``groups``): what the clip factors come from, and what
+        ``fastclip.validate`` reports per parameter. One kernel call per module."""
+        return param_sq_norms(groups, self._rules, self.mode)
+
+    def _write_clipped(self, groups: Groups, uses: List[Use], sq: Tensor, B: int, C: float):
+        """Add ``sum_i c_i g_i`` to ``p.grad`` for every trainable parameter ``groups`` touches,
+        with ``c_i = min(1, C / ||g_i||)`` from the squared norms ``sq`` (FSDP2: to the
+        :attr:`grad_sink` instead)."""
+        sink = self.grad_sink
+        grads = clipped_sums(groups, uses, self._rules, sq, C,
+                             float(B) if self.loss_reduction == "mean" else 1.0,
+                             self.automatic, self.gamma, self._pool,
+                             None if sink is None else sink.add)
+        for p, grad in grads.items():
+            grad = grad.to(p.dtype).view(p.shape)
+            before = p.grad
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)
+            self.note_grad(p, before)
+
+    # -- flat clipping across pipeline stages (fastclip.distributed.PipelineExchange) -------
+    def _defer(self, uses: List[Use], B: int) -> Optional[Tensor]:
+        """This backward's per-example squared norms over this stage's parameters, its uses kept
+        (with their activations and output gradients) for :meth:`write_deferred` once the other
+        stages' norms are known. Nothing is written."""
+        groups = group_uses(uses, self._params)
+        if not groups:
+            return None
+        check_wanted(groups, self._schedule.wanted, self._names)
+        with widened(uses, self._rules):
+            try:
+                sq = total_sq(self.param_sq_norms(groups), B)
+            finally:
+                forget_memos(uses)
         self._deferred.append((uses, B, sq))
         return sq
 
@@ -980,12 +818,13 @@ class Engine:
             part = sq_total[off:off + B].to(device=sq.device, dtype=torch.float64)
             off += B
             prev, self._finalizing = self._finalizing, True  # rules re-run modules: no capture
-            with self._widened(uses):
+            with widened(uses, self._rules):
                 try:
-                    self._write_clipped(self._groups(uses), uses, part, B, self.max_grad_norm)
+                    self._write_clipped(group_uses(uses, self._params), uses, part, B,
+                                        self.max_grad_norm)
                 finally:
                     self._finalizing = prev
-                    _forget_memos(uses)
+                    forget_memos(uses)
             for u in uses:
                 self._rules[u.module].release(u)
 
@@ -995,153 +834,3 @@ class Engine:
         self._deferred = []
         if self.grad_sink is not None:
             self.grad_sink.clear()
-
-    def _clip_layer(self, l: int, uses: List[Use]):
-        """Per-layer clipping of layer ``l`` to its bound C_l from all of its uses in this
-        backward; its squared norms are added to the backward's total, its uses released."""
-        self._clipped.add(l)
-        B = self._batch_size(uses, self._sizes)
-        self._sizes.extend((type(u.module).__name__, u.batch_size) for u in uses)
-        prev, self._finalizing = self._finalizing, True  # rules re-run modules: no capture
-        try:
-            sq = self._clip_params(uses, B, self.bounds[l])
-        finally:
-            self._finalizing = prev
-        self._B = B
-        if sq is not None:
-            self._sq = sq if self._sq is None else self._sq + sq
-        for u in uses:
-            u.recorded = False
-            self._rules[u.module].release(u)
-
-    @staticmethod
-    def _batch_size(uses: List[Use], earlier: Sequence = ()) -> int:
-        """The B every use (and every earlier use of the backward, ``earlier``) agrees on."""
-        sizes = {u.batch_size for u in uses}
-        sizes.update(b for _, b in earlier)
-        if len(sizes) != 1 or -1 in sizes:
-            detail = ", ".join(f"{n}: {b}" for n, b in list(earlier) + [
-                (type(u.module).__name__, u.batch_size) for u in uses])
-            raise ValueError(f"fastclip: batch sizes differ between layer uses in one backward "
-                             f"({detail}); every module must see the same batch, batch dimension first")
-        return sizes.pop()
-
-    def _clip_params(self, uses: List[Use], B: int, C: Optional[float]) -> Optional[Tensor]:
-        """Per-example squared norms (B,) float64 of the gradient of the parameters ``uses``
-        touch (None if they touch no trainable parameter) and, when gradients are written, their
-        sums clipped to C added to ``p.grad``. The norms are of the true per-example gradients
-        (times B for loss_reduction "mean")."""
-        groups = self._groups(uses)
-        if not groups:
-            return None
-        self._check_wanted(groups)
-        with self._widened(uses):
-            try:
-                sq = self._sq_norms(groups, B)
-                if self.write_grads:
-                    self._write_clipped(groups, uses, sq, B, C)
-            finally:
-                _forget_memos(uses)
-        return sq
-
-    def param_sq_norms(self, groups: Groups) -> Dict[nn.Parameter, Tensor]:
-        """Each parameter's per-example squared gradient norm, {p: (B,) float64}, for the uses
-        of one clipping step by module (``groups``): what :meth:`_sq_norms` sums, and what
-        ``fastclip.validate`` reports per parameter. One kernel call per module."""
-        out: Dict[nn.Parameter, Tensor] = {}
-        tied = False
-        for m, (us, named) in groups.items():
-            rule = self._rules[m]
-            sqs = rule.sq_norms(m, us, self.mode)
-            for n, p in named:
-                sq = (sqs[n] if n in sqs else _kernel_out(sqs, n, m, rule, "sq_norms")
-                      ).to(torch.float64)
-                prev = out.get(p)
-                if prev is None:
-                    out[p] = sq
-                else:
-                    out[p], tied = prev + sq, True
-        if tied:
-            self._add_cross_terms(groups, out)
-        return out
-
-    def _add_cross_terms(self, groups: Groups, out: Dict[nn.Parameter, Tensor]) -> None:
-        """A parameter shared between modules (tied weights): ||sum of parts||^2 = the sum of
-        the parts' norms (in ``out``) + 2 * their inner products, exact without a per-example
-        copy of every part where a cross kernel is registered."""
-        parts: Dict[nn.Parameter, List[Part]] = {}
-        for m, (us, named) in groups.items():
-            for n, p in named:
-                parts.setdefault(p, []).append(Part(m, n, us))
-        for p, ps in parts.items():
-            for i, a in enumerate(ps):
-                for b in ps[i + 1:]:
-                    out[p] = out[p] + 2 * cross_inner(self._rules[a.module], a,
-                                                      self._rules[b.module], b,
-                                                      self.mode).to(torch.float64)
-
-    def _sq_norms(self, groups: Groups, B: int) -> Tensor:
-        """sum over the parameters ``groups`` touch of each example's squared gradient norm,
-        (B,) float64."""
-        parts = self.param_sq_norms(groups)
-        ref = next(iter(parts))
-        sq = torch.zeros(B, dtype=torch.float64, device=ref.device)
-        for part in parts.values():
-            sq += part
-        return sq
-
-    def _write_clipped(self, groups: Groups, uses: List[Use], sq: Tensor,
-                       B: int, C: float):
-        """Add ``sum_i c_i g_i`` to ``p.grad`` for every trainable parameter ``groups`` touches,
-        with ``c_i = min(1, C / ||g_i||)`` from the squared norms ``sq`` (times the loss scale)."""
-        scale = float(B) if self.loss_reduction == "mean" else 1.0
-        norms = sq.to(torch.float64).sqrt() * scale
-        bad = ~torch.isfinite(norms)
-        by_dtype: Dict[torch.dtype, Tensor] = {}
-
-        def factors(dtype: torch.dtype) -> Tensor:
-            # float64 factors; C shrunk by the margin of the dtype the sum is released in, so
-            # rounding cannot lift an example's contribution above C (ops.cast_margin).
-            if dtype not in by_dtype:
-                c = clip_factors(norms, C * (1.0 - cast_margin(dtype)), self.automatic,
-                                 self.gamma) * scale
-                by_dtype[dtype] = torch.where(bad, torch.zeros_like(c), c)
-            return by_dtype[dtype]
-
-        if bad.any():
-            # An example whose gradient is not finite (an overflow in its forward) must not
-            # poison the sum, nor show in it: it contributes nothing, like an absent example.
-            for u in uses:
-                self._rules[u.module].zero_examples(u, bad)
-                u.memo = None   # per-example results memoised from the bad rows
-        grads: Dict[nn.Parameter, Tensor] = {}
-        for m, (us, named) in groups.items():
-            rule = self._rules[m]
-            # One call per module; per parameter dtype when they differ (the clip factors are
-            # shrunk by the margin of the dtype each sum is released in).
-            dtypes = [named[0][1].dtype]
-            for _, p in named:
-                if p.dtype not in dtypes:
-                    dtypes.append(p.dtype)
-            for dtype in dtypes:
-                sums = rule.clipped(m, us, factors(dtype), self._pool)
-                if self.grad_sink is not None:
-                    # FSDP2: p is this rank's shard; the module's full-size sums are handed to
-                    # the bucketed reduce-scatter now (fastclip/fsdp.py), none is held here.
-                    self.grad_sink.add([(p, _kernel_out(sums, n, m, rule, "clipped"))
-                                        for n, p in named if p.dtype is dtype])
-                    del sums
-                    continue
-                for n, p in named:
-                    if p.dtype is dtype:
-                        g = sums[n] if n in sums else _kernel_out(sums, n, m, rule, "clipped")
-                        prev = grads.get(p)
-                        grads[p] = g if prev is None else prev + g
-        for p, grad in grads.items():
-            grad = grad.to(p.dtype).view(p.shape)
-            before = p.grad
-            if p.grad is None:
-                p.grad = grad
-            else:
-                p.grad.add_(grad)
-            self.note_grad(p, before)

@@ -226,7 +226,7 @@ def test_layers_are_clipped_during_the_backward():
         seen["last"] = m[4].weight.grad is not None and m[4].bias.grad is not None
         seen["middle"] = m[2].weight.grad is not None
         seen["first"] = m[0].weight.grad is not None
-        seen["open"] = [len(s) for s in eng._open]
+        seen["open"] = [len(s) for s in eng._schedule.open]
 
     h = m[1](m[0](x))
     h.register_hook(hook)  # fires when the backward reaches the first layer's output
@@ -257,16 +257,17 @@ def test_every_layer_is_clipped_in_the_backward(model):
     left = []
     with converted(m) as cm:
         eng = Engine(cm, max_grad_norm=0.05, clipping="per_layer", loss_reduction="sum")
-        finalize = eng._finalize
+        sched = eng._schedule
+        finish = sched.finish
 
         def spy():
-            left.append(sorted(eng._waiting))
-            finalize()
-        eng._finalize = spy
+            left.append(sorted(sched.waiting))
+            finish()
+        sched.finish = spy
         CE(cm(x), y).sum().backward()
         eng.detach()
     assert left == [[]]
-    assert len(eng._clipped) == 0 and eng.examples == 4
+    assert len(eng._schedule.clipped) == 0 and eng.examples == 4
     for n, p in m.named_parameters():
         assert_close(p.grad, ref[n], torch.float64)
 
@@ -369,7 +370,7 @@ def test_forward_counts_across_forwards():
 
     # eval under grad, output dropped: its uses go with its graph
     m(x)
-    assert all(len(s) == 0 for s in eng._open)
+    assert all(len(s) == 0 for s in eng._schedule.open)
     CE(m(x), y).sum().backward()
     for n, g in grads().items():
         assert_close(g, ref[n], torch.float64)
@@ -379,7 +380,7 @@ def test_forward_counts_across_forwards():
     for n, g in grads().items():
         assert_close(g, ref[n], torch.float64)
     del kept
-    assert all(len(s) == 0 for s in eng._open)
+    assert all(len(s) == 0 for s in eng._schedule.open)
     # two forwards in one backward
     CE(m(x) + m(x * 0.5), y).sum().backward()
     for n, g in grads().items():
@@ -391,7 +392,8 @@ def test_forward_counts_across_forwards():
     for n, g in grads().items():
         assert_close(g, ref[n] + ref3[n], torch.float64)
     assert eng.examples == 4 * 5
-    assert all(len(s) == 0 for s in eng._open) and not eng._waiting and eng._sq is None
+    sched = eng._schedule
+    assert all(len(s) == 0 for s in sched.open) and not sched.waiting and sched.sq is None
     eng.detach()
 
 
