@@ -106,18 +106,68 @@ def keeps(B: int, T: int, d: int, p: int, dtype: torch.dtype, method: str,
     return LEDGER.live + nbytes <= KEEP_STEP_BYTES
 
 
+class _Arena:
+    """Step-long storage of the kept gradients, reused across steps: a fresh (B, p, d) tensor
+    per layer and step costs its first-touch page faults every step (tens of MiB: large blocks
+    go back to the OS when freed), about what keeping saves. One buffer per (dtype, device),
+    handed out front to back while the ledger holds anything and rewound when it holds nothing
+    (every kept gradient of the previous step dropped); sized to the most a step asked of it,
+    which :data:`KEEP_STEP_BYTES` bounds. A request that does not fit gets a tensor of its own
+    this step, and the buffer grows to fit at the next rewind. :func:`release` frees it."""
+
+    __slots__ = ("bufs", "used", "want")
+
+    def __init__(self):
+        self.bufs = {}
+        self.used = {}
+        self.want = {}
+
+    def take(self, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+        key = (dtype, device)
+        n = 1
+        for k in shape:
+            n *= int(k)
+        if LEDGER.live == 0:   # nothing kept is alive: rewind (and grow to last step's need)
+            want = self.want.get(key, 0)
+            buf = self.bufs.get(key)
+            if want and (buf is None or buf.numel() < want):
+                self.bufs[key] = None   # the old buffer goes before the new one is allocated
+                self.bufs[key] = torch.empty(want, dtype=dtype, device=device)
+            self.used[key] = 0
+        used = self.used.get(key, 0)
+        self.want[key] = max(self.want.get(key, 0), used + n)
+        buf = self.bufs.get(key)
+        if buf is None or used + n > buf.numel():
+            return torch.empty(shape, dtype=dtype, device=device)
+        self.used[key] = used + n
+        return buf[used:used + n].view(shape)
+
+
+ARENA = _Arena()
+
+
+def release() -> None:
+    """Free the buffers kept gradients are formed in (they are allocated again when needed)."""
+    ARENA.bufs.clear()
+    ARENA.used.clear()
+    ARENA.want.clear()
+
+
 def form(pairs: Sequence[Tuple[Tensor, Tensor]], bias: bool) -> Kept:
     """The kept per-example gradients of a linear map from its uses' (A (B, T, d), G (B, T, p))
     pairs (same B, d, p; T may differ): ``sum_u G_u^T A_u`` per example by batched products, in
     the orientation whose product runs faster (the wider dimension as rows), and with ``bias``
     the per-example bias gradients ``sum_u sum_t G_u``."""
     A0, G0 = pairs[0]
-    d, p = A0.shape[-1], G0.shape[-1]
+    B, d, p = G0.shape[0], A0.shape[-1], G0.shape[-1]
     transposed = d > p
-    w = None
-    for A, G in pairs:
+    w = ARENA.take((B, d, p) if transposed else (B, p, d), G0.dtype, G0.device)
+    for i, (A, G) in enumerate(pairs):
         x, y = (A, G) if transposed else (G, A)
-        w = torch.bmm(x.transpose(1, 2), y) if w is None else w.baddbmm_(x.transpose(1, 2), y)
+        if i == 0:
+            torch.bmm(x.transpose(1, 2), y, out=w)
+        else:
+            w.baddbmm_(x.transpose(1, 2), y)
     b = None
     if bias:
         for _, G in pairs:
