@@ -234,5 +234,5 @@ def test_conv1d_ops_rule_kept(kept, dtype, B):
     m = GPTish().to(dtype)
     check(m, torch.randn(B, 4, 6, dtype=dtype), torch.randint(0, 3, (B,)), modes=MODES, C=0.3,
           dtype=dtype)
-    # Conv1D weights are (in, out): kept as (B, 6, 9) and (B, 9, 6) (the wider dimension as rows)
+    # Conv1D weights are (in, out): kept in their own layout, (B, 6, 9) and (B, 9, 6)
     assert {(B, 9, 6)} <= set(kept)
