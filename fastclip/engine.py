@@ -2,9 +2,9 @@
 
 One DP step, as the engine runs it:
 
-1. **Plan** (``_plan``, at attach and whenever the trainable parameters change, ``refresh``):
-   every module owning trainable parameters gets a rule (``fastclip.layers``) and a clipping
-   layer (``fastclip.clipping.group_layers``).
+1. **Plan** (``fastclip/planning.py``, at attach and whenever the trainable parameters change,
+   ``refresh``): every module owning trainable parameters gets a rule (``fastclip.layers``) and
+   a clipping layer (``fastclip.clipping.group_layers``).
 2. **Capture** (``_pre`` / ``_post`` forward hooks): each rule records a ``Use`` of its module
    per call (``new_use``) and skips the non-private parameter-gradient products in the backward,
    delivering the output gradients instead (``record``).
@@ -22,8 +22,6 @@ The engine owns all of its state (dicts keyed by module or parameter) and hook h
 """
 from __future__ import annotations
 
-import math
-import operator
 import threading
 import weakref
 from collections import defaultdict
@@ -37,34 +35,14 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .audit import Auditor
 from .clipping import (Bound, check_clipping, check_gamma, group_layers, is_automatic,
-                       is_per_layer, resolve_bounds)
+                       resolve_bounds)
 from .finalize import (Groups, batch_size, check_wanted, clipped_sums, forget_memos,
                        group_uses, param_sq_norms, total_sq, widened)
-from .layers import Pool, Rule, Use, rule_for
-from .layers.capture import FunctionalRule
-from .layers.direct import DIRECT
-from .layers.linear import LinearRule
-from .layers.generic import mixing_refusal, refusal
-from .layers.ops_rule import PENDING
+from .layers import Pool, Rule, Use
+from .layers.generic import mixing_refusal
 from .passes import Gate
+from .planning import Plan, Watch, plan, rebound
 from .scheduling import Schedule
-
-# Bumped whenever any module in the process registers a parameter or a submodule (a parameter
-# replaced by assignment or load_state_dict(assign=True), a head appended): an engine then walks
-# its model at the next forward to see whether its plan still fits (Engine.refresh).
-_STRUCTURE = [0]
-
-
-def _bump_structure(*args):
-    _STRUCTURE[0] += 1
-
-
-_REGISTRATION_HOOKS = ("register_module_parameter_registration_hook",
-                       "register_module_module_registration_hook")
-_HOOKED = all(hasattr(nn.modules.module, h) for h in _REGISTRATION_HOOKS)  # torch >= 2.0
-if _HOOKED:
-    for _register in _REGISTRATION_HOOKS:
-        getattr(nn.modules.module, _register)(_bump_structure)
 
 MODES = ("auto", "ghost", "direct", "nanobatch")
 
@@ -84,9 +62,6 @@ def _batch_of(args, kwargs) -> Optional[int]:
     return next((t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0), None)
 
 
-# Rules whose use is one (input, output gradient) pair that may be recorded time-major and
-# transposed to batch-first (Linear, LayerNorm and the other functional rules).
-_TRANSPOSABLE = (LinearRule, FunctionalRule)
 LOSS_REDUCTIONS = ("mean", "sum")
 
 
@@ -111,22 +86,6 @@ def make_engine(model: nn.Module, mode: str = "auto", **kwargs) -> "Engine":
     """The engine of ``mode`` (:func:`engine_class`) attached to ``model``; ``kwargs`` are
     :class:`Engine`'s. ``Engine(model, mode=...)`` gives the same."""
     return engine_class(check_mode(mode))(model, mode=mode, **kwargs)
-
-
-def _is_time_major(module: nn.Module) -> bool:
-    """Whether ``module`` is a torch transformer container built with batch_first=False."""
-    if isinstance(module, nn.Transformer):
-        return not module.batch_first
-    if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-        return not module.self_attn.batch_first
-    if isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)):
-        return len(module.layers) > 0 and _is_time_major(module.layers[0])
-    return False
-
-
-def _is_leaf(module: nn.Module) -> bool:
-    """No descendant of ``module`` holds a trainable parameter."""
-    return not any(p.requires_grad for c in module.children() for p in c.parameters())
 
 
 def _refuse_batch_statistics(module, args):
@@ -193,9 +152,8 @@ class Engine:
         self.loss_reduction = loss_reduction
         self.write_grads = max_grad_norm is not None
 
-        self._rules: Dict[nn.Module, Rule] = {}
-        self._params: Dict[nn.Module, List] = {}       # module -> [(name, parameter)]
-        self._names: Dict[nn.Parameter, str] = {}      # parameter -> qualified name, for errors
+        # The plan (fastclip/planning.py): {module: rule}, {module: [(name, parameter)]},
+        # {parameter: qualified name}, {module: path}, the time-major leaves (_adopt).
         # Per thread (a TorchFunctionMode entered in a pre-hook is the thread's own): the capture
         # state stacks and the B of each model call in progress (properties _states, _batches).
         self._tls = threading.local()
@@ -219,10 +177,8 @@ class Engine:
         # each module's full-size clipped sums go to this sink (a ShardedReducer: add, clear) as
         # soon as they are formed, to be reduce-scattered in buckets; None: written to p.grad.
         self.grad_sink = None
-        self._paths: Dict[nn.Module, str] = {}
         self._init_capture(nanobatch_size, num_threads)
-        self._plan()
-        self._plan_time_major()
+        self._adopt(plan(model, self._per_module))
         # The first-step audit (fastclip/audit.py): models that mix examples are refused.
         self._auditor = Auditor(self, audit)
         self.layers = group_layers(self._params, self._paths)
@@ -239,69 +195,10 @@ class Engine:
         self._set_layout(self.layers, self.bounds)
         self._attach()
 
-    # -- planning ---------------------------------------------------------------------------
-    def _plan(self):
-        for name, p in self.model.named_parameters():
-            self._names.setdefault(p, name)
-        # Every module that mixes examples is named at once (a ResNet has 20 BatchNorms).
-        mixing = [(path or "<root>", m) for path, m in self.model.named_modules()
-                  if mixing_refusal(m) is not None]
-        if mixing:
-            names = ", ".join(f"'{label}' ({type(m).__name__})" for label, m in mixing)
-            raise ValueError(f"fastclip cannot make {len(mixing)} module(s) private: {names}. "
-                             f"{mixing_refusal(mixing[0][1])}")
-        for path, module in self.model.named_modules(remove_duplicate=True):
-            label = path or "<root>"
-            why = refusal(module) if self._per_module else mixing_refusal(module)
-            if why is not None:
-                raise ValueError(f"fastclip cannot make module '{label}' ({type(module).__name__}) "
-                                 f"private: {why}")
-            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-            if not own:
-                continue
-            if any(isinstance(p, nn.parameter.UninitializedParameter) for _, p in own):
-                raise ValueError(f"module '{label}' has uninitialized (lazy) parameters; run one "
-                                 "forward pass before making the model private")
-            self._paths[module] = label
-            self._params[module] = own
-            if not self._per_module:
-                continue  # the whole model's gradient per example: no per-module rule
-            rule = rule_for(module)
-            if rule is None:
-                # A leaf (no descendant holds trainable parameters): the native rule of the
-                # torch ops its forward applies to them, resolved at its first forward
-                # (layers/ops_rule.py). Parameters used beside submodules with parameters (a
-                # position table, a class token): exact through those ops (layers/direct.py).
-                rule = PENDING if _is_leaf(module) else DIRECT
-            why = rule.check(module)
-            if why is not None:
-                raise ValueError(f"fastclip cannot make module '{label}' ({type(module).__name__}) "
-                                 f"private: {why}")
-            self._rules[module] = rule
-
-    def _plan_time_major(self):
-        """Modules whose batch dimension is 1: the leaves of a time-major (batch_first=False)
-        transformer layer, which see (T, B, E). MultiheadAttention handles its own layout (it
-        works batch-first inside); a leaf whose rule cannot take a transposed use is refused."""
-        self._time_major = set()
-        if not self._per_module:
-            return      # whole-model per-example gradients: no per-module layout
-        for path, module in self.model.named_modules():
-            if not _is_time_major(module):
-                continue
-            attention = [m for m in module.modules() if isinstance(m, nn.MultiheadAttention)]
-            inside = {id(m) for a in attention for m in a.modules()}
-            for sub_path, leaf in module.named_modules(prefix=path):
-                if id(leaf) in inside or leaf not in self._params:
-                    continue
-                if not isinstance(self._rules[leaf], _TRANSPOSABLE):
-                    raise ValueError(
-                        f"fastclip cannot make module '{sub_path}' ({type(leaf).__name__}) private: "
-                        f"it runs inside the time-major (batch_first=False) '{path or '<root>'}' "
-                        f"({type(module).__name__}), where only Linear and normalisation layers are "
-                        "supported; construct the transformer with batch_first=True, or use "
-                        "mode='nanobatch'")
-                self._time_major.add(leaf)
+    # -- planning (fastclip/planning.py) ----------------------------------------------------
+    def _adopt(self, p: Plan) -> None:
+        self._names, self._paths, self._params = p.names, p.paths, p.params
+        self._rules, self._time_major = p.rules, p.time_major
 
     def _set_layout(self, layers, bounds):
         """The clipping layout of the current plan, and the snapshot of the model's trainable
@@ -312,53 +209,7 @@ class Engine:
         self._schedule.lay_out(self._rules, self._params, self._names, self._time_major, layers,
                                per_layer=bounds is not None and self._per_module)
         self._covered = {p for ps in self._params.values() for _, p in ps}
-        self._snapshot, self._all = self._scan()
-        self._flags = [p.requires_grad for p in self._all]
-        self._seen = _STRUCTURE[0]
-
-    def _scan(self):
-        """(every module owning trainable parameters followed by those parameters, in tree
-        order; every parameter): the first changes when a parameter is unfrozen, frozen or
-        replaced, or a module holding one is added or swapped. A bare walk of the module tree
-        (no names, no memo)."""
-        trainable, every = [], []
-        stack = [self.model]
-        while stack:
-            m = stack.pop()
-            if m is None:
-                continue
-            ps = m._parameters
-            if ps:
-                mark = True
-                for p in ps.values():
-                    if p is None:
-                        continue
-                    every.append(p)
-                    if p.requires_grad:
-                        if mark:
-                            trainable.append(m)
-                            mark = False
-                        trainable.append(p)
-            if m._modules:
-                stack.extend(m._modules.values())
-        return trainable, every
-
-    def _changed(self, full: bool) -> bool:
-        """Whether the model's trainable parameters differ from the plan's. At a forward (not
-        ``full``) the walk runs only if some module registered a parameter or submodule since
-        (torch's global registration hooks; an assignment straight into ``_parameters`` is seen
-        at the optimizer's step, which always walks) or a parameter's requires_grad flipped:
-        ~100 attribute reads for 100 parameters instead of a walk over every module."""
-        if not full and _HOOKED and _STRUCTURE[0] == self._seen and \
-                [p.requires_grad for p in self._all] == self._flags:
-            return False
-        trainable, every = self._scan()
-        if len(trainable) == len(self._snapshot) and all(map(operator.is_, trainable,
-                                                              self._snapshot)):
-            self._all, self._flags = every, [p.requires_grad for p in every]
-            self._seen = _STRUCTURE[0]
-            return False
-        return True
+        self._watch = Watch(self.model)
 
     def refresh(self, full: bool = False) -> bool:
         """Re-plan if the model's trainable parameters changed since the engine planned them
@@ -385,50 +236,20 @@ class Engine:
         if (not self._attached or self._batches or self._finalizing or s.queued or s.pending
                 or s.waiting or self._deferred):
             return False
-        if not self._changed(full):
+        if not self._watch.changed(full):
             return False
-        self._replan()
-        return True
-
-    def _replan(self):
-        old = (self._names, self._paths, self._params, self._rules, self._time_major)
-        self._names, self._paths, self._params, self._rules = {}, {}, {}, {}
-        try:
-            self._plan()
-            self._plan_time_major()
-            layers = group_layers(self._params, self._paths)
-            bounds = self._rebound(layers)
-        except BaseException:
-            self._names, self._paths, self._params, self._rules, self._time_major = old
-            raise
-        for p, name in old[0].items():
-            if p not in self._names:
+        new = plan(self.model, self._per_module)
+        layers = group_layers(new.params, new.paths)
+        bounds, self.sensitivity = rebound(self._bound_arg, self._bound_of, self.clipping,
+                                           layers, self.sensitivity)
+        for p, name in self._names.items():
+            if p not in new.names:
                 self._former[p] = name   # for the optimizer's error about a replaced parameter
         self.detach()
+        self._adopt(new)
         self._set_layout(layers, bounds)   # uses awaited per layer keep their claim
         self._attach()
-
-    def _rebound(self, layers) -> Optional[tuple]:
-        """Per-layer bounds for a re-planned model; updates the sensitivity (never down)."""
-        if self._bound_arg is None or not is_per_layer(self.clipping):
-            return None
-        if self._bound_of is None:
-            bounds, sensitivity = resolve_bounds(self._bound_arg, self.clipping, layers)
-        else:
-            new = [layer.name for layer in layers if layer.name not in self._bound_of]
-            if new:
-                raise ValueError(
-                    f"fastclip: clipping='per_layer' was given one bound per layer for the layers "
-                    f"{list(self._bound_of)}, but the model's trainable parameters changed after "
-                    f"make_private (unfrozen, replaced or added) and layer(s) {new} have no bound; "
-                    "nothing can be clipped for them, so the forward is refused. Fix: pass one "
-                    "float max_grad_norm (split evenly over the trainable layers), or make the "
-                    "model private again with one bound per layer of: "
-                    + ", ".join(layer.name for layer in layers))
-            bounds = tuple(self._bound_of[layer.name] for layer in layers)
-            sensitivity = math.sqrt(sum(c * c for c in bounds))
-        self.sensitivity = max(self.sensitivity, sensitivity)
-        return bounds
+        return True
 
     # -- what the optimizer checks before it releases a step ---------------------------------
     def covers(self, p: Tensor) -> bool:
