@@ -51,12 +51,15 @@ class Net(nn.Module):
         elif k == "both":         # one parameter used both ways (cat and add) and twice in one cat
             c = self.cls.expand(B, -1, -1)
             h = torch.cat([c, h, c], 1) + self.cls
-        elif k == "general":      # an op with no plan (a product): the batched VJP
+        elif k == "mul":          # layer scale both sides, a (1, T, 1) column, an expanded source
             h = h * self.gain
+            h = self.col * torch.mul(h, (self.cls * 2).expand(B, 1, D))
+        elif k == "general":      # an op with no plan (a division): the batched VJP
+            h = h / self.gain
         return self.head(torch.cat([h.mean(1), h[:, 0]], 1))
 
 
-KINDS = ["vit", "add_leaf", "add_slice", "sub_alpha", "cat_end", "both"]
+KINDS = ["vit", "add_leaf", "add_slice", "sub_alpha", "cat_end", "both", "mul"]
 
 
 @pytest.fixture
@@ -94,11 +97,13 @@ def test_plans_of_the_vit_ops():
     fol.followed[id(c)] = c
     fol.expanded[id(c)] = (c, m.cls)
     h = torch.randn(4, T, D)
-    assert fol._plan(torch.cat, ([c, h], 1), {}, 4) == [(m.cls, 1, 0, 1, 1)]
-    assert fol._plan(torch.Tensor.add, (h, m.pos3), {}, 4) == [(m.pos3, None, 0, 0, 1)]
-    assert fol._plan(torch.sub, (h, m.pos3), {"alpha": 3}, 4) == [(m.pos3, None, 0, 0, -3)]
+    assert fol._plan(torch.cat, ([c, h], 1), {}, 4) == [(m.cls, 1, 0, 1, 1, None)]
+    assert fol._plan(torch.Tensor.add, (h, m.pos3), {}, 4) == [(m.pos3, None, 0, 0, 1, None)]
+    assert fol._plan(torch.sub, (h, m.pos3), {"alpha": 3}, 4) == [(m.pos3, None, 0, 0, -3, None)]
+    (s, _, _, _, _, (d, _)), = fol._plan(torch.Tensor.mul, (m.pos3, h), {}, 4)
+    assert s is m.pos3 and torch.equal(d, h)
     assert fol._plan(torch.cat, ([c, h], 0), {}, 4) is None          # along the batch
-    assert fol._plan(torch.mul, (h, m.pos3), {}, 4) is None           # no plan: general VJP
+    assert fol._plan(torch.div, (h, m.pos3), {}, 4) is None           # no plan: general VJP
     assert fol._plan(torch.Tensor.add, (h[0], m.pos3), {}, 4) is None  # data not batch-first
 
 
@@ -107,3 +112,23 @@ def test_reduce_sums_broadcast_dims():
     torch.testing.assert_close(direct._reduce(g, (5, 1)), g.sum((1, 3), keepdim=True)[:, 0])
     torch.testing.assert_close(direct._reduce(g, (1, 4, 5, 6)), g.unsqueeze(1))
     torch.testing.assert_close(direct._reduce(g, (6,)), g.sum((1, 2)))
+
+
+def test_mul_operand_modified_in_place_is_refused():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(4, D)
+            self.gain = nn.Parameter(torch.ones(D))
+
+        def forward(self, x):
+            h = self.inp(x)
+            d = torch.tanh(h)
+            out = d * self.gain
+            d.mul_(2)                 # after the product: its per-example gradient needs d
+            return out.sum(1) + d.sum(1)
+
+    import fastclip
+    with pytest.raises(RuntimeError, match="inplace|in place"):
+        fastclip.clipped_grad(M(), lambda o, y: o, torch.randn(3, 4), torch.zeros(3),
+                              max_grad_norm=1.0)

@@ -25,17 +25,18 @@ from typing import Dict, List, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .. import ops
 from . import Rule, Use
+from .capture import CaptureMode
 
 
 _EXPANDS = (Tensor.expand, Tensor.broadcast_to, torch.broadcast_to)
 _ADDS = (Tensor.add, Tensor.__add__, Tensor.__radd__, torch.add)
 _SUBS = (Tensor.sub, Tensor.__sub__, Tensor.subtract, torch.sub, torch.subtract)
 _CATS = (torch.cat, torch.concat, torch.concatenate)
+_MULS = (Tensor.mul, Tensor.__mul__, Tensor.__rmul__, Tensor.multiply, torch.mul, torch.multiply)
 
 
 def _unbatched(shape, out_shape) -> bool:
@@ -91,10 +92,13 @@ class _Mix(torch.autograd.Function):
             len(ctx.needs_input_grad) - 4 - len(gd))
 
 
-class _Follow(TorchFunctionMode):
+class _Follow(CaptureMode):
+    """The direct-follow capture strategy: a CaptureMode whose :meth:`match` takes the ops on
+    followed tensors (the fresh leaves standing for the module's own parameters, and what was
+    computed from them alone)."""
+
     def __init__(self, engine, module, leaves: Dict[str, Tensor], params: List[Tensor]):
-        super().__init__()
-        self.engine, self.module = engine, module
+        super().__init__(engine, module)
         self.leaves = leaves                       # parameter name -> fresh leaf q
         self.params = params                       # the parameters q stands for
         self.followed: Dict[int, Tensor] = {id(q): q for q in leaves.values()}
@@ -118,9 +122,17 @@ class _Follow(TorchFunctionMode):
         return False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        # CaptureMode's dispatch with the filter first: the ops that touch no followed tensor
+        # (nearly every op of the module's forward) run without a call to match.
         kwargs = kwargs or {}
         if not (self._any_followed(args) or (kwargs and self._any_followed(kwargs))):
             return func(*args, **kwargs)
+        return self.match(func, args, kwargs)
+
+    def match(self, func, args, kwargs):
+        """An op on followed tensors: followed on (its outputs followed too) while it takes no
+        batched data; the first op combining them with data of leading size B runs in ``_Mix``,
+        whose backward records the output gradient."""
         leaves, _ = tree_flatten((args, kwargs))
         B = self.engine.current_batch_size()
         data = [t for t in leaves if isinstance(t, Tensor) and not self._is_followed(t)]
@@ -177,15 +189,17 @@ class _Follow(TorchFunctionMode):
         return None
 
     def _plan(self, func, args, kwargs, B: int):
-        """For ``data + s``, ``data - s``, ``s + data`` (``torch.add/sub`` with ``alpha``) and
-        ``torch.cat`` along a non-batch dimension of data and expanded followed tensors: a list of
-        ``(s, dim, offset, length, scale)``, one per followed operand, with which example i's
-        gradient of the unbatched ``s`` is ``scale`` times row i of the output gradient (narrowed
-        to ``[offset, offset + length)`` along ``dim`` for cat), summed over the dimensions ``s``
-        is broadcast along. None for any other op: the general batched VJP."""
+        """For ``data + s``, ``data - s``, ``s + data`` (``torch.add/sub`` with ``alpha``),
+        ``data * s`` / ``s * data`` and ``torch.cat`` along a non-batch dimension of data and
+        expanded followed tensors: a list of ``(s, dim, offset, length, scale, factor)``, one per
+        followed operand, with which example i's gradient of the unbatched ``s`` is ``scale``
+        times row i of the output gradient (narrowed to ``[offset, offset + length)`` along
+        ``dim`` for cat; times ``factor[0]``, the data operand, for mul), summed over the
+        dimensions ``s`` is broadcast along. None for any other op: the general batched VJP."""
         try:
-            if func in _ADDS or func in _SUBS:
-                if len(args) != 2 or set(kwargs) - {"alpha"}:
+            mul = func in _MULS
+            if func in _ADDS or func in _SUBS or mul:
+                if len(args) != 2 or set(kwargs) - ({"alpha"} if not mul else set()):
                     return None
                 a, b = args
                 if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
@@ -207,7 +221,9 @@ class _Follow(TorchFunctionMode):
                 scale = 1 if fa else alpha
                 if func in _SUBS and fb:
                     scale = -scale
-                return [(s, None, 0, 0, scale)]
+                # mul: the data operand's value (its version checked when it is read)
+                factor = (d.detach(), d._version) if mul else None
+                return [(s, None, 0, 0, scale, factor)]
             if func in _CATS:
                 if "out" in kwargs or not args and "tensors" not in kwargs:
                     return None
@@ -226,7 +242,7 @@ class _Follow(TorchFunctionMode):
                         s = self._source(t, nd, B)
                         if s is None:
                             return None
-                        plan.append((s, dim, off, t.shape[dim], 1))
+                        plan.append((s, dim, off, t.shape[dim], 1, None))
                     off += t.shape[dim]
                 return plan
         except (TypeError, IndexError, AttributeError):
@@ -308,14 +324,23 @@ class DirectRule(Rule):
 
     @staticmethod
     def _planned(plan, G: Tensor, leaves: Dict[str, Tensor], result: Dict[str, Tensor]) -> None:
-        """Per-example gradients for a planned add/sub/cat (``_Follow._plan``): example i's
+        """Per-example gradients for a planned add/sub/mul/cat (``_Follow._plan``): example i's
         gradient of each unbatched operand ``s`` is read off row i of ``G`` (a slice, a sum over
-        its broadcast dimensions, a sign), O(|G|) instead of a batched VJP over B x |G|; then, if
+        its broadcast dimensions, a sign, a product with the data operand), O(|G|) instead of a
+        batched VJP over B x |G|; then, if
         ``s`` is not a leaf itself, one batched VJP of the small sub-graph leaf -> ``s``."""
         by_leaf = {id(q): n for n, q in leaves.items()}
         srcs, cots = [], []
-        for s, dim, off, length, scale in plan:
+        for s, dim, off, length, scale, factor in plan:
             g = G if dim is None else G.narrow(dim, off, length)
+            if factor is not None:
+                d, version = factor
+                if d._version != version:
+                    raise RuntimeError(
+                        "fastclip: a tensor multiplied by a parameter used directly in the forward "
+                        "was modified in place before the backward; its per-example gradient "
+                        "needs the value it had; do not modify it in place")
+                g = g * d
             g = _reduce(g, s.shape)
             if scale != 1:
                 g = g * scale
