@@ -21,6 +21,21 @@ Writing a rule for your own layer (README.md, "Your own layers", has it whole an
 ``sq_norms(module, uses, method)`` and ``clipped(module, uses, c, pool)`` default to
 ``per_example``; a rule overrides them to skip forming per-example gradients (a ghost norm, one
 GEMM for the clipped sum: ``linear.py``).
+
+Capture strategies (how a rule's uses get their inputs and output gradients while its
+parameters get no autograd gradient); the ones that watch torch calls are one mode base class,
+``capture.CaptureMode`` (a TorchFunctionMode active during one module's forward, one
+``match(func, args, kwargs)`` hook):
+
+* functional call keyed by the torch op (``capture.py``'s ``_Mode``, ``linear.py``'s
+  ``_Capture``; ``ops_rule.py``'s ``_OpsMode`` for leaves of any class): the module's call of
+  its torch function on its own weight runs in a capturing autograd Function;
+* direct follow (``direct.py``'s ``_Follow``): a parameter a module uses itself beside children
+  is followed through unbatched ops to the first op mixing it with batched data;
+* output tap for the generic rule (``generic.py``): parameters detached, outputs tapped, exact
+  per-example VJPs of the module at finalize (no mode);
+* self-capture of ``fastclip.nn`` modules (``ModuleCaptureRule``): the modules' own Functions
+  record their pieces (no mode).
 """
 from __future__ import annotations
 
