@@ -162,7 +162,7 @@ class Engine:
         self._pool = Pool()         # scratch buffers lent to the rules' clipped kernels
         # When the uses of a backward are clipped (fastclip/scheduling.py). Rules call its
         # new_use / expect / record through the engine: bound here, no extra call per use.
-        self._schedule = Schedule(self, self._gate)
+        self._schedule = Schedule(self)
         self._bind_schedule()
         self._finalizing = False            # rules re-run modules at finalize: no capture then
         self.norms_log: List[Tensor] = []   # per backward: per-example norms (B,), when kept

@@ -37,9 +37,8 @@ from .passes import NONE, THREADS, TWICE
 class Schedule:
     """The per-backward state of one :class:`fastclip.engine.Engine` (module docstring)."""
 
-    def __init__(self, engine, gate):
+    def __init__(self, engine):
         self.engine = engine
-        self.gate = gate
         self.rules: Dict = {}
         self.params: Dict = {}
         self.names: Dict = {}
@@ -134,7 +133,8 @@ class Schedule:
             self.pending = []
             self.new_backward()
         params = (p for ps in self.params.values() for _, p in ps)
-        kind, self.wanted = self.gate.check(params, self.names)
+        # The engine's gate, read here: FSDP2 replaces it after attach (fastclip/optim.py).
+        kind, self.wanted = self.engine._gate.check(params, self.names)
         self.skip = kind == NONE
         self.owner = threading.get_ident()
         if self.skip:
