@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
 from ..nn.capture import pop_capture, push_capture
@@ -29,7 +30,11 @@ class _FnCapture(torch.autograd.Function):
         with torch.enable_grad():
             xs = x.detach().requires_grad_(x.requires_grad)
             out = call(xs, *[p.detach() if p is not None else None for p in params])
-        ctx.engine, ctx.use, ctx.sub = engine, use, (xs, out)
+        # The sub-graph is held by its output's gradient edge, not the output itself: the
+        # output's storage (the module's returned tensor) is freed as soon as the caller is done
+        # with it (a norm layer's output once the next op has read it), as without capture.
+        ctx.engine, ctx.use, ctx.sub = engine, use, (
+            xs, get_gradient_edge(out) if out.requires_grad else None)
         ctx.out_dtype = out.dtype
         # Saved through autograd so an in-place change of x before backward is an error.
         ctx.save_for_backward(x)
