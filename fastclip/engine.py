@@ -398,6 +398,28 @@ class Engine:
         sees its batch in dim 1 (see ``_plan_time_major``)."""
         return module in self._time_major
 
+    def params_of(self, module: nn.Module) -> Tuple[Tuple[str, nn.Parameter], ...]:
+        """((name in ``module``, parameter), ...) the plan covers through ``module``'s rule (its
+        own trainable parameters; :meth:`covered_params` has the qualified names), empty if the plan
+        has no rule for ``module``."""
+        return tuple(self._params.get(module, ()))
+
+    @property
+    def gate(self) -> Gate:
+        """The classifier of backward passes in use (:class:`fastclip.passes.Gate`): which
+        backwards may enter the clipping step."""
+        return self._gate
+
+    def use_gate(self, gate: Gate) -> None:
+        """Classify backward passes with ``gate`` from the next backward on, in place of the
+        default :class:`fastclip.passes.Gate`; e.g. FSDP2's :class:`fastclip.fsdp.ShardedGate`,
+        which asks about the unsharded parameter autograd sees for each shard. Call it right
+        after attach, before any backward (``make_private`` does)."""
+        if not isinstance(gate, Gate):
+            raise TypeError(f"use_gate needs a fastclip.passes.Gate, got {type(gate).__name__}")
+        self._gate.clear()
+        self._gate = gate
+
     def covered_params(self) -> List[Tuple[str, nn.Parameter]]:
         """[(qualified name, parameter)] of every trainable parameter the plan covers, each once
         (a tied parameter under its first name), in plan order."""

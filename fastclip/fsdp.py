@@ -163,8 +163,8 @@ def check_rules(engine) -> None:
     """Refuse modules covered by the generic rule: it re-runs the module after the backward,
     when FSDP has resharded its parameters."""
     from .layers.generic import GENERIC
-    generic = [engine.name_of(p) for m, rule in engine._rules.items() if rule is GENERIC
-               for _, p in engine._params[m]]
+    generic = [engine.name_of(p) for m, rule in engine.rules.items() if rule is GENERIC
+               for _, p in engine.params_of(m)]
     if generic:
         raise ValueError(f"fastclip: under FSDP2 the parameters {generic[:3]} are covered by the "
                          "generic rule, which re-runs their module after the backward, when FSDP "

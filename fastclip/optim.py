@@ -971,7 +971,7 @@ def make_private(model: nn.Module, optimizer: Optimizer, loader: Optional[DataLo
             # classified by the unsharded parameters autograd sees (fastclip/fsdp.py).
             _fsdp.check_rules(engine)
             engine.grad_sink = _fsdp.ShardedReducer(managed)
-            engine._gate = _fsdp.ShardedGate(managed)
+            engine.use_gate(_fsdp.ShardedGate(managed))
         expected = q = sampler = None
         if loader is not None and poisson_sampling:
             derive = sampling_generator is None and not secure_mode

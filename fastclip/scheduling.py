@@ -133,8 +133,8 @@ class Schedule:
             self.pending = []
             self.new_backward()
         params = (p for ps in self.params.values() for _, p in ps)
-        # The engine's gate, read here: FSDP2 replaces it after attach (fastclip/optim.py).
-        kind, self.wanted = self.engine._gate.check(params, self.names)
+        # The engine's gate, read here: FSDP2 replaces it after attach (Engine.use_gate).
+        kind, self.wanted = self.engine.gate.check(params, self.names)
         self.skip = kind == NONE
         self.owner = threading.get_ident()
         if self.skip:

@@ -489,3 +489,32 @@ def test_inputs_broadcast_over_the_batch_are_exact(B):
     ref = R.clipped_sum(m, CE, x, y, 0.1)
     for n, p in m.named_parameters():
         assert_close(p.grad, ref[n], torch.float64)
+
+
+def test_params_of_and_use_gate():
+    """The public accessors fsdp.py / optim.py use: params_of(module) and use_gate(gate)."""
+    from fastclip.engine import Engine
+    from fastclip.passes import Gate
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    eng = Engine(model, max_grad_norm=1.0, loss_reduction="sum")
+    assert [n for n, _ in eng.params_of(model[0])] == ["weight", "bias"]
+    qualified = {id(p): n for n, p in eng.covered_params()}
+    assert [qualified[id(p)] for _, p in eng.params_of(model[0])] == ["0.weight", "0.bias"]
+    assert eng.params_of(model[1]) == ()
+    assert set(eng.rules) == {model[0], model[2]}
+
+    class Counting(Gate):
+        calls = 0
+
+        def check(self, *a, **k):
+            Counting.calls += 1
+            return super().check(*a, **k)
+
+    with pytest.raises(TypeError, match="Gate"):
+        eng.use_gate(object())
+    gate = Counting()
+    eng.use_gate(gate)
+    assert eng.gate is gate
+    model(torch.randn(5, 3)).sum().backward()
+    assert Counting.calls == 1 and model[0].weight.grad is not None
+    eng.detach()
