@@ -91,7 +91,7 @@ def clip_accumulate(grads, accs, groups, bounds, scale: float = 1.0, num_threads
     # One parameter's gradients may be float32 and another's float64: each part is typed alone.
     if not _native(*grads, core=_nanobatch, one_dtype=False):
         return clip_accumulate_torch(grads, accs, groups, bounds, scale)
-    # The binding checks every argument itself (tests/test_nanobatch.py's hostile inputs).
+    # The binding checks every argument itself (tests/engine/test_nanobatch.py's hostile inputs).
     shrink = 1.0 if accs is None else 1.0 - _accs_margin(accs)
     sq, factors = _nanobatch.clip_accumulate_nanobatch(
         [g.detach().contiguous().numpy() for g in grads],

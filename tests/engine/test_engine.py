@@ -9,6 +9,7 @@ import fastclip
 import reference as R
 from conftest import DTYPES
 from harness import CE, MODES, assert_close, mse
+from models import CalledTwice  # shared test models
 
 
 def mlp(d, h, k, bias=True, dtype=torch.float32):
@@ -98,15 +99,6 @@ def test_frozen_parameters_are_left_out():
     ref = R.clipped_sum(m, CE, x, y, 0.5)
     assert_close(m[0].bias.grad, ref["0.bias"], torch.float64)
 
-
-class CalledTwice(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(6, 6)
-        self.out = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.out(self.a(torch.tanh(self.a(x))))
 
 
 class SharedWeight(nn.Module):

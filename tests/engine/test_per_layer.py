@@ -13,8 +13,7 @@ from conftest import DTYPES
 from fastclip.engine import Engine
 from fastclip.nn.rnn import converted
 from harness import CE, MODES, assert_close, check, layer_groups, mse, reference_per_layer
-from test_engine import CalledTwice  # shared test models
-from test_privacy import Doubler
+from models import CalledTwice, Doubler  # shared test models
 
 
 # ---- models ----------------------------------------------------------------------------------
@@ -449,7 +448,7 @@ def test_batch_sizes_differ_is_a_clear_error_and_the_next_step_works():
 
     m = Split().double()
     x = torch.randn(4, 3, dtype=torch.float64)
-    # The first-step audit would refuse the scalar output first (tests/test_misuse_mixing.py);
+    # The first-step audit would refuse the scalar output first (tests/privacy/test_misuse_mixing.py);
     # off here, so the engine's own check in the backward is what is tested.
     eng = Engine(m, max_grad_norm=1.0, clipping="per_layer", loss_reduction="sum", audit=False)
     with pytest.raises(ValueError, match="batch sizes differ.*Linear: 2.*Linear: 4|batch sizes differ.*Linear: 4.*Linear: 2"):

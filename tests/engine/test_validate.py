@@ -4,7 +4,7 @@ from torch import nn
 
 import fastclip
 from harness import CE
-from test_attention import DecoderLM, GPT2ish, lm_loss
+from models import DecoderLM, GPT2ish, lm_loss
 
 
 def test_validate_transformer_reports_every_parameter(capsys):

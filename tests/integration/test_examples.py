@@ -9,7 +9,7 @@ import pytest
 
 import fastclip
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<group>/ -> repo
 EXAMPLES = os.path.join(ROOT, "examples")
 # The directory fastclip was imported from (the source tree or site-packages), so the child
 # process runs the same build as the tests.

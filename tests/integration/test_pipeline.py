@@ -5,7 +5,7 @@ whole model on the same Poisson batches (per-layer clipping: each stage clips it
 clipping: the per-example squared norms exchanged between the stages), noise included (the same
 seed gives the same noise), and epsilon agrees everywhere. The misuses are refused: a schedule
 that divides the gradients by the number of micro-batches (scale_grads=True) and stage modules
-made private as data-parallel replicas (FSDP2: tests/test_fsdp.py). Per-stage checkpoints saved
+made private as data-parallel replicas (FSDP2: tests/integration/test_fsdp.py). Per-stage checkpoints saved
 after 2 noisy steps and loaded by other processes (ranks 0 and 1 of the 4-process run, regrouped)
 continue exactly as the straight 3-step run.
 

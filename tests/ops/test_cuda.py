@@ -1,6 +1,6 @@
 """The non-CPU path (the same algorithms in torch ops, fastclip/ops.py's ``*_torch``) on a CUDA
 device, against tests/reference.py on the CPU. Skipped where no CUDA device exists (CI); run on
-a GPU machine with ``pytest tests/test_cuda.py``."""
+a GPU machine with ``pytest tests/ops/test_cuda.py``."""
 import copy
 
 import pytest
@@ -95,7 +95,7 @@ def test_make_private_step_on_cuda(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_per_layer_on_cuda_equals_cpu(name, mode):
     """Per-layer clipping on the device equals the CPU's (tested against the reference in
-    tests/test_per_layer.py)."""
+    tests/engine/test_per_layer.py)."""
     build, inputs = models()[name]
     torch.manual_seed(0)
     cpu = build().double()

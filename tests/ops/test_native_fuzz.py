@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<group>/ -> repo
 BIG = [2**31, 2**62, 2**63 - 1]
 EXTREME = [0, 1, -1, 2, *BIG]
 

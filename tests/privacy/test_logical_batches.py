@@ -347,7 +347,7 @@ def test_leaving_the_with_block_or_an_exception_restores():
 # ---- checkpoints ----------------------------------------------------------------------------------
 
 def _ckpt_run(total, stop=None, resume=None, seed=11, workers=0, init_seed=0):
-    """As tests/test_privacy.py's checkpoint run, with logical batches split in physical ones of
+    """As tests/privacy/test_privacy.py's checkpoint run, with logical batches split in physical ones of
     at most 3 examples: 3 epochs of 5 Poisson batches (E = 8), Adam, noise on."""
     torch.manual_seed(init_seed)
     g = torch.Generator().manual_seed(99)

@@ -14,6 +14,7 @@ import fastclip
 import reference as R
 from fastclip.data import PoissonBatchSampler, PoissonDataLoader, poisson_loader
 from harness import MODES, flat_grad, mse
+from models import Doubler  # shared test models
 
 DELTA = 1e-5
 
@@ -157,16 +158,6 @@ def test_a_nan_example_contributes_nothing():
     opt.step()
     assert opt.steps == 1 and all(torch.isfinite(p).all() for p in m.parameters())
 
-
-class Doubler(nn.Module):
-    """A leaf without a native rule (the generic rule's cached per-example gradients)."""
-
-    def __init__(self, d):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        return x * self.w
 
 
 # ---- noise ------------------------------------------------------------------------------------

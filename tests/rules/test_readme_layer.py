@@ -8,7 +8,7 @@ import torch
 import fastclip
 from fastclip.layers import _RULES
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "README.md")
 
 
 def _snippet() -> str:
