@@ -9,7 +9,8 @@ For each workload of ``python -m fastclip bench`` (same builder, same default ba
 * per trainable layer, what exact clipping cannot avoid beyond that: the cheaper norm pass of
   ghost (``B T^2 (d + p)``, the two Gram matrices by SYRK) and direct (the per-example gradients
   ``2 B T d p`` replace the weight gradient, then the clipped sum is ``c @ (B, d p)``: ``2 B d p``,
-  only where those fit 64 MiB, ``fastclip.layers.conv.KEEP_PER_EXAMPLE_BYTES``); T = 1 layers
+  convs where they are no larger than the output gradient they replace, or fit the step ledger
+  ``fastclip.layers.keep.KEEP_STEP_BYTES``); T = 1 layers
   ``2 B (d + p)``; embeddings ``B T d``;
 * the noise, finite check and 1/B scale of every parameter: the native fused call
   (``fastclip.ops.noise.add_gaussian_noise_checked_``), timed interleaved with non-private steps
