@@ -293,9 +293,14 @@ class Engine:
                 self._grads[p] = weakref.ref(p.grad)
                 self._versions[p] = p.grad._version
 
-    def note_grad(self, p: Tensor, before: Optional[Tensor]) -> None:
-        """After writing clipped sums into ``p.grad`` (added to ``before``, the p.grad found):
-        the result is the engine's only if ``before`` was."""
+    def add_grad(self, p: Tensor, grad: Tensor) -> None:
+        """Add clipped sums ``grad`` into ``p.grad`` (set it if None): the result is the
+        engine's only if the ``p.grad`` found was (or there was none)."""
+        before = p.grad
+        if before is None:
+            p.grad = grad
+        else:
+            p.grad.add_(grad)
         ref = self._grads.get(p)
         if before is None or (ref is not None and ref() is before):
             self._grads[p] = weakref.ref(p.grad)
@@ -579,11 +584,12 @@ class Engine:
         if self.keep_norms:
             self.norms_log.append(sq.sqrt() * (float(B) if self.loss_reduction == "mean" else 1.0))
 
-    def _clip(self, uses: List[Use], B: int, C: Optional[float]) -> Optional[Tensor]:
+    def _clip(self, uses: List[Use], B: int, C: Optional[float],
+              write: bool = True) -> Optional[Tensor]:
         """Per-example squared norms (B,) float64 of the gradient of the parameters ``uses``
-        touch (None if they touch no trainable parameter) and, when gradients are written, their
-        sums clipped to C added to ``p.grad``. The norms are of the true per-example gradients
-        (times B for loss_reduction "mean")."""
+        touch (None if they touch no trainable parameter) and, when gradients are written (and
+        ``write``), their sums clipped to C added to ``p.grad``. The norms are of the true
+        per-example gradients (times B for loss_reduction "mean")."""
         groups = group_uses(uses, self._params)
         if not groups:
             return None
@@ -591,7 +597,7 @@ class Engine:
         with widened(uses, self._rules):
             try:
                 sq = total_sq(self.param_sq_norms(groups), B)
-                if self.write_grads:
+                if write and self.write_grads:
                     self._write_clipped(groups, uses, sq, B, C)
             finally:
                 forget_memos(uses)
@@ -613,28 +619,16 @@ class Engine:
                              self.automatic, self.gamma, self._pool,
                              None if sink is None else sink.add)
         for p, grad in grads.items():
-            grad = grad.to(p.dtype).view(p.shape)
-            before = p.grad
-            if p.grad is None:
-                p.grad = grad
-            else:
-                p.grad.add_(grad)
-            self.note_grad(p, before)
+            self.add_grad(p, grad.to(p.dtype).view(p.shape))
 
     # -- flat clipping across pipeline stages (fastclip.distributed.PipelineExchange) -------
     def _defer(self, uses: List[Use], B: int) -> Optional[Tensor]:
         """This backward's per-example squared norms over this stage's parameters, its uses kept
         (with their activations and output gradients) for :meth:`write_deferred` once the other
         stages' norms are known. Nothing is written."""
-        groups = group_uses(uses, self._params)
-        if not groups:
+        sq = self._clip(uses, B, None, write=False)
+        if sq is None:
             return None
-        check_wanted(groups, self._schedule.wanted, self._names)
-        with widened(uses, self._rules):
-            try:
-                sq = total_sq(self.param_sq_norms(groups), B)
-            finally:
-                forget_memos(uses)
         self._deferred.append((uses, B, sq))
         return sq
 

@@ -7,7 +7,7 @@ layer: each example's gradient is the model's own backward for that example.
 chosen for ``mode="nanobatch"`` by :func:`fastclip.engine.make_engine` (and by
 ``Engine(model, mode="nanobatch")``). It shares the Engine's plan (which parameters, their names
 and clipping layers, re-planned by ``refresh``), the optimizer's view of the gradients it wrote
-(``covers``, ``wrote_grad``, ``note_grad``...) and the audit; instead of a rule and hooks per
+(``covers``, ``wrote_grad``, ``add_grad``...) and the audit; instead of a rule and hooks per
 module it wraps the model's forward.
 
 How it runs inside the usual training loop (``make_private(model, ..., mode="nanobatch")``):
@@ -411,13 +411,7 @@ class NanoBatchEngine(Engine):
                 total = accs[i] if total is None else total.add_(accs[i])
             if total is None:
                 total = torch.zeros_like(p)
-            total = total.view_as(p)
-            before = p.grad
-            if p.grad is None:
-                p.grad = total
-            else:
-                p.grad.add_(total)
-            engine.note_grad(p, before)
+            engine.add_grad(p, total.view_as(p))
 
     def _chunk(self, calls, j, params, groups, bounds, scale, accs, sq, threads):
         """Per-example gradients of nanobatch j (summed over the calls), clipped and added."""
