@@ -1,10 +1,16 @@
-"""Capture of a module's functional call: the base of the native rules.
+"""Capture strategies: the base classes of the rules.
 
-While one module of a rule runs its forward, a TorchFunctionMode routes the module's call of
-one of the rule's torch functions (``F.conv2d``, ``F.layer_norm``, ...) whose weight is the
-module's own parameter to ``_FnCapture``. Its forward runs the function on detached parameters
-inside a private sub-graph, so the backward computes the input gradient only (the non-private
-parameter-gradient product is skipped) and records the input A and the output gradient G.
+* ``FunctionalRule``: while one module of a rule runs its forward, a TorchFunctionMode routes
+  the module's call of one of the rule's torch functions (``F.conv2d``, ``F.layer_norm``, ...)
+  whose weight is the module's own parameter to ``_FnCapture``. Its forward runs the function on
+  detached parameters inside a private sub-graph, so the backward computes the input gradient
+  only (the non-private parameter-gradient product is skipped) and records the input A and the
+  output gradient G.
+* ``OutputTapRule``: the module's trainable parameters are swapped for detached copies during
+  its forward and its outputs pass through ``_Tap``, whose backward records the output gradients
+  (with the inputs the rule asked for, ``tap_inputs``); a subclass writes only ``per_example``.
+  The generic rule (``generic.py``) captures the same way.
+* ``ModuleCaptureRule``: ``fastclip.nn`` modules whose own Functions record their pieces.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..nn.capture import pop_capture, push_capture
 from ..ops import as_computed
@@ -128,6 +135,109 @@ class FunctionalRule(Rule):
 
     def release(self, use):
         use.inputs = use.grads = None  # both set again by _FnCapture.backward
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a module's tensor outputs whose backward records their gradients.
+
+    Inputs: the outputs, then ``n_saved`` tensors saved through autograd (so an in-place change
+    before the backward is an error) and handed to ``restore(use, saved)`` in the backward,
+    then the module's trainable parameters: in the graph (the outputs require grad even when the
+    inputs do not, and the engine's backward gate sees them), given no gradient from here, as
+    the saved tensors."""
+
+    @staticmethod
+    def forward(ctx, engine, use, restore, n_out, n_saved, *tensors):
+        ctx.engine, ctx.use, ctx.restore, ctx.n_out = engine, use, restore, n_out
+        ctx.save_for_backward(*tensors[n_out:n_out + n_saved])
+        # Clones, not views: a view returned from a custom Function may not be modified in
+        # place, and an in-place activation after a layer is common.
+        return tuple(t.clone() for t in tensors[:n_out])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        use = ctx.use
+        use.grads = grads
+        if ctx.restore is not None:
+            ctx.restore(use, ctx.saved_tensors)
+        ctx.engine.record(use)
+        return (None,) * 5 + tuple(grads) + (None,) * (
+            len(ctx.needs_input_grad) - 5 - ctx.n_out)
+
+
+def tapped_outputs(output):
+    """(leaves, spec, indices of the floating or complex tensor leaves) of ``output``."""
+    leaves, spec = tree_flatten(output)
+    idx = [i for i, t in enumerate(leaves)
+           if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
+    return leaves, spec, idx
+
+
+def tap(engine, use, leaves, spec, idx, saved=(), params=(), restore=None):
+    """``output`` (as ``tapped_outputs`` split it) with its leaves ``idx`` passed through
+    ``_Tap``: their gradients become ``use.grads`` (in that order) and ``engine.record(use)`` is
+    called, once, in the backward."""
+    out = _Tap.apply(engine, use, restore, len(idx), len(saved),
+                     *[leaves[i] for i in idx], *saved, *params)
+    leaves = list(leaves)
+    for i, t in zip(idx, out):
+        leaves[i] = t
+    return tree_unflatten(leaves, spec)
+
+
+def detach_params(module: nn.Module):
+    """Swap ``module``'s trainable parameters for detached copies (autograd forms no gradient
+    for them in its forward); returns [(name, parameter)] for :func:`restore_params`."""
+    params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    for n, p in params:
+        module._parameters[n] = p.detach()
+    return params
+
+
+def restore_params(module: nn.Module, params) -> None:
+    for n, p in params:
+        module._parameters[n] = p
+
+
+class OutputTapRule(Rule):
+    """A rule whose kernel needs only the call's inputs and its output gradients: subclasses
+    write ``per_example(module, uses)`` (and ``tap_inputs`` where the default is not enough).
+
+    During the module's forward its trainable parameters are detached copies (autograd forms no
+    weight gradient); each call makes a use (``engine.new_use``, so per-layer clipping knows
+    it); its floating outputs are tapped: in the backward ``use.grads`` is the tuple of their
+    gradients (``use.grads[0]`` for a single output) and ``use.inputs`` what ``tap_inputs``
+    returned (detached tensors, saved through autograd so an in-place change of them before the
+    backward is an error)."""
+
+    def tap_inputs(self, args, kwargs):
+        """What the kernels read of the call's inputs as ``use.inputs``: a tensor or a tuple /
+        list / dict of tensors (detached). Default: the first positional argument."""
+        return args[0].detach()
+
+    def pre_forward(self, engine, module, args, kwargs):
+        return detach_params(module)
+
+    def post_forward(self, engine, module, params, args, kwargs, output):
+        restore_params(module, params)
+        leaves, spec, idx = tapped_outputs(output)
+        if not idx:
+            return None
+        saved, in_spec = tree_flatten(self.tap_inputs(args, kwargs))
+        if not all(isinstance(t, Tensor) for t in saved):
+            raise TypeError(f"{type(self).__name__}.tap_inputs must return tensors (a tensor or "
+                            "a tuple, list or dict of them)")
+        saved = [t.detach() for t in saved]
+
+        def restore(use, tensors):
+            use.inputs = tree_unflatten(list(tensors), in_spec)
+
+        use = engine.new_use(module)
+        return tap(engine, use, leaves, spec, idx, saved, [p for _, p in params], restore)
+
+    def release(self, use):
+        super().release(use)
+        use.inputs = None  # set again by _Tap.backward
 
 
 class ModuleCaptureRule(Rule):

@@ -3,7 +3,8 @@ that module alone (torch.func), and the modules fastclip refuses.
 
 Capture: during the module's forward its trainable parameters are swapped for detached copies
 (so autograd computes no parameter gradient), and the outputs pass through ``_Tap``, whose
-backward records the output gradients. Finalize: ``vmap(vjp)`` over the examples of each use
+backward records the output gradients: the capture of ``capture.OutputTapRule``, with all the
+call's tensor inputs saved. Finalize: ``vmap(vjp)`` over the examples of each use
 gives the per-example gradients of the module's parameters (memory B x module parameters).
 """
 from __future__ import annotations
@@ -17,31 +18,12 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import Rule, Use, rule_for
+from .capture import detach_params, restore_params, tap, tapped_outputs
 
 
-class _Tap(torch.autograd.Function):
-    """Identity on a module's tensor outputs whose backward records their gradients.
-
-    Inputs: the outputs, then the call's tensor inputs (saved so an in-place change before the
-    backward is an error), then the trainable parameters (so the outputs require grad even when
-    the inputs do not). Parameters and inputs get no gradient from here."""
-
-    @staticmethod
-    def forward(ctx, engine, use, n_out, n_in, *tensors):
-        ctx.engine, ctx.use, ctx.n_out, ctx.n_in = engine, use, n_out, n_in
-        ctx.save_for_backward(*tensors[n_out:n_out + n_in])
-        # Clones, not views: a view returned from a custom Function may not be modified in
-        # place, and an in-place activation after a layer is common.
-        return tuple(t.clone() for t in tensors[:n_out])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        use = ctx.use
-        use.grads = grads
-        use.inputs = (use.inputs[0], list(ctx.saved_tensors), use.inputs[2])
-        ctx.engine.record(use)
-        return (None, None, None, None) + tuple(grads) + (None,) * (
-            len(ctx.needs_input_grad) - 4 - ctx.n_out)
+def _saved_inputs(use, saved):
+    """_Tap's backward: the call's tensor inputs, saved through autograd, into the use."""
+    use.inputs = (use.inputs[0], list(saved), use.inputs[2])
 
 
 def _trainable(module: nn.Module):
@@ -108,16 +90,13 @@ class GenericRule(Rule):
     deterministic module, would draw new masks: gradients of a forward that never happened."""
 
     def pre_forward(self, engine, module, args, kwargs):
-        params = _trainable(module)
-        for n, p in params:
-            module._parameters[n] = p.detach()
+        params = detach_params(module)
         devices = _rng_devices(tree_flatten((args, kwargs))[0] + [p for _, p in params])
         return params, devices, _rng_state(devices)
 
     def post_forward(self, engine, module, state, args, kwargs, output):
         params, devices, before = state
-        for n, p in params:
-            module._parameters[n] = p
+        restore_params(module, params)
         if output is None:
             return None
         random = None
@@ -125,9 +104,7 @@ class GenericRule(Rule):
             outs = [t.detach() for t in tree_flatten(output)[0] if isinstance(t, Tensor)
                     and (t.is_floating_point() or t.is_complex())]
             random = _Random(before, devices, outs)
-        leaves, out_spec = tree_flatten(output)
-        out_idx = [i for i, t in enumerate(leaves)
-                   if isinstance(t, Tensor) and (t.is_floating_point() or t.is_complex())]
+        leaves, out_spec, out_idx = tapped_outputs(output)
         in_leaves, in_spec = tree_flatten((args, kwargs))
         in_idx = [i for i, t in enumerate(in_leaves) if isinstance(t, Tensor)]
         in_tensors = [in_leaves[i] for i in in_idx]
@@ -137,12 +114,8 @@ class GenericRule(Rule):
         amp = _autocast_state(in_tensors + [p for _, p in params])
         use = engine.new_use(module, inputs=(in_leaves, in_tensors, in_spec),
                              extra=(out_idx, out_spec, random, amp))
-        tapped = _Tap.apply(engine, use, len(out_idx), len(in_tensors),
-                            *[leaves[i] for i in out_idx], *in_tensors, *[p for _, p in params])
-        leaves = list(leaves)
-        for i, t in zip(out_idx, tapped):
-            leaves[i] = t
-        return tree_unflatten(leaves, out_spec)
+        return tap(engine, use, leaves, out_spec, out_idx, in_tensors, [p for _, p in params],
+                   _saved_inputs)
 
     def per_example(self, module: nn.Module, uses: Sequence[Use]) -> Dict[str, Tensor]:
         # The rule's sq_norms and clipped are the defaults, from these; each use's are memoised

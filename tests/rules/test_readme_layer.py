@@ -3,6 +3,7 @@
 import os
 import re
 
+import pytest
 import torch
 
 import fastclip
@@ -38,3 +39,40 @@ def test_readme_own_layer_example_runs_and_is_exact():
             torch.testing.assert_close(g, ref[n], rtol=1e-9, atol=1e-11)
     finally:
         _RULES.pop(ns.get("Conv1D"), None)   # the example's class, registered by the snippet
+
+
+class _Twice(torch.nn.Module):
+    """The example's layer called twice (one layer, two uses), beside a native Linear."""
+
+    def __init__(self, Conv1D):
+        super().__init__()
+        self.a = Conv1D(6, 6)
+        self.out = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.out(self.a(torch.tanh(self.a(x))).mean(1))
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_output_tap_rule_layer_called_twice(clipping, monkeypatch):
+    """OutputTapRule (the README's rule): a layer called twice is one per-example gradient, the
+    sum over both calls (the kernel sees both uses at once), exact against the float64
+    reference in every mode, with per-layer clipping (the uses made by engine.new_use: the layer
+    clipped in the backward once its last use is recorded) as with flat clipping."""
+    from harness import CE, MODES, check
+    ns = {"__name__": "readme_own_layer"}
+    try:
+        exec(compile(_snippet(), "README.md (own layer)", "exec"), ns)
+        rule = _RULES[ns["Conv1D"]]
+        seen = []
+        kernel = type(rule).per_example
+        monkeypatch.setattr(type(rule), "per_example",
+                            lambda self, m, uses: seen.append(len(uses)) or kernel(self, m, uses))
+        torch.manual_seed(0)
+        m = _Twice(ns["Conv1D"]).double()
+        x, y = torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+        C = 0.05 if clipping == "flat" else [0.03, 1e6]
+        check(m, x, y, loss=CE, modes=MODES, clipping=clipping, C=C)
+        assert seen and set(seen) == {2}
+    finally:
+        _RULES.pop(ns.get("Conv1D"), None)
