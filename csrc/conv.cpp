@@ -240,19 +240,21 @@ double ghost_item(const ConvShape& s, const T* xi, int64_t c0, const T* G, int64
   w.S.resize(size_t(2 * kTile * kTile));
   T* SU = w.S.data();
   T* SG = SU + kTile * kTile;
+  // Columns j0..j0+n of the unfolded input: a view of the full unfold, or unfolded into buf.
+  auto cols = [&](int64_t j0, int64_t n, T* buf, int64_t& ld) -> const T* {
+    if (full) {
+      ld = P;
+      return w.U.data() + j0;
+    }
+    unfold(s, xi, c0, j0, n, buf, n, w.segs);
+    ld = n;
+    return buf;
+  };
   double total = 0.0;
   for (int64_t i0 = 0; i0 < P; i0 += kTile) {
     const int64_t ni = std::min(kTile, P - i0);
-    const T* UI;
     int64_t ldi;
-    if (full) {
-      UI = w.U.data() + i0;
-      ldi = P;
-    } else {
-      unfold(s, xi, c0, i0, ni, w.U.data(), ni, w.segs);
-      UI = w.U.data();
-      ldi = ni;
-    }
+    const T* UI = cols(i0, ni, w.U.data(), ldi);
     // Diagonal tile: upper triangles by SYRK.
     blas::syrk_upper_t(ni, K, UI, ldi, SU, kTile);
     blas::syrk_upper_t(ni, Og, G + i0, ldg, SG, kTile);
@@ -264,16 +266,8 @@ double ghost_item(const ConvShape& s, const T* xi, int64_t c0, const T* G, int64
     total += diag + 2.0 * upper;
     for (int64_t j0 = i0 + kTile; j0 < P; j0 += kTile) {
       const int64_t nj = std::min(kTile, P - j0);
-      const T* UJ;
       int64_t ldj;
-      if (full) {
-        UJ = w.U.data() + j0;
-        ldj = P;
-      } else {
-        unfold(s, xi, c0, j0, nj, w.U2.data(), nj, w.segs);
-        UJ = w.U2.data();
-        ldj = nj;
-      }
+      const T* UJ = cols(j0, nj, w.U2.data(), ldj);
       blas::gemm_tn(ni, nj, K, UI, ldi, UJ, ldj, SU, kTile);
       blas::gemm_tn(ni, nj, Og, G + i0, ldg, G + j0, ldg, SG, kTile);
       double part = 0.0;
