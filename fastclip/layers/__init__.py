@@ -8,15 +8,18 @@ parameters that no native rule takes is covered exactly by the generic rule (``g
 
 Writing a rule for your own layer (README.md, "Your own layers", has it whole and tested)::
 
-    from fastclip.layers import Rule, register
+    from fastclip.layers import register
+    from fastclip.layers.capture import OutputTapRule
 
     @register(MyLayer)
-    class MyLayerRule(Rule):
-        ...  # capture: pre_forward / post_forward record each call's Use (inputs, grads)
-
+    class MyLayerRule(OutputTapRule):   # the capture: each call's Use (inputs, grads)
         def per_example(self, module, uses):   # {name: (B, *shape)}, summed over the uses
-            A, G = ...  # from u.inputs, u.grads of the uses
+            A = torch.cat([u.inputs.flatten(1, -2) for u in uses], 1)     # the calls' inputs
+            G = torch.cat([u.grads[0].flatten(1, -2) for u in uses], 1)   # output gradients
             return {"weight": torch.einsum("bti,bto->bio", A, G), "bias": G.sum(1)}
+
+The capture comes from a strategy base class (below); a rule capturing on its own writes
+``pre_forward`` / ``post_forward`` (see :class:`Rule`).
 
 ``sq_norms(module, uses, method)`` and ``clipped(module, uses, c, pool)`` default to
 ``per_example``; a rule overrides them to skip forming per-example gradients (a ghost norm, one
@@ -32,8 +35,10 @@ parameters get no autograd gradient); the ones that watch torch calls are one mo
   its torch function on its own weight runs in a capturing autograd Function;
 * direct follow (``direct.py``'s ``_Follow``): a parameter a module uses itself beside children
   is followed through unbatched ops to the first op mixing it with batched data;
-* output tap for the generic rule (``generic.py``): parameters detached, outputs tapped, exact
-  per-example VJPs of the module at finalize (no mode);
+* output tap (``capture.OutputTapRule``; the generic rule, ``generic.py``, through the same
+  ``_Tap``): parameters detached during the forward, outputs tapped, the use holding the inputs
+  the rule asks for (``tap_inputs``) and the output gradients; a subclass writes only
+  ``per_example`` (the generic rule: exact per-example VJPs of the module at finalize) (no mode);
 * self-capture of ``fastclip.nn`` modules (``ModuleCaptureRule``): the modules' own Functions
   record their pieces (no mode).
 """
