@@ -76,6 +76,20 @@ def register_workload(name: str, default_batch_size: int):
     return deco
 
 
+def make_batches(gen: torch.Generator, n_batches: int, shape: Sequence[int], classes: int,
+            vocab: Optional[int] = None) -> List[Tuple[Tensor, Tensor]]:
+    """``n_batches`` labelled batches ``(x, y)``: ``x`` of ``shape`` (token ids below ``vocab``
+    if given, else standard normal), then ``y`` of ``shape[0]`` labels below ``classes``, each
+    drawn from ``gen`` in that order."""
+    def inputs() -> Tensor:
+        if vocab is None:
+            return torch.randn(*shape, generator=gen)
+        return torch.randint(0, vocab, tuple(shape), generator=gen)
+
+    return [(inputs(), torch.randint(0, classes, (shape[0],), generator=gen))
+            for _ in range(n_batches)]
+
+
 def mlp(sizes: Sequence[int] = (784, 512, 512, 10)) -> nn.Sequential:
     """Linear-ReLU-...-Linear MLP with the given layer widths."""
     layers: List[nn.Module] = []
@@ -89,11 +103,8 @@ def mlp(sizes: Sequence[int] = (784, 512, 512, 10)) -> nn.Sequential:
 @register_workload("mlp", default_batch_size=256)
 def _mlp_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4) -> Workload:
     model = mlp((784, 512, 512, 10))
-    batches = [
-        (torch.randn(batch_size, 784, generator=gen), torch.randint(0, 10, (batch_size,), generator=gen))
-        for _ in range(n_batches)
-    ]
-    return Workload(model, batches, description="MLP 784-512-512-10", limit=1.15)
+    return Workload(model, make_batches(gen, n_batches, (batch_size, 784), 10),
+                    description="MLP 784-512-512-10", limit=1.15)
 
 
 def cnn() -> nn.Sequential:
@@ -110,12 +121,8 @@ def cnn() -> nn.Sequential:
 @register_workload("cnn", default_batch_size=128)
 def _cnn_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4) -> Workload:
     model = cnn()
-    batches = [
-        (torch.randn(batch_size, 3, 32, 32, generator=gen),
-         torch.randint(0, 10, (batch_size,), generator=gen))
-        for _ in range(n_batches)
-    ]
-    return Workload(model, batches, description="CNN 3x(Conv3x3-GN-ReLU-MaxPool) 32/64/128, "
+    data = make_batches(gen, n_batches, (batch_size, 3, 32, 32), 10)
+    return Workload(model, data, description="CNN 3x(Conv3x3-GN-ReLU-MaxPool) 32/64/128, "
                                                  "Linear 2048-10, 3x32x32", limit=1.05)
 
 
@@ -137,12 +144,8 @@ class LSTMClassifier(nn.Module):
 @register_workload("lstm", default_batch_size=64)
 def _lstm_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4, T: int = 64) -> Workload:
     model = LSTMClassifier()
-    batches = [
-        (torch.randint(0, 10000, (batch_size, T), generator=gen),
-         torch.randint(0, 2, (batch_size,), generator=gen))
-        for _ in range(n_batches)
-    ]
-    return Workload(model, batches, description=f"Embedding(10000,128)-LSTM(128,256)-Linear(256,2) "
+    data = make_batches(gen, n_batches, (batch_size, T), 2, vocab=10000)
+    return Workload(model, data, description=f"Embedding(10000,128)-LSTM(128,256)-Linear(256,2) "
                                                 f"on the last step, T={T}", limit=1.07)
 
 
@@ -174,12 +177,8 @@ class TransformerClassifier(nn.Module):
 def _transformer_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4,
                           T: int = 128) -> Workload:
     model = TransformerClassifier(T=T)
-    batches = [
-        (torch.randint(0, 10000, (batch_size, T), generator=gen),
-         torch.randint(0, 2, (batch_size,), generator=gen))
-        for _ in range(n_batches)
-    ]
-    return Workload(model, batches, description=f"Embedding(10000,256)+positions, 2 pre-LN blocks "
+    data = make_batches(gen, n_batches, (batch_size, T), 2, vocab=10000)
+    return Workload(model, data, description=f"Embedding(10000,256)+positions, 2 pre-LN blocks "
                                                 f"(4 heads, FFN 1024 GELU), mean-pool, Linear(256,2), "
                                                 f"T={T}", limit=1.09)
 
@@ -239,12 +238,8 @@ RESNET_WIDTHS = (32, 64, 128, 256)
 def _resnet_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4,
                      widths: Sequence[int] = RESNET_WIDTHS) -> Workload:
     model = ResNet(widths)
-    batches = [
-        (torch.randn(batch_size, 3, 32, 32, generator=gen),
-         torch.randint(0, 10, (batch_size,), generator=gen))
-        for _ in range(n_batches)
-    ]
-    return Workload(model, batches, description=f"ResNet-18-style (basic blocks 2/2/2/2, widths "
+    data = make_batches(gen, n_batches, (batch_size, 3, 32, 32), 10)
+    return Workload(model, data, description=f"ResNet-18-style (basic blocks 2/2/2/2, widths "
                                                 f"{'/'.join(map(str, widths))}, GroupNorm(8)), 3x32x32, "
                                                 f"10 classes", limit=1.03)
 
@@ -279,12 +274,8 @@ class ViT(nn.Module):
 @register_workload("vit", default_batch_size=32)
 def _vit_workload(batch_size: int, gen: torch.Generator, n_batches: int = 4) -> Workload:
     model = ViT()
-    batches = [
-        (torch.randn(batch_size, 3, 32, 32, generator=gen),
-         torch.randint(0, 10, (batch_size,), generator=gen))
-        for _ in range(n_batches)
-    ]
-    return Workload(model, batches, description="ViT-small: patch 4 (Conv2d), d192, 4 pre-LN blocks "
+    data = make_batches(gen, n_batches, (batch_size, 3, 32, 32), 10)
+    return Workload(model, data, description="ViT-small: patch 4 (Conv2d), d192, 4 pre-LN blocks "
                                                 "(3 heads, FFN 768 GELU), class token, 3x32x32, "
                                                 "10 classes", limit=1.07)
 
@@ -351,9 +342,8 @@ def _hf_workload(kind: str, batch_size: int, gen: torch.Generator, n_batches: in
         num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
         max_position_embeddings=T, num_labels=2, hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, **common))
-    batches = [(torch.randint(0, vocab, (batch_size, T), generator=gen),
-                torch.randint(0, 2, (batch_size,), generator=gen)) for _ in range(n_batches)]
-    return Workload(HFLogits(model), batches, limit=1.09,
+    return Workload(HFLogits(model), make_batches(gen, n_batches, (batch_size, T), 2, vocab=vocab),
+                    limit=1.09,
                     description=f"transformers BertForSequenceClassification, 4 layers, d256, "
                                 f"4 heads, FFN 1024, vocab {vocab}, T={T}, 2 classes")
 
