@@ -8,8 +8,7 @@ parameters that no native rule takes is covered exactly by the generic rule (``g
 
 Writing a rule for your own layer (README.md, "Your own layers", has it whole and tested)::
 
-    from fastclip.layers import register
-    from fastclip.layers.capture import OutputTapRule
+    from fastclip.layers import OutputTapRule, register
 
     @register(MyLayer)
     class MyLayerRule(OutputTapRule):   # the capture: each call's Use (inputs, grads)
@@ -320,3 +319,5 @@ def supported_types() -> List[str]:
 from . import linear, conv, embedding, norm  # noqa: E402,F401  (registers the built-in rules)
 from . import rnn  # noqa: E402,F401  (fastclip.nn.RNN / GRU / LSTM)
 from . import attention  # noqa: E402,F401  (fastclip.nn.MultiheadAttention)
+# The capture strategies a rule for a user's layer subclasses (docs/design.md 4.2).
+from .capture import FunctionalRule, OutputTapRule  # noqa: E402,F401
