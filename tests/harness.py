@@ -10,6 +10,7 @@ the layer; test_conv: a bound from the reference norms). Opacus' tests/grad_samp
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -218,12 +219,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_gloo(rank: int, port: int, world: int, timeout_s: float) -> None:
-    """In a spawned worker: one CPU thread and a gloo process group on localhost only."""
+@contextlib.contextmanager
+def gloo_group(rank: int, port: int, world: int, timeout_s: float):
+    """In a spawned worker: one CPU thread and a gloo process group on localhost only, destroyed
+    when the block ends (also on an error)."""
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=timeout_s))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 # Modules the workers' server imports once (forkserver): each worker is forked from it with

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastclip
-from harness import init_gloo, run_ranks
+from harness import gloo_group, run_ranks
 from fastclip.data import PoissonBatchSampler
 
 WORLD = 2
@@ -77,8 +77,7 @@ def _uneven(distributed, rank=0):
 
 
 def _worker(rank, port, outdir):
-    init_gloo(rank, port, WORLD, TIMEOUT_S)
-    try:
+    with gloo_group(rank, port, WORLD, TIMEOUT_S):
         out = {}
         out["plain"] = _train(0.0, None, bucket_cap_mb=1e-4)       # auto-detected; tiny buckets
         out["noisy"] = _train(SIGMA, True, steps=1, width=2000)    # ~18k parameters
@@ -87,8 +86,6 @@ def _worker(rank, port, outdir):
         out["examples"] = _examples_seen(rank)
         out["resumed"] = _resumed()
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _examples_seen(rank):

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastclip
-from harness import init_gloo, run_ranks
+from harness import gloo_group, run_ranks
 
 pytest.importorskip("torch.distributed.pipelining")
 
@@ -169,8 +169,7 @@ def _noise_only(rank, clipping):
 
 
 def _worker(rank, port, outdir):
-    init_gloo(rank, port, WORLD, TIMEOUT_S)
-    try:
+    with gloo_group(rank, port, WORLD, TIMEOUT_S):
         out = {name: _run(rank, **kw) for name, kw in SCENARIOS.items()}
         out["noise_only"] = {c: _noise_only(rank, c) for c in ("flat", "per_layer")}
         out["scale_grads"] = _refusal(lambda: _run(rank, "per_layer", BOUNDS, scale_grads=True))
@@ -178,16 +177,11 @@ def _worker(rank, port, outdir):
         out["straight"] = _run(rank, **RESUME, steps=3)[0]
         _run(rank, **RESUME, steps=2, save=os.path.join(os.environ[CKPT], "stage{rank}.pt"))
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _worker4(rank, port, outdir):
-    init_gloo(rank, port, 4, TIMEOUT_S)
-    try:
+    with gloo_group(rank, port, 4, TIMEOUT_S):
         out = {name: _run(rank, **kw, world=4) for name, kw in SCENARIOS4.items()}
-    finally:
-        dist.destroy_process_group()
     if rank < WORLD:
         # Processes other than the ones that saved (ranks 0 and 1, regrouped as a 2-stage
         # pipeline) load the per-stage checkpoints of 2 steps and run the third; fresh objects
