@@ -159,28 +159,12 @@ def _pipeline_worker(rank, world, port, args, outdir):
         dist.destroy_process_group()
 
 
-class _TokenNet(nn.Module):
-    def __init__(self, V=2048, d=256, blocks=4):
-        super().__init__()
-        self.emb = nn.Embedding(V, d)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-            for _ in range(blocks))
-        self.head = nn.Linear(d, V, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, x):
-        h = self.emb(x)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.head(h).mean(1)
-
-
 def _fsdp_worker(rank, world, port, args, outdir):
     """torch's non-private FSDP2 step, then fastclip flat and per-layer on the same sharded model
     (audit=False: the audit cannot run sharded, see fastclip/fsdp.py), Adam, steps timed the same
     way; each rank trains on its share of the global batch."""
     import fastclip
+    from fastclip import benchmark as B
     from torch.distributed.fsdp import fully_shard
 
     torch.set_num_threads(args.threads)
@@ -190,12 +174,11 @@ def _fsdp_worker(rank, world, port, args, outdir):
     try:
         local_b, T, V = args.batch_size // world, 32, 2048
         g = torch.Generator().manual_seed(args.seed + rank)
-        batches = [(torch.randint(0, V, (local_b, T), generator=g),
-                    torch.randint(0, V, (local_b,), generator=g)) for _ in range(4)]
+        batches = B.make_batches(g, 4, (local_b, T), V, vocab=V)
 
         def sharded():
             torch.manual_seed(args.seed)
-            m = _TokenNet(V)
+            m = B.TiedTokenMLP(V, 256, 1024, L=4)
             for block in m.blocks:
                 fully_shard(block)
             fully_shard(m)

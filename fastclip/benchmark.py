@@ -183,6 +183,27 @@ def _transformer_workload(batch_size: int, gen: torch.Generator, n_batches: int 
                                                 f"T={T}", limit=1.09)
 
 
+class TiedTokenMLP(nn.Module):
+    """Embedding(V, d), ``L`` pre-LayerNorm MLP blocks (d -> h -> d, GELU) with residuals, output
+    projection tied to the embedding, mean over positions: the distributed (FSDP2) benchmark's
+    and tests' model."""
+
+    def __init__(self, V: int, d: int, h: int, L: int = 2):
+        super().__init__()
+        self.emb = nn.Embedding(V, d)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
+            for _ in range(L))
+        self.head = nn.Linear(d, V, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.emb(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h).mean(1)
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block with GroupNorm: conv3x3-GN-ReLU-conv3x3-GN, + shortcut (1x1 conv-GN
     when the shape changes), ReLU."""

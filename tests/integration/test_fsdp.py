@@ -20,8 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastclip
+from fastclip.benchmark import TiedTokenMLP
 import reference as R
-from harness import init_gloo, reference_per_layer, run_ranks
+from harness import gloo_group, reference_per_layer, run_ranks
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
@@ -40,28 +41,9 @@ MEM = dict(V=64, d=32, h=128, L=4)    # ~36k parameters (285 KB): the memory sce
 TINY_BUCKET_MB, MEM_BUCKET_MB = 2.0 ** -14, 2.0 ** -6
 
 
-class Net(nn.Module):
-    """Embedding, pre-norm MLP blocks with residuals, output projection tied to the embedding."""
-
-    def __init__(self, V, d, h, L=2):
-        super().__init__()
-        self.emb = nn.Embedding(V, d)
-        self.blocks = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(d), nn.Linear(d, h), nn.GELU(), nn.Linear(h, d))
-            for _ in range(L))
-        self.head = nn.Linear(d, V, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, x):
-        h = self.emb(x)
-        for block in self.blocks:
-            h = h + block(h)
-        return self.head(h).mean(1)
-
-
 def _model(dims=SMALL, shard=False, root=True):
     torch.manual_seed(5)
-    m = Net(**dims).double()
+    m = TiedTokenMLP(**dims).double()
     if shard:
         for block in m.blocks:
             fsdp.fully_shard(block)
@@ -171,8 +153,7 @@ def _misuses():
 
 
 def _worker2(rank, port, outdir):
-    init_gloo(rank, port, 2, TIMEOUT_S)
-    try:
+    with gloo_group(rank, port, 2, TIMEOUT_S):
         out = {}
         for clipping in ("flat", "per_layer"):
             m, opt, _, batches = _train(True, clipping, bucket=TINY_BUCKET_MB)
@@ -189,17 +170,12 @@ def _worker2(rank, port, outdir):
         out["resumed"] = _resumed(outdir)
         out["misuse"] = _misuses()
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def _worker4(rank, port, outdir):
-    init_gloo(rank, port, 4, TIMEOUT_S)
-    try:
+    with gloo_group(rank, port, 4, TIMEOUT_S):
         out = {c: _full(_train(True, c, bucket=TINY_BUCKET_MB)[0]) for c in ("flat", "per_layer")}
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
