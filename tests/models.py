@@ -110,3 +110,38 @@ class GPT2ish(nn.Module):
         a = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1),
                                            is_causal=True).squeeze(1)
         return self.head(self.c_proj(a).mean(1))
+
+
+class AddmmConv1D(nn.Module):
+    """GPT-2's Conv1D as transformers writes it, arguments (in, out): weight (in, out), a random
+    bias, y = addmm(b, x.view(-1, in), W).view(..., out) (the operation rule)."""
+
+    def __init__(self, nx, nf):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+class Attn(nn.Module):
+    """MultiheadAttention(8, 2) called twice (self-attention: the fused q/k/v block; or, not
+    self-attention, once with kdim / vdim: q, k, v blocks of their own), with a Linear head."""
+
+    def __init__(self, self_attn=True, **opts):
+        super().__init__()
+        self.self_attn = self_attn
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True, **opts)
+        self.kproj = nn.Linear(8, opts.get("kdim", 8))
+        self.vproj = nn.Linear(8, opts.get("vdim", 8))
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if self.self_attn:
+            h, _ = self.mha(x, x, x)
+            h, _ = self.mha(h, h, h)   # a second call: uses stacked
+        else:
+            h, _ = self.mha(x, self.kproj(x), self.vproj(x))
+        return self.head(torch.tanh(h).mean(1))

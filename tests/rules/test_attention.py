@@ -14,7 +14,7 @@ import fastclip.nn as fnn
 import harness
 import reference as R
 from harness import CE, assert_close
-from models import Conv1D, DecoderLM, GPT2ish, RMSNorm, Rotary, lm_loss  # shared test models
+from models import Attn, Conv1D, DecoderLM, GPT2ish, RMSNorm, Rotary, lm_loss  # shared test models
 
 D64 = torch.float64
 
@@ -69,24 +69,6 @@ def test_mha_equals_torch_and_state_dicts_load_both_ways(opts, batch_first):
                           x[:, 0] if not batch_first else x[0])[0],
                      ref(x[:, 0] if not batch_first else x[0], x[:, 0] if not batch_first else x[0],
                          x[:, 0] if not batch_first else x[0])[0])
-
-
-class Attn(nn.Module):
-    def __init__(self, self_attn=True, **opts):
-        super().__init__()
-        self.self_attn = self_attn
-        self.mha = nn.MultiheadAttention(8, 2, batch_first=True, **opts)
-        self.kproj = nn.Linear(8, opts.get("kdim", 8))
-        self.vproj = nn.Linear(8, opts.get("vdim", 8))
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        if self.self_attn:
-            h, _ = self.mha(x, x, x)
-        else:
-            h, _ = self.mha(x, self.kproj(x), self.vproj(x))
-        h2, _ = self.mha(h, h, h) if self.self_attn else (h, None)  # a second call: uses stacked
-        return self.head(torch.tanh(h2).mean(1))
 
 
 @pytest.mark.parametrize("opts", MHA_OPTS)

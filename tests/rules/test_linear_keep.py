@@ -8,6 +8,7 @@ from torch import nn
 import fastclip
 from fastclip.layers import keep
 from harness import CE, check, mse
+from models import AddmmConv1D, Attn  # shared test models
 
 MODES = ("auto", "direct", "ghost")
 
@@ -161,26 +162,6 @@ def test_cost_model():
 
 # -- the attention rule's projections and the operation rule's linear calls --------------------
 
-class Attn(nn.Module):
-    """MultiheadAttention called twice (self-attention: the fused q/k/v block; or with kdim /
-    vdim: q, k, v blocks of their own), with a Linear head."""
-
-    def __init__(self, self_attn=True, **opts):
-        super().__init__()
-        self.self_attn = self_attn
-        self.mha = nn.MultiheadAttention(8, 2, batch_first=True, **opts)
-        self.kproj = nn.Linear(8, opts.get("kdim", 8))
-        self.vproj = nn.Linear(8, opts.get("vdim", 8))
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        if self.self_attn:
-            h, _ = self.mha(x, x, x)
-            h, _ = self.mha(h, h, h)
-        else:
-            h, _ = self.mha(x, self.kproj(x), self.vproj(x))
-        return self.head(torch.tanh(h).mean(1))
-
 
 @pytest.mark.parametrize("opts", [{}, {"bias": False}, {"add_bias_kv": True},
                                   {"kdim": 6, "vdim": 5}])
@@ -201,25 +182,11 @@ def test_attention_float32_per_layer(kept):
     assert (4, 24, 8) in kept
 
 
-class Conv1D(nn.Module):
-    """GPT-2's: weight (in, out), y = addmm(b, x.view(-1, in), W).view(..., out) (the operation
-    rule), used twice."""
-
-    def __init__(self, nx, nf):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x):
-        size_out = x.size()[:-1] + (self.weight.shape[1],)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
-
-
 class GPTish(nn.Module):
     def __init__(self):
         super().__init__()
-        self.fc = Conv1D(6, 9)
-        self.proj = Conv1D(9, 6)
+        self.fc = AddmmConv1D(6, 9)
+        self.proj = AddmmConv1D(9, 6)
         self.head = nn.Linear(6, 3)
 
     def forward(self, x):

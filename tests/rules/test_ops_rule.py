@@ -9,6 +9,7 @@ import fastclip
 import harness
 import reference as R
 from conftest import DTYPES
+from models import AddmmConv1D  # shared test models
 
 
 def sq_loss(out, y):
@@ -31,18 +32,6 @@ def check(model, x, y, dtype=torch.float64):
 
 
 # -- leaves from other libraries -----------------------------------------------------------------
-
-class Conv1D(nn.Module):
-    """GPT-2's: weight (in, out), y = addmm(b, x.view(-1, in), W).view(..., out)."""
-
-    def __init__(self, nx, nf):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.3)
-        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
-
-    def forward(self, x):
-        size_out = x.size()[:-1] + (self.weight.shape[1],)
-        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
 
 
 class MatW(nn.Module):
@@ -194,12 +183,12 @@ class Seq(nn.Module):
 
 
 CASES = {
-    "conv1d": lambda: Seq(Conv1D(6, 8), Conv1D(8, 6)),
+    "conv1d": lambda: Seq(AddmmConv1D(6, 8), AddmmConv1D(8, 6)),
     "matw": lambda: Seq(MatW(6, 6)),
     "t": lambda: Seq(Transposed(6, 6, "t")),
     "T": lambda: Seq(Transposed(6, 6, "T")),
     "tt": lambda: Seq(Transposed(6, 6, "tt")),
-    "rmsnorm": lambda: Seq(RMSNorm(6), Conv1D(6, 6)),
+    "rmsnorm": lambda: Seq(RMSNorm(6), AddmmConv1D(6, 6)),
     "scaleshift": lambda: Seq(ScaleShift(6)),
     "twice": lambda: Seq(Twice(6)),
 }
@@ -219,7 +208,7 @@ def test_custom_leaves_are_exact_on_the_op_rule(case, B, dtype):
 
 
 def test_two_dim_input_and_bias_free_addmm():
-    m = Seq(Conv1D(6, 6), MatW(6, 6))
+    m = Seq(AddmmConv1D(6, 6), MatW(6, 6))
     check(m, torch.randn(4, 5), torch.randn(4, 3))
 
 
@@ -294,7 +283,7 @@ def test_a_later_forward_using_the_parameter_otherwise_is_refused():
 
 def test_make_private_step_with_op_rule_leaves_is_the_clipped_mean():
     import copy
-    m = Seq(RMSNorm(6), Conv1D(6, 6), ScaleShift(6)).double()
+    m = Seq(RMSNorm(6), AddmmConv1D(6, 6), ScaleShift(6)).double()
     ref_model = copy.deepcopy(m)
     x, y = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 3, dtype=torch.float64)
     opt = torch.optim.SGD(m.parameters(), lr=1.0)
@@ -314,7 +303,7 @@ def test_make_private_step_with_op_rule_leaves_is_the_clipped_mean():
 
 
 def test_validate_names_the_op_rule():
-    m = Seq(RMSNorm(6), Conv1D(6, 6), Unknown(6))
+    m = Seq(RMSNorm(6), AddmmConv1D(6, 6), Unknown(6))
     rep = fastclip.validate(m, sq_loss, torch.randn(2, 4, 5), torch.randn(2, 4, 3), verbose=False)
     assert rep.ok, str(rep)
     rules = {r["name"]: r["rule"] for r in rep.rows}
