@@ -219,6 +219,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def refusal(fn: Callable) -> Optional[str]:
+    """In a worker: ``fn()``'s error as "Type: message" (a string the parent can check), or None
+    if it raised nothing."""
+    try:
+        fn()
+    except Exception as e:       # noqa: BLE001 - the message is the result
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 @contextlib.contextmanager
 def gloo_group(rank: int, port: int, world: int, timeout_s: float):
     """In a spawned worker: one CPU thread and a gloo process group on localhost only, destroyed

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fastclip
 from fastclip.benchmark import TiedTokenMLP
 import reference as R
-from harness import gloo_group, reference_per_layer, run_ranks
+from harness import gloo_group, refusal, reference_per_layer, run_ranks
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 if not hasattr(fsdp, "fully_shard"):
@@ -127,14 +127,6 @@ def _resumed(outdir):
     return _full(m), opt.steps
 
 
-def _refusal(fn):
-    try:
-        fn()
-    except Exception as e:       # noqa: BLE001 - the message is the result
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def _make(m, **kw):
     return fastclip.make_private(m, torch.optim.SGD(m.parameters(), lr=1.0), None,
                                  noise_multiplier=0.0, max_grad_norm=1.0, **{"audit": False, **kw})
@@ -145,10 +137,10 @@ def _misuses():
     nn.Module.__init__(ddp)
     ddp.module = _model(shard=True)
     return {
-        "partial": _refusal(lambda: _make(_model(shard=True, root=False))),
-        "ddp": _refusal(lambda: _make(ddp)),
-        "audit": _refusal(lambda: _make(_model(shard=True), audit=True)),
-        "nanobatch": _refusal(lambda: _make(_model(shard=True), mode="nanobatch")),
+        "partial": refusal(lambda: _make(_model(shard=True, root=False))),
+        "ddp": refusal(lambda: _make(ddp)),
+        "audit": refusal(lambda: _make(_model(shard=True), audit=True)),
+        "nanobatch": refusal(lambda: _make(_model(shard=True), mode="nanobatch")),
     }
 
 

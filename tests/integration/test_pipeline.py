@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastclip
-from harness import gloo_group, run_ranks
+from harness import gloo_group, refusal, run_ranks
 
 pytest.importorskip("torch.distributed.pipelining")
 
@@ -130,14 +130,6 @@ SCENARIOS4 = {
 RESUME = dict(clipping="flat", bounds=0.5, schedule="1f1b", noise=SIGMA)
 
 
-def _refusal(fn):
-    try:
-        fn()
-    except Exception as e:       # noqa: BLE001 - the message is the result
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def _replicas_misused(rank):
     """Two different stages of equal shapes made private as data-parallel replicas."""
     torch.manual_seed(rank)
@@ -172,8 +164,8 @@ def _worker(rank, port, outdir):
     with gloo_group(rank, port, WORLD, TIMEOUT_S):
         out = {name: _run(rank, **kw) for name, kw in SCENARIOS.items()}
         out["noise_only"] = {c: _noise_only(rank, c) for c in ("flat", "per_layer")}
-        out["scale_grads"] = _refusal(lambda: _run(rank, "per_layer", BOUNDS, scale_grads=True))
-        out["replicas"] = _refusal(lambda: _replicas_misused(rank))
+        out["scale_grads"] = refusal(lambda: _run(rank, "per_layer", BOUNDS, scale_grads=True))
+        out["replicas"] = refusal(lambda: _replicas_misused(rank))
         out["straight"] = _run(rank, **RESUME, steps=3)[0]
         _run(rank, **RESUME, steps=2, save=os.path.join(os.environ[CKPT], "stage{rank}.pt"))
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
