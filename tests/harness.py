@@ -259,12 +259,14 @@ def _start_method() -> str:
     return "forkserver"
 
 
-def run_ranks(worker: Callable, world: int, timeout_s: float) -> List[dict]:
-    """Spawn ``world`` processes running ``worker(rank, port, outdir)``, each of which saves its
-    results to ``outdir/rank{r}.pt``; returns them by rank. A process still running after
-    ``2 * timeout_s`` is killed and the test fails (a hang must not stall the suite)."""
+def run_ranks(worker: Callable, world: int, timeout_s: float, *extra) -> List[dict]:
+    """Spawn ``world`` processes running ``worker(rank, port, outdir, *extra)``, each of which
+    saves its results to ``outdir/rank{r}.pt``; returns them by rank. A process still running
+    after ``2 * timeout_s`` is killed and the test fails (a hang must not stall the suite).
+    Pass what the workers need as ``extra`` arguments, not through ``os.environ``: the workers
+    fork from a server started by the first test file that spawned any, with its environment."""
     with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(worker, args=(_free_port(), outdir), nprocs=world, join=False,
+        ctx = mp.start_processes(worker, args=(_free_port(), outdir) + extra, nprocs=world, join=False,
                                  start_method=_start_method())
         deadline = time.monotonic() + 2 * timeout_s
         try:

@@ -35,7 +35,6 @@ WIDTHS = {2: [6, 8, 5, 3], 4: [6, 8, 7, 5, 3]}    # the Linear layers' widths
 CUTS = {2: [0, 1, 3], 4: [0, 1, 2, 3, 4]}         # stage r: Linear layers CUTS[r] .. CUTS[r+1]-1
 BOUNDS = [0.3, 0.5, 0.4]          # one per layer of the whole model
 BOUNDS4 = [0.3, 0.5, 0.4, 0.35]
-CKPT = "FASTCLIP_TEST_PIPELINE_CKPT"   # the checkpoint folder, handed to the workers
 
 
 def _data(N=40):
@@ -160,18 +159,18 @@ def _noise_only(rank, clipping):
     return _flat(m) - before
 
 
-def _worker(rank, port, outdir):
+def _worker(rank, port, outdir, ckpt):
     with gloo_group(rank, port, WORLD, TIMEOUT_S):
         out = {name: _run(rank, **kw) for name, kw in SCENARIOS.items()}
         out["noise_only"] = {c: _noise_only(rank, c) for c in ("flat", "per_layer")}
         out["scale_grads"] = refusal(lambda: _run(rank, "per_layer", BOUNDS, scale_grads=True))
         out["replicas"] = refusal(lambda: _replicas_misused(rank))
         out["straight"] = _run(rank, **RESUME, steps=3)[0]
-        _run(rank, **RESUME, steps=2, save=os.path.join(os.environ[CKPT], "stage{rank}.pt"))
+        _run(rank, **RESUME, steps=2, save=os.path.join(ckpt, "stage{rank}.pt"))
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
 
 
-def _worker4(rank, port, outdir):
+def _worker4(rank, port, outdir, ckpt):
     with gloo_group(rank, port, 4, TIMEOUT_S):
         out = {name: _run(rank, **kw, world=4) for name, kw in SCENARIOS4.items()}
     if rank < WORLD:
@@ -183,21 +182,25 @@ def _worker4(rank, port, outdir):
                                 timeout=timedelta(seconds=TIMEOUT_S))
         try:
             out["resumed"] = _run(rank, **RESUME, steps=1, seed=99,
-                                  load=os.path.join(os.environ[CKPT], "stage{rank}.pt"))[0]
+                                  load=os.path.join(ckpt, "stage{rank}.pt"))[0]
         finally:
             dist.destroy_process_group()
     torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    os.environ[CKPT] = str(tmp_path_factory.mktemp("pipeline_ckpt"))   # inherited by the workers
-    return run_ranks(_worker, WORLD, TIMEOUT_S)
+def ckpt(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pipeline_ckpt"))   # the per-stage checkpoints' folder
 
 
 @pytest.fixture(scope="module")
-def four(ranks):
-    return run_ranks(_worker4, 4, TIMEOUT_S)     # after ranks: it loads ranks' checkpoints
+def ranks(ckpt):
+    return run_ranks(_worker, WORLD, TIMEOUT_S, ckpt)
+
+
+@pytest.fixture(scope="module")
+def four(ranks, ckpt):
+    return run_ranks(_worker4, 4, TIMEOUT_S, ckpt)     # after ranks: it loads ranks' checkpoints
 
 
 def _split(flat, world=WORLD):
