@@ -259,6 +259,15 @@ def _start_method() -> str:
     return "forkserver"
 
 
+def _in_worker(rank: int, worker: Callable, fastclip_file: str, *args) -> None:
+    """Runs ``worker(rank, *args)`` after checking the worker imported the parent's fastclip: a
+    source checkout's ``fastclip/`` (no compiled core) on the worker's path would silently run
+    every op in plain torch, and its noise on other streams than the parent's."""
+    if os.path.abspath(fastclip.__file__) != fastclip_file:
+        raise RuntimeError(f"worker imported {fastclip.__file__}, the tests run {fastclip_file}")
+    worker(rank, *args)
+
+
 def run_ranks(worker: Callable, world: int, timeout_s: float, *extra) -> List[dict]:
     """Spawn ``world`` processes running ``worker(rank, port, outdir, *extra)``, each of which
     saves its results to ``outdir/rank{r}.pt``; returns them by rank. A process still running
@@ -266,8 +275,22 @@ def run_ranks(worker: Callable, world: int, timeout_s: float, *extra) -> List[di
     Pass what the workers need as ``extra`` arguments, not through ``os.environ``: the workers
     fork from a server started by the first test file that spawned any, with its environment."""
     with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(worker, args=(_free_port(), outdir) + extra, nprocs=world, join=False,
-                                 start_method=_start_method())
+        # The forkserver runs ``python -c``, which puts the current directory first on sys.path:
+        # from a source checkout it would import ./fastclip (no compiled core) instead of the
+        # installed package. PYTHONSAFEPATH (Python >= 3.11) leaves it out; set only while the
+        # server may start, so other subprocesses of the tests keep their usual path.
+        safe = os.environ.get("PYTHONSAFEPATH")
+        os.environ["PYTHONSAFEPATH"] = "1"
+        try:
+            ctx = mp.start_processes(_in_worker, nprocs=world, join=False,
+                                     args=(worker, os.path.abspath(fastclip.__file__),
+                                           _free_port(), outdir) + extra,
+                                     start_method=_start_method())
+        finally:
+            if safe is None:
+                os.environ.pop("PYTHONSAFEPATH")
+            else:
+                os.environ["PYTHONSAFEPATH"] = safe
         deadline = time.monotonic() + 2 * timeout_s
         try:
             while not ctx.join(timeout=1):
