@@ -37,7 +37,7 @@ from .audit import Auditor
 from .clipping import (Bound, check_clipping, check_gamma, group_layers, is_automatic,
                        resolve_bounds)
 from .finalize import (Groups, batch_size, check_wanted, clipped_sums, forget_memos,
-                       group_uses, param_sq_norms, total_sq, widened)
+                       group_uses, param_sq_norms, total_sq)
 from .layers import Pool, Rule, Use
 from .layers.generic import mixing_refusal
 from .passes import Gate
@@ -594,13 +594,12 @@ class Engine:
         if not groups:
             return None
         check_wanted(groups, self._schedule.wanted, self._names)
-        with widened(uses, self._rules):
-            try:
-                sq = total_sq(self.param_sq_norms(groups), B)
-                if write and self.write_grads:
-                    self._write_clipped(groups, uses, sq, B, C)
-            finally:
-                forget_memos(uses)
+        try:
+            sq = total_sq(self.param_sq_norms(groups), B)
+            if write and self.write_grads:
+                self._write_clipped(groups, uses, sq, B, C)
+        finally:
+            forget_memos(uses)
         return sq
 
     def param_sq_norms(self, groups: Groups) -> Dict[nn.Parameter, Tensor]:
@@ -655,13 +654,12 @@ class Engine:
             part = sq_total[off:off + B].to(device=sq.device, dtype=torch.float64)
             off += B
             prev, self._finalizing = self._finalizing, True  # rules re-run modules: no capture
-            with widened(uses, self._rules):
-                try:
-                    self._write_clipped(group_uses(uses, self._params), uses, part, B,
-                                        self.max_grad_norm)
-                finally:
-                    self._finalizing = prev
-                    forget_memos(uses)
+            try:
+                self._write_clipped(group_uses(uses, self._params), uses, part, B,
+                                    self.max_grad_norm)
+            finally:
+                self._finalizing = prev
+                forget_memos(uses)
             for u in uses:
                 self._rules[u.module].release(u)
 

@@ -5,9 +5,8 @@ last use is recorded (per-layer clipping, ``fastclip/scheduling.py``), with the 
 and its plan (each module's rule and trainable parameters)::
 
     groups = group_uses(uses, params)            # {module: (its uses, its trainable (name, p))}
-    with widened(uses, rules):                   # half / bfloat16 captures seen as float32
-        sq = total_sq(param_sq_norms(groups, rules, mode), B)    # ||g_i||^2, (B,) float64
-        grads = clipped_sums(groups, uses, rules, sq, C, scale, ...)  # {p: sum_i c_i g_i}
+    sq = total_sq(param_sq_norms(groups, rules, mode), B)    # ||g_i||^2, (B,) float64
+    grads = clipped_sums(groups, uses, rules, sq, C, scale, ...)  # {p: sum_i c_i g_i}
     forget_memos(uses)
 
 Each rule's kernels (``fastclip.layers``: ``sq_norms``, ``clipped``) run once per module and
@@ -93,22 +92,14 @@ def _low_precision(inputs, grads) -> bool:
 
 
 @contextmanager
-def widened(uses: List[Use], rules: Rules) -> Iterator[None]:
-    """The block in which the rules see half / bfloat16 captures as float32 (kept for callers:
-    the widening itself is per module, :func:`widened_module`, inside :func:`param_sq_norms`,
-    :func:`add_cross_terms` and :func:`clipped_sums`, so that only one module's float32 copies
-    are alive at a time instead of every use's: transformer-bf16's step peak 2.5x -> ~1.3x
-    the non-private one, for one more conversion per module)."""
-    yield
-
-
-@contextmanager
 def widened_module(uses: List[Use], rules: Rules) -> Iterator[None]:
     """Half / bfloat16 captures of ``uses`` seen as float32 by the rules inside the block, put
     back on leaving it (also on an error): norms and clip factors are computed in float32 or
     wider (a bf16 squared norm is 2^-8 off, which under-clips; an fp16 one overflows and drops
     the example), and the clipped sum is formed in float32 and rounded to the parameter's dtype
-    once. The generic rule re-runs its module, in the module's own dtype: it widens itself."""
+    once. The generic rule re-runs its module, in the module's own dtype: it widens itself.
+    Per module, so only one module's float32 copies are alive at a time (transformer-bf16's step
+    peak ~1.3x the non-private one instead of 2.5x with every use widened at once)."""
     saved = []
     for u in uses:
         if rules.get(u.module) is GENERIC:
