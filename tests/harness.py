@@ -213,6 +213,20 @@ def check(model: nn.Module, x, y, *, loss: Callable = CE, modes: Sequence[str] =
 
 # -- multi-process tests (gloo) ----------------------------------------------------------------
 
+def assert_bad_example_dropped(model: nn.Module, x, y, bad: int, **kw) -> None:
+    """``fastclip.clipped_grad`` on a batch whose example ``bad`` has a non-finite gradient equals
+    it on the batch without that example: the example contributes nothing (kernels' memos and
+    kept rows included)."""
+    fastclip.clipped_grad(model, CE, x, y, **kw)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = None
+    keep = [i for i in range(x.shape[0]) if i != bad]
+    fastclip.clipped_grad(model, CE, x[keep], y[keep], **kw)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, msg=n)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
