@@ -124,7 +124,7 @@ class ConvRule(FunctionalRule):
         # Charged: the bytes kept beyond the output gradient dropped here (held to the end of
         # the step otherwise). Not from keep.ARENA: it rewinds when the ledger holds nothing.
         nbytes = max(0, (B * O * K + (B * O if with_bias else 0) - g.numel()) * g.element_size())
-        if nbytes and _keep.LEDGER.live + nbytes > _keep.KEEP_STEP_BYTES:
+        if nbytes and not _keep.fits(nbytes):
             return
         kept = torch.empty((B, groups, K, O // groups), dtype=g.dtype)
         token = _keep.Kept(None, None, False, nbytes)
@@ -188,7 +188,7 @@ class ConvRule(FunctionalRule):
             K = math.prod(weight.shape[1:])
             keep, token = None, None
             nbytes = B * O * K * g.element_size()
-            if (_keep.LEDGER.live + nbytes <= _keep.KEEP_STEP_BYTES
+            if (_keep.fits(nbytes)
                     and ops.conv_keeps_per_example(x, g, math.prod(g.shape[2:]), K, O // groups,
                                                    method)):
                 # Per example and group the K x Og transpose (the core's faster GEMM orientation),

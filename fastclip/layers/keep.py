@@ -81,6 +81,11 @@ class _Ledger:
 LEDGER = _Ledger()
 
 
+def fits(nbytes: int) -> bool:
+    """Whether ``nbytes`` more kept bytes stay within :data:`KEEP_STEP_BYTES` with what is kept."""
+    return LEDGER.live + nbytes <= KEEP_STEP_BYTES
+
+
 class Kept:
     """A memo (``Use.memo``) holding one module's kept per-example gradients for its clipped sum:
     ``w`` (B, p, d), or (B, d, p) when ``transposed``, summed over the module's uses, and the
@@ -107,8 +112,7 @@ def keeps(B: int, T: int, d: int, p: int, dtype: torch.dtype, method: str,
         return False
     if not (keep_wins(T, d, p, method) if force is None else force):
         return False
-    nbytes = B * d * p * torch.empty((), dtype=dtype).element_size()
-    return LEDGER.live + nbytes <= KEEP_STEP_BYTES
+    return fits(B * d * p * torch.empty((), dtype=dtype).element_size())
 
 
 class _Arena:
