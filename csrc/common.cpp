@@ -1,8 +1,10 @@
 #include "common.h"
 
+#include <dlfcn.h>
 #include <pthread.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <atomic>
 #include <condition_variable>
 #include <exception>
@@ -38,9 +40,43 @@ struct Pool {
 std::atomic<Pool*> g_pool{nullptr};
 thread_local bool t_inside_job = false;  // nested parallel_for runs serially instead of deadlocking
 
+// torch's own OpenMP team, when the process has one (torch's CPU wheels load libgomp). Its workers
+// spin for a while after every torch op; a second pool of ours would then compete with them for
+// the same cores (3 runnable threads on 2 cores), and the caller ends up running every chunk
+// itself. Running our loops on that team instead hands the chunks to threads that are already
+// awake, and the process keeps one worker per core. Looked up at runtime (RTLD_NOLOAD: only if
+// already loaded), so the core neither links OpenMP nor depends on torch.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+using OmpInParallel = int (*)();
+struct Team {
+  GompParallel parallel = nullptr;
+  OmpInParallel in_parallel = nullptr;
+};
+std::atomic<bool> g_forked{false};  // libgomp's team is not usable in a forked child
+
+Team find_team() {
+  Team t;
+  if (std::getenv("FASTCLIP_OWN_POOL")) return t;  // benchmarks and tests compare both pools
+  void* lib = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD);
+  if (!lib) return t;
+  t.parallel = reinterpret_cast<GompParallel>(dlsym(lib, "GOMP_parallel"));
+  t.in_parallel = reinterpret_cast<OmpInParallel>(dlsym(lib, "omp_in_parallel"));
+  if (!t.parallel || !t.in_parallel) t = Team();
+  return t;  // the handle stays open on purpose: the team lives as long as the process
+}
+
+// Looked up on first use, not at load: torch may be imported after the core.
+const Team& team() {
+  static const Team t = find_team();
+  return t;
+}
+
 // In a forked child the parent's workers are gone and its mutexes may be held by threads that no
 // longer exist; forget the old pool (leaked on purpose) so the child starts a fresh one if needed.
-void forget_pool_in_child() { g_pool.store(nullptr); }
+void forget_pool_in_child() {
+  g_pool.store(nullptr);
+  g_forked.store(true);
+}
 const int g_atfork_registered = pthread_atfork(nullptr, nullptr, forget_pool_in_child);
 
 Pool* get_pool() {
@@ -103,6 +139,38 @@ inline double dot_impl(const T* x, const T* y, int64_t n) {
   return total;
 }
 
+// One job on the OpenMP team: every member (the caller is member 0) takes chunks until none are
+// left. Exceptions never leave the region (that would terminate); the first one is kept.
+struct TeamJob {
+  TeamJob(const Fn* f, int64_t items, int64_t c) : fn(f), n(items), chunk(c) {}
+  const Fn* fn;
+  int64_t n, chunk;
+  std::atomic<int64_t> next{0};
+  std::mutex mu;
+  std::exception_ptr error;
+};
+
+void run_team_chunks(void* data) {
+  auto* job = static_cast<TeamJob*>(data);
+  const bool was_inside = t_inside_job;
+  t_inside_job = true;
+  for (;;) {
+    const int64_t begin = job->next.fetch_add(job->chunk);
+    if (begin >= job->n) break;
+    const int64_t end = std::min(job->n, begin + job->chunk);
+    try {
+      (*job->fn)(begin, end);
+    } catch (...) {
+      std::lock_guard<std::mutex> lk(job->mu);
+      if (!job->error) job->error = std::current_exception();
+    }
+  }
+  t_inside_job = was_inside;
+}
+
+// Serialises use of the team the way Pool::use does for ours: a second caller runs serially.
+std::mutex g_team_use;
+
 }  // namespace
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
@@ -118,12 +186,30 @@ FASTCLIP_MULTIVERSION double dot(const double* x, const double* y, int64_t n) {
   return dot_impl(x, y, n);
 }
 
+std::string parallel_backend() {
+  return team().parallel && !g_forked.load() ? "openmp" : "own";
+}
+
 void parallel_for(int64_t n_items, int num_threads, const Fn& fn) {
   (void)g_atfork_registered;
   if (n_items <= 0) return;
   const int64_t threads_wanted = std::min<int64_t>(std::max(num_threads, 1), n_items);
   if (threads_wanted <= 1 || t_inside_job) {
     fn(0, n_items);
+    return;
+  }
+  // ~4 chunks per thread balances uneven examples without much scheduling overhead.
+  const int64_t chunk = std::max<int64_t>(1, (n_items + 4 * threads_wanted - 1) / (4 * threads_wanted));
+  const Team& t = team();
+  if (t.parallel && !g_forked.load() && !t.in_parallel()) {
+    std::unique_lock<std::mutex> use(g_team_use, std::try_to_lock);
+    if (!use.owns_lock()) {
+      fn(0, n_items);
+      return;
+    }
+    TeamJob job(&fn, n_items, chunk);
+    t.parallel(run_team_chunks, &job, static_cast<unsigned>(threads_wanted), 0);
+    if (job.error) std::rethrow_exception(job.error);
     return;
   }
   Pool* p = get_pool();
@@ -146,8 +232,8 @@ void parallel_for(int64_t n_items, int num_threads, const Fn& fn) {
     }
     p->fn = &fn;
     p->n = n_items;
-    // ~4 chunks per thread balances uneven examples without much scheduling overhead.
-    p->chunk = std::max<int64_t>(1, (n_items + 4 * threads - 1) / (4 * threads));
+    p->chunk = threads == threads_wanted
+                   ? chunk : std::max<int64_t>(1, (n_items + 4 * threads - 1) / (4 * threads));
     p->next.store(0);
     p->wanted = threads - 1;
     p->open = true;

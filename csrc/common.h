@@ -42,13 +42,20 @@ double dot(const double* x, const double* y, int64_t n);
 template <class T>
 inline double sum_sq(const T* x, int64_t n) { return dot(x, x, n); }
 
-// Runs fn(begin, end) over disjoint chunks covering [0, n_items) on up to num_threads threads of a
-// persistent pool; the calling thread takes chunks too, so num_threads == 1 never touches the pool.
+// Runs fn(begin, end) over disjoint chunks covering [0, n_items) on up to num_threads threads; the
+// calling thread takes chunks too, so num_threads == 1 never touches another thread. The threads are
+// torch's OpenMP team when the process has loaded libgomp (torch does), else a persistent pool of
+// the core's own (see parallel_backend()).
 // Safe under concurrency: if another thread is already using the pool, this call runs serially
 // rather than waiting. Fork-safe: a forked child starts with a fresh, empty pool (the parent's
 // workers do not exist there), so it never waits on them. The first exception thrown by fn is
 // rethrown in the caller after all chunks finish.
 void parallel_for(int64_t n_items, int num_threads,
                   const std::function<void(int64_t, int64_t)>& fn);
+
+// Which threads parallel_for runs on in this process: "openmp" (the OpenMP team of the libgomp
+// already loaded, i.e. torch's) or "own" (the core's pool: no libgomp loaded, a forked child, or
+// FASTCLIP_OWN_POOL set in the environment).
+std::string parallel_backend();
 
 }  // namespace fastclip

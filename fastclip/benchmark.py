@@ -844,7 +844,12 @@ def environment() -> Dict[str, object]:
     try:
         from fastclip import ops
 
-        native = ops.blas_info() if getattr(ops, "HAS_NATIVE", False) else "native core not built"
+        if getattr(ops, "HAS_NATIVE", False):
+            from fastclip import _C
+
+            native = f"{ops.blas_info()}; parallel loops on {_C.parallel_backend()} threads"
+        else:
+            native = "native core not built"
     except Exception as e:
         native = f"unavailable ({type(e).__name__})"
     return {

@@ -92,6 +92,8 @@ void bind_linear(py::module_& m) {
   m.def("set_blas_enabled", &fastclip::blas::set_enabled, py::arg("enabled"),
         "Use (True) or bypass (False) the loaded BLAS; returns the previous setting.");
   m.def("blas_info", &fastclip::blas::info, "Which BLAS the kernels use.");
+  m.def("parallel_backend", &fastclip::parallel_backend,
+        "Threads the kernels' parallel loops run on: 'openmp' (torch's OpenMP team) or 'own'.");
 }
 
 }  // namespace fastclip_py

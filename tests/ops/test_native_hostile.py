@@ -223,3 +223,43 @@ def test_fork_after_pool_started_does_not_hang():
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     pytest.fail("forked child hung in the native op")
+
+
+def test_parallel_loops_run_on_torchs_openmp_team():
+    # torch (imported by fastclip) has loaded libgomp, so the core's loops share its team rather
+    # than starting a second pool that competes with torch's spinning workers for the cores.
+    assert _C.parallel_backend() == "openmp"
+
+
+_OWN_POOL_CHILD = """
+import sys
+import numpy as np
+import fastclip
+from fastclip import _C
+assert _C.parallel_backend() == "own", _C.parallel_backend()
+A, G = np.load(sys.argv[1]), np.load(sys.argv[2])
+np.save(sys.argv[3], _C.linear_sq_norms(A, G, "auto", False, 2)[0])
+"""
+
+
+def test_own_pool_gives_the_same_results_as_the_openmp_team(tmp_path):
+    # FASTCLIP_OWN_POOL=1 forces the core's own pool (what a process without libgomp gets); both
+    # split the examples into the same chunks, so the norms are bitwise equal.
+    import subprocess
+    import sys
+
+    A, G = arr(64, 32, 48), arr(64, 32, 40)
+    want, _ = call(A, G, num_threads=2)
+    np.save(tmp_path / "A.npy", A)
+    np.save(tmp_path / "G.npy", G)
+    out = tmp_path / "own.npy"
+    # The child imports the very fastclip this process runs: PYTHONSAFEPATH keeps `-c` from putting
+    # the current directory (a checkout's uncompiled ./fastclip) first on sys.path.
+    import fastclip
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(fastclip.__file__)))
+    env = dict(os.environ, FASTCLIP_OWN_POOL="1", PYTHONSAFEPATH="1",
+               PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", _OWN_POOL_CHILD, str(tmp_path / "A.npy"),
+                    str(tmp_path / "G.npy"), str(out)], env=env, check=True, timeout=120)
+    np.testing.assert_array_equal(np.load(out), want)
