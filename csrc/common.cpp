@@ -12,10 +12,44 @@
 #include <system_error>
 #include <thread>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
 namespace fastclip {
 namespace {
 
 using Fn = std::function<void(int64_t, int64_t)>;
+
+// Subnormal floats flushed to zero while a kernel runs on a thread, the thread's mode restored
+// after. Why: a Gram matrix of small output gradients (entries ~1e-20, common for confidently
+// classified examples late in training) is made of subnormal products, and each one costs the CPU
+// a microcode assist: the ghost norm ran 50x slower (1.4 -> 75 ms, 16 x 128 x 256). What it
+// changes: every flushed value is below 2^-126 (float) / 2^-1022 (double) in magnitude, so a
+// squared norm moves by less than that times the number of terms, far below its rounding error
+// at any norm that clipping acts on (a norm below C gets factor 1 either way).
+class FlushSubnormals {
+ public:
+#if defined(__x86_64__) || defined(__i386__)
+  FlushSubnormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }  // FTZ | DAZ
+  ~FlushSubnormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#elif defined(__aarch64__)
+  FlushSubnormals() {
+    __asm__ __volatile__("mrs %0, fpcr" : "=r"(saved_));
+    const uint64_t fz = saved_ | (uint64_t{1} << 24);
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(fz));
+  }
+  ~FlushSubnormals() { __asm__ __volatile__("msr fpcr, %0" : : "r"(saved_)); }
+
+ private:
+  uint64_t saved_;
+#endif
+  FlushSubnormals(const FlushSubnormals&) = delete;
+  FlushSubnormals& operator=(const FlushSubnormals&) = delete;
+};
 
 // One job at a time: `use` is held by the parallel_for that owns the pool. Workers are detached and
 // the Pool is never destroyed: joining at interpreter exit could deadlock, and a forked child must
@@ -89,6 +123,7 @@ Pool* get_pool() {
 }
 
 void run_chunks(Pool* p) {
+  FlushSubnormals flush;
   t_inside_job = true;
   for (;;) {
     const int64_t begin = p->next.fetch_add(p->chunk);
@@ -152,6 +187,7 @@ struct TeamJob {
 
 void run_team_chunks(void* data) {
   auto* job = static_cast<TeamJob*>(data);
+  FlushSubnormals flush;  // on torch's threads too: restored before they return to torch
   const bool was_inside = t_inside_job;
   t_inside_job = true;
   for (;;) {
@@ -195,6 +231,7 @@ void parallel_for(int64_t n_items, int num_threads, const Fn& fn) {
   if (n_items <= 0) return;
   const int64_t threads_wanted = std::min<int64_t>(std::max(num_threads, 1), n_items);
   if (threads_wanted <= 1 || t_inside_job) {
+    FlushSubnormals flush;
     fn(0, n_items);
     return;
   }
@@ -204,6 +241,7 @@ void parallel_for(int64_t n_items, int num_threads, const Fn& fn) {
   if (t.parallel && !g_forked.load() && !t.in_parallel()) {
     std::unique_lock<std::mutex> use(g_team_use, std::try_to_lock);
     if (!use.owns_lock()) {
+      FlushSubnormals flush;
       fn(0, n_items);
       return;
     }
@@ -215,6 +253,7 @@ void parallel_for(int64_t n_items, int num_threads, const Fn& fn) {
   Pool* p = get_pool();
   std::unique_lock<std::mutex> use(p->use, std::try_to_lock);
   if (!use.owns_lock()) {  // another Python thread is using the pool: serial beats waiting
+    FlushSubnormals flush;
     fn(0, n_items);
     return;
   }

@@ -263,3 +263,23 @@ def test_own_pool_gives_the_same_results_as_the_openmp_team(tmp_path):
     subprocess.run([sys.executable, "-c", _OWN_POOL_CHILD, str(tmp_path / "A.npy"),
                     str(tmp_path / "G.npy"), str(out)], env=env, check=True, timeout=120)
     np.testing.assert_array_equal(np.load(out), want)
+
+
+@pytest.mark.parametrize("method", ["ghost", "direct"])
+@pytest.mark.parametrize("dtype", [f32, f64])
+def test_tiny_gradients_give_tiny_norms_and_leave_the_callers_float_mode(method, dtype):
+    # The kernels flush subnormal results to zero while they run (a subnormal Gram costs a
+    # microcode assist per product): a norm then differs from the float64 reference by less than
+    # sqrt(terms * 2^-126), i.e. it stays below C for any C clipping can act on, and the caller's
+    # own float mode (torch keeps subnormals) is restored afterwards.
+    tiny = np.finfo(np.float32).tiny
+    A = arr(8, 64, 48, dtype=dtype)
+    G = (arr(8, 64, 40, dtype=dtype) * 1e-20).astype(dtype)
+    got, _ = _C.linear_sq_norms(A, G, method, False, 2)
+    ref = np.einsum("btp,btd->bpd", G.astype(np.float64), A.astype(np.float64))
+    ref = (ref ** 2).sum((1, 2))
+    terms = 64 * 64 * (48 + 40) + 48 * 40
+    assert np.all(np.abs(got - ref) <= terms * tiny + 1e-6 * ref)
+    assert np.sqrt(got.max()) < 1e-15
+    sub = torch.full((4,), 1e-39)
+    assert (sub * 1.0)[0].item() != 0.0   # this thread still computes with subnormals
