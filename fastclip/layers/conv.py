@@ -13,7 +13,7 @@ weight-gradient convolution). A kept use is reduced as soon as its backward reco
 and the activation-sized input and output gradient dropped, instead of being held to the end of
 the backward. The step ledger (:data:`fastclip.layers.keep.KEEP_STEP_BYTES`, one budget with the
 linear rules) is charged only what the kept gradients add over the output gradient they replace:
-nothing for the early layers (B O K << B O P), so they keep whatever the budget (0 by default).
+nothing for the early layers (B O K << B O P), so they keep whatever the budget (12 MiB by default).
 """
 from __future__ import annotations
 

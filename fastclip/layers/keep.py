@@ -26,14 +26,19 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-# The most bytes of per-example gradients kept at once by the linear rules (all layers of a
-# clipping step together); 0, the default, keeps nothing. Measured (issue 15, CPU, 1 thread):
-# keeping everything speeds the step 5-8% (transformer 470 -> 447 ms, bert 524 -> 482) for
-# +190 MiB (bert's step peak 155 -> 325 MiB, non-private 140); 64 MiB already lifts bert's
-# peak to 1.37x the non-private one (target 1.3x) for ~1-2%. On CPU the arena that holds them
-# stays allocated between steps (page faults otherwise cost what keeping saves). Opt in with
-# ``fastclip.layers.keep.KEEP_STEP_BYTES = 256 << 20`` where memory allows.
-KEEP_STEP_BYTES = 0
+# The most bytes of per-example gradients kept at once (all layers of a clipping step together,
+# the linear and the conv rules); 0 keeps nothing. 12 MiB by default: small against any real
+# model's step, and enough for the layers where keeping pays most: a conv layer kept in the
+# backward drops its output gradient and is charged only what it adds beyond it (cnn's conv2:
+# +1 MiB saves its 7 ms weight-gradient conv at 2 threads; resnet's three 64-channel layers:
+# +8 MiB save ~7 ms), where a linear layer is charged its whole B x p x d (A and G stay). Measured
+# (issue 15, CPU, 1 thread) with everything kept: the transformers' step 5-8% faster (transformer
+# 470 -> 447 ms, bert 524 -> 482) for +190 MiB (bert's step peak 155 -> 325 MiB, non-private
+# 140); 64 MiB already lifts bert's peak to 1.37x the non-private one (target 1.3x). On CPU the
+# arena that holds the linear ones stays allocated between steps (page faults otherwise cost
+# what keeping saves). Raise it where memory allows: ``fastclip.layers.keep.KEEP_STEP_BYTES =
+# 256 << 20``; 0 turns keeping off.
+KEEP_STEP_BYTES = 12 << 20
 
 # Cost model of one example, in units of one flop of a large GEMM (measured at 1 thread, float32,
 # AVX-512 Xeon, OpenBLAS core vs torch's bmm; T ~ 64-128, d, p 192-1024):

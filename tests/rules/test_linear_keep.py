@@ -17,7 +17,7 @@ MODES = ("auto", "direct", "ghost")
 def kept(monkeypatch):
     """Force the kept path (budget permitting); the list of the kept tensors' shapes formed."""
     monkeypatch.setattr(keep, "keep_wins", lambda T, d, p, method: True)
-    monkeypatch.setattr(keep, "KEEP_STEP_BYTES", 64 << 20)   # off by default
+    monkeypatch.setattr(keep, "KEEP_STEP_BYTES", 64 << 20)   # beyond the 12 MiB default
     formed = []
     orig = keep.form
 
