@@ -298,6 +298,11 @@ class Engine:
         engine's only if the ``p.grad`` found was (or there was none)."""
         before = p.grad
         if before is None:
+            # In the parameter's own layout, as autograd's AccumulateGrad leaves it: a kernel's
+            # transposed view (a conv's kept (K, O) sums) would otherwise reach the optimizer,
+            # slower to update and off the one-call native noise path (it takes dense tensors).
+            if grad.stride() != p.stride():
+                grad = torch.empty_like(p, dtype=grad.dtype).copy_(grad)
             p.grad = grad
         else:
             p.grad.add_(grad)

@@ -135,3 +135,21 @@ def test_budget_zero_reduces_only_what_frees_memory(monkeypatch):
     x, y = torch.randn(3, 1, 16, 16), torch.randint(0, 2, (3,))
     fastclip.clipped_grad(m, CE, x, y, max_grad_norm=1.0, mode="direct")
     assert seen == [True] and keep.LEDGER.live == 0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grads_take_the_parameters_layout(eager, channels_last):
+    """The kept sums come out of ``c @ (B, K, O)`` transposed; p.grad must still have p's own
+    strides, as autograd leaves it (the optimizer and the one-call native noise read it)."""
+    torch.manual_seed(7)
+    m = Net()
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    model, opt, _ = fastclip.make_private(m, torch.optim.SGD(m.parameters(), lr=0.1), None,
+                                          noise_multiplier=0.0, max_grad_norm=1.0, mode="direct",
+                                          poisson_sampling=False, audit=False)
+    opt.zero_grad()
+    CE(model(torch.randn(3, 2, 6, 6)), torch.randint(0, 3, (3,))).mean().backward()
+    assert eager
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.stride() == p.stride(), (name, p.grad.stride())
