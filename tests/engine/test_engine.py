@@ -510,3 +510,29 @@ def test_params_of_and_use_gate():
     model(torch.randn(5, 3)).sum().backward()
     assert Counting.calls == 1 and model[0].weight.grad is not None
     eng.detach()
+
+
+def test_a_modules_activations_are_dropped_once_its_sums_are_formed(monkeypatch):
+    """Flat clipping holds every layer's input and output gradient until the norms are known;
+    after that each module's are dropped as soon as its clipped sums are formed, so the sums of
+    the next modules do not stack on all the activations (the step's peak memory)."""
+    from fastclip.layers.linear import LinearRule
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3))
+    seen = []    # per clipped call: how many other modules' uses still hold their tensors
+    calls = []
+    orig = LinearRule.clipped
+
+    def spy(self, module, uses, c, pool):
+        calls.append(uses)
+        seen.append(sum(u.inputs is not None or u.grads is not None
+                        for us in calls[:-1] for u in us))
+        return orig(self, module, uses, c, pool)
+
+    monkeypatch.setattr(LinearRule, "clipped", spy)
+    engine = fastclip.Engine(model, max_grad_norm=1.0, audit=False)
+    CE(model(torch.randn(4, 5)), torch.randint(0, 3, (4,))).mean().backward()
+    assert len(calls) == 3 and seen == [0, 0, 0]
+    assert all(p.grad is not None for p in model.parameters())
+    engine.detach()
