@@ -122,22 +122,29 @@ Pool* get_pool() {
   return p;
 }
 
-void run_chunks(Pool* p) {
+// One thread's share of a job (Pool or TeamJob): chunks taken until none are left, with
+// subnormals flushed (restored after, also on torch's threads) and the first exception kept for
+// the caller (none may leave a pool worker or an OpenMP region).
+template <class Job>
+void take_chunks(Job* job) {
   FlushSubnormals flush;
+  const bool was_inside = t_inside_job;
   t_inside_job = true;
   for (;;) {
-    const int64_t begin = p->next.fetch_add(p->chunk);
-    if (begin >= p->n) break;
-    const int64_t end = std::min(p->n, begin + p->chunk);
+    const int64_t begin = job->next.fetch_add(job->chunk);
+    if (begin >= job->n) break;
+    const int64_t end = std::min(job->n, begin + job->chunk);
     try {
-      (*p->fn)(begin, end);
+      (*job->fn)(begin, end);
     } catch (...) {
-      std::lock_guard<std::mutex> lk(p->mu);
-      if (!p->error) p->error = std::current_exception();
+      std::lock_guard<std::mutex> lk(job->mu);
+      if (!job->error) job->error = std::current_exception();
     }
   }
-  t_inside_job = false;
+  t_inside_job = was_inside;
 }
+
+void run_chunks(Pool* p) { take_chunks(p); }
 
 void worker_loop(Pool* p, int index, uint64_t seen) {
   std::unique_lock<std::mutex> lk(p->mu);
@@ -175,7 +182,7 @@ inline double dot_impl(const T* x, const T* y, int64_t n) {
 }
 
 // One job on the OpenMP team: every member (the caller is member 0) takes chunks until none are
-// left. Exceptions never leave the region (that would terminate); the first one is kept.
+// left (take_chunks).
 struct TeamJob {
   TeamJob(const Fn* f, int64_t items, int64_t c) : fn(f), n(items), chunk(c) {}
   const Fn* fn;
@@ -185,24 +192,7 @@ struct TeamJob {
   std::exception_ptr error;
 };
 
-void run_team_chunks(void* data) {
-  auto* job = static_cast<TeamJob*>(data);
-  FlushSubnormals flush;  // on torch's threads too: restored before they return to torch
-  const bool was_inside = t_inside_job;
-  t_inside_job = true;
-  for (;;) {
-    const int64_t begin = job->next.fetch_add(job->chunk);
-    if (begin >= job->n) break;
-    const int64_t end = std::min(job->n, begin + job->chunk);
-    try {
-      (*job->fn)(begin, end);
-    } catch (...) {
-      std::lock_guard<std::mutex> lk(job->mu);
-      if (!job->error) job->error = std::current_exception();
-    }
-  }
-  t_inside_job = was_inside;
-}
+void run_team_chunks(void* data) { take_chunks(static_cast<TeamJob*>(data)); }
 
 // Serialises use of the team the way Pool::use does for ours: a second caller runs serially.
 std::mutex g_team_use;
