@@ -110,3 +110,33 @@ def test_one_example_moves_the_release_by_exactly_C(case, dtype, kept):
 
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     assert C * (1 - 1e-3) <= influence(update, B) <= C * (1 + tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_tiny_gradients_beside_large_ones_keep_the_bound(dtype):
+    """Examples whose gradients are ~1e-20 (their ghost Gram products are subnormal, flushed to
+    zero by the core: csrc/common.cpp FlushSubnormals) beside examples far above C: removing any
+    one moves the ghost-norm release by at most C, and a large one by exactly C."""
+    torch.manual_seed(3)
+    base = SeqLinear().to(dtype)
+    B = 6
+    x = torch.randn(B, 5, 5, dtype=dtype) * 20
+    y = torch.randint(0, 3, (B,))
+    weight = torch.tensor([1e-20, 1e-20, 1e-20, 1.0, 1.0, 1.0], dtype=dtype)
+    loss = nn.CrossEntropyLoss(reduction="none")
+
+    def update(idx):
+        def loop(m):
+            m, opt, _ = private(m, C=C, mode="ghost")
+            opt.zero_grad()
+            (loss(m(x[idx]), y[idx]) * weight[idx]).sum().backward()
+            opt.step()
+            return m
+        return released(base, loop)
+
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    full = update(list(range(B)))
+    moves = [(full - update([i for i in range(B) if i != j])).norm().item() for j in range(B)]
+    assert max(moves) <= C * (1 + tol)
+    assert all(C * (1 - 1e-3) <= m for m in moves[3:])
+    assert all(m <= 1e-6 for m in moves[:3])
