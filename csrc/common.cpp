@@ -220,33 +220,27 @@ void parallel_for(int64_t n_items, int num_threads, const Fn& fn) {
   (void)g_atfork_registered;
   if (n_items <= 0) return;
   const int64_t threads_wanted = std::min<int64_t>(std::max(num_threads, 1), n_items);
-  if (threads_wanted <= 1 || t_inside_job) {
+  const auto serial = [&] {
     FlushSubnormals flush;
     fn(0, n_items);
-    return;
-  }
+  };
+  if (threads_wanted <= 1 || t_inside_job) return serial();
   // ~4 chunks per thread balances uneven examples without much scheduling overhead.
-  const int64_t chunk = std::max<int64_t>(1, (n_items + 4 * threads_wanted - 1) / (4 * threads_wanted));
+  const auto chunk_for = [&](int64_t threads) {
+    return std::max<int64_t>(1, (n_items + 4 * threads - 1) / (4 * threads));
+  };
   const Team& t = team();
   if (t.parallel && !g_forked.load() && !t.in_parallel()) {
     std::unique_lock<std::mutex> use(g_team_use, std::try_to_lock);
-    if (!use.owns_lock()) {
-      FlushSubnormals flush;
-      fn(0, n_items);
-      return;
-    }
-    TeamJob job(&fn, n_items, chunk);
+    if (!use.owns_lock()) return serial();  // another thread has the team: serial beats waiting
+    TeamJob job(&fn, n_items, chunk_for(threads_wanted));
     t.parallel(run_team_chunks, &job, static_cast<unsigned>(threads_wanted), 0);
     if (job.error) std::rethrow_exception(job.error);
     return;
   }
   Pool* p = get_pool();
   std::unique_lock<std::mutex> use(p->use, std::try_to_lock);
-  if (!use.owns_lock()) {  // another Python thread is using the pool: serial beats waiting
-    FlushSubnormals flush;
-    fn(0, n_items);
-    return;
-  }
+  if (!use.owns_lock()) return serial();  // another thread is using the pool
   int threads = static_cast<int>(threads_wanted);
   {
     std::lock_guard<std::mutex> lk(p->mu);
@@ -261,8 +255,7 @@ void parallel_for(int64_t n_items, int num_threads, const Fn& fn) {
     }
     p->fn = &fn;
     p->n = n_items;
-    p->chunk = threads == threads_wanted
-                   ? chunk : std::max<int64_t>(1, (n_items + 4 * threads - 1) / (4 * threads));
+    p->chunk = chunk_for(threads);
     p->next.store(0);
     p->wanted = threads - 1;
     p->open = true;

@@ -569,14 +569,14 @@ def step_memory_mib(step: StepFn, batch, device: torch.device) -> Tuple[Optional
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20, native()
     if device.type != "cpu":
         return None, 0.0
-    events = []
+    from torch.profiler import ProfilerActivity, profile
+
     # A step allocates something; a profile that recorded no allocation at all missed them (seen
     # once in a long run: the column read the native scratch alone), so it is taken again once
     # and otherwise reported as unknown rather than as zero.
+    events = []
     for _ in range(2):
         try:
-            from torch.profiler import ProfilerActivity, profile
-
             with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU],
                                           profile_memory=True) as prof:
                 step(x, y)

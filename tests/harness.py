@@ -273,6 +273,16 @@ def _start_method() -> str:
     return "forkserver"
 
 
+def child_env(**extra: str) -> Dict[str, str]:
+    """The environment for a child ``python`` that must import the very fastclip these tests run
+    (the source tree or site-packages): its parent directory first on PYTHONPATH, and
+    PYTHONSAFEPATH so that ``-c`` or a script does not put a checkout's uncompiled ./fastclip
+    first. ``extra``: more variables."""
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(fastclip.__file__)))
+    path = os.pathsep.join([parent] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return dict(os.environ, PYTHONPATH=path, PYTHONSAFEPATH="1", **extra)
+
+
 def _in_worker(rank: int, worker: Callable, fastclip_file: str, *args) -> None:
     """Runs ``worker(rank, *args)`` after checking the worker imported the parent's fastclip: a
     source checkout's ``fastclip/`` (no compiled core) on the worker's path would silently run

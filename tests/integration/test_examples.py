@@ -7,20 +7,16 @@ import sys
 
 import pytest
 
-import fastclip
+from harness import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/<group>/ -> repo
 EXAMPLES = os.path.join(ROOT, "examples")
-# The directory fastclip was imported from (the source tree or site-packages), so the child
-# process runs the same build as the tests.
-FASTCLIP_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(fastclip.__file__)))
 
 
 def run_example(name, steps=2):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [FASTCLIP_PARENT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    # The child runs the same build as the tests (harness.child_env).
     proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, name), "--steps", str(steps)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+                          capture_output=True, text=True, timeout=300, env=child_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps_run = re.findall(r"^step (\d+): batch \d+, loss ([0-9.]+)$", proc.stdout, re.M)
     assert [int(s) for s, _ in steps_run] == list(range(1, steps + 1)), proc.stdout

@@ -254,15 +254,11 @@ def test_own_pool_gives_the_same_results_as_the_openmp_team(tmp_path):
     np.save(tmp_path / "A.npy", A)
     np.save(tmp_path / "G.npy", G)
     out = tmp_path / "own.npy"
-    # The child imports the very fastclip this process runs: PYTHONSAFEPATH keeps `-c` from putting
-    # the current directory (a checkout's uncompiled ./fastclip) first on sys.path.
-    import fastclip
+    from harness import child_env
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(fastclip.__file__)))
-    env = dict(os.environ, FASTCLIP_OWN_POOL="1", PYTHONSAFEPATH="1",
-               PYTHONPATH=os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", _OWN_POOL_CHILD, str(tmp_path / "A.npy"),
-                    str(tmp_path / "G.npy"), str(out)], env=env, check=True, timeout=120)
+                    str(tmp_path / "G.npy"), str(out)], env=child_env(FASTCLIP_OWN_POOL="1"),
+                   check=True, timeout=120)
     np.testing.assert_array_equal(np.load(out), want)
 
 
