@@ -3,8 +3,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 
@@ -26,8 +32,8 @@ constexpr int64_t kBlock = 128;
 #endif
 
 // One Philox4x32-10 evaluation for kBlock / 4 consecutive counters, written as plain loops over
-// lanes so the compiler vectorises them (32 x 32 -> 64-bit products are vpmuludq).
-NOISE_INLINE void philox_block(uint64_t counter0, uint32_t k0, uint32_t k1, uint32_t out[kBlock]) {
+// lanes (the portable variant; the compiler vectorises it where it can).
+void philox_portable(uint64_t counter0, uint32_t k0, uint32_t k1, uint32_t out[kBlock]) {
   constexpr int L = kBlock / 4;
   // 32-bit words held in 64-bit lanes: a 32 x 32 -> 64-bit product per lane is then a plain
   // 64-bit multiply of values below 2^32, which vectorises (vpmuludq) where a high-half multiply
@@ -59,6 +65,122 @@ NOISE_INLINE void philox_block(uint64_t counter0, uint32_t k0, uint32_t k1, uint
     out[4 * l + 2] = static_cast<uint32_t>(c2[l]);
     out[4 * l + 3] = static_cast<uint32_t>(c3[l]);
   }
+}
+
+// The same words with explicit vectors. The portable loops keep every lane array in memory
+// between rounds (a store per word and round); here each group of counters stays in registers
+// for all ten rounds. The 32-bit words sit in 64-bit lanes whose high halves are left as garbage:
+// vpmuludq reads only the low halves, and only the low halves are stored.
+// Measured (one thread, 670k words): portable 0.84 ns per word, AVX-512 0.42, AVX2 0.98 (the
+// portable loops in the AVX2 clone: 2.5).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define NOISE_X86_VARIANTS 1
+// GCC 12's avx512fintrin.h builds set1/shift results from a deliberately undefined vector
+// (_mm512_undefined_epi32) and then warns about it; the warning is about the header, not this code.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+__attribute__((target("avx512f"))) void philox_avx512(uint64_t counter0, uint32_t k0, uint32_t k1,
+                                                      uint32_t out[kBlock]) {
+  constexpr int G = kBlock / 32;  // groups of 8 counters, all in flight: 16 of 32 registers
+  __m512i c0[G], c1[G], c2[G], c3[G];
+  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+  for (int g = 0; g < G; ++g) {
+    const __m512i c =
+        _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(counter0 + 8 * g)), lane);
+    c0[g] = c;
+    c1[g] = _mm512_srli_epi64(c, 32);
+    c2[g] = _mm512_set1_epi64(0x6A09E667);
+    c3[g] = _mm512_set1_epi64(0xBB67AE85);
+  }
+  const __m512i m0 = _mm512_set1_epi64(0xD2511F53), m1 = _mm512_set1_epi64(0xCD9E8D57);
+  uint32_t a = k0, b = k1;
+  for (int round = 0; round < 10; ++round) {
+    const __m512i ka = _mm512_set1_epi64(a), kb = _mm512_set1_epi64(b);
+    for (int g = 0; g < G; ++g) {
+      const __m512i t0 = _mm512_mul_epu32(c0[g], m0), t1 = _mm512_mul_epu32(c2[g], m1);
+      c0[g] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(t1, 32), c1[g], ka, 0x96);  // 3-way xor
+      c2[g] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(t0, 32), c3[g], kb, 0x96);
+      c1[g] = t1;
+      c3[g] = t0;
+    }
+    a += 0x9E3779B9u;
+    b += 0xBB67AE85u;
+  }
+  // Words (c0, c1) and (c2, c3) paired in 64-bit lanes, then the pairs of 8 counters interleaved
+  // into counter order.
+  const __m512i lo = _mm512_set_epi64(11, 3, 10, 2, 9, 1, 8, 0);
+  const __m512i hi = _mm512_set_epi64(15, 7, 14, 6, 13, 5, 12, 4);
+  for (int g = 0; g < G; ++g) {
+    const __m512i p01 = _mm512_mask_blend_epi32(0xAAAA, c0[g], _mm512_slli_epi64(c1[g], 32));
+    const __m512i p23 = _mm512_mask_blend_epi32(0xAAAA, c2[g], _mm512_slli_epi64(c3[g], 32));
+    _mm512_storeu_si512(out + 32 * g, _mm512_permutex2var_epi64(p01, lo, p23));
+    _mm512_storeu_si512(out + 32 * g + 16, _mm512_permutex2var_epi64(p01, hi, p23));
+  }
+}
+
+__attribute__((target("avx2"))) void philox_avx2(uint64_t counter0, uint32_t k0, uint32_t k1,
+                                                 uint32_t out[kBlock]) {
+  constexpr int G = 2;  // groups of 4 counters in flight: 8 state registers of 16
+  const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
+  const __m256i m0 = _mm256_set1_epi64x(0xD2511F53), m1 = _mm256_set1_epi64x(0xCD9E8D57);
+  for (int g0 = 0; g0 < kBlock / 4; g0 += 4 * G) {
+    __m256i c0[G], c1[G], c2[G], c3[G];
+    for (int g = 0; g < G; ++g) {
+      const __m256i c = _mm256_add_epi64(
+          _mm256_set1_epi64x(static_cast<long long>(counter0 + g0 + 4 * g)), lane);
+      c0[g] = c;
+      c1[g] = _mm256_srli_epi64(c, 32);
+      c2[g] = _mm256_set1_epi64x(0x6A09E667);
+      c3[g] = _mm256_set1_epi64x(0xBB67AE85);
+    }
+    uint32_t a = k0, b = k1;
+    for (int round = 0; round < 10; ++round) {
+      const __m256i ka = _mm256_set1_epi64x(a), kb = _mm256_set1_epi64x(b);
+      for (int g = 0; g < G; ++g) {
+        const __m256i t0 = _mm256_mul_epu32(c0[g], m0), t1 = _mm256_mul_epu32(c2[g], m1);
+        c0[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(t1, 32), c1[g]), ka);
+        c2[g] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(t0, 32), c3[g]), kb);
+        c1[g] = t1;
+        c3[g] = t0;
+      }
+      a += 0x9E3779B9u;
+      b += 0xBB67AE85u;
+    }
+    for (int g = 0; g < G; ++g) {
+      const __m256i p01 = _mm256_blend_epi32(c0[g], _mm256_slli_epi64(c1[g], 32), 0xAA);
+      const __m256i p23 = _mm256_blend_epi32(c2[g], _mm256_slli_epi64(c3[g], 32), 0xAA);
+      const __m256i l = _mm256_unpacklo_epi64(p01, p23), h = _mm256_unpackhi_epi64(p01, p23);
+      uint32_t* o = out + 4 * (g0 + 4 * g);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), _mm256_permute2x128_si256(l, h, 0x20));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), _mm256_permute2x128_si256(l, h, 0x31));
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+// The variant for this CPU, chosen once. FASTCLIP_NOISE_ISA=portable|avx2 forces a lesser one
+// (tests compare all of them bit for bit); one the CPU lacks falls back to the best it has.
+using PhiloxFn = void (*)(uint64_t, uint32_t, uint32_t, uint32_t*);
+struct PhiloxChoice {
+  PhiloxFn fn;
+  const char* name;
+};
+PhiloxChoice choose_philox() {
+  const char* want = std::getenv("FASTCLIP_NOISE_ISA");
+  const std::string w = want ? want : "";
+#ifdef NOISE_X86_VARIANTS
+  __builtin_cpu_init();
+  if (w != "portable") {
+    if (w != "avx2" && __builtin_cpu_supports("avx512f")) return {philox_avx512, "avx512"};
+    if (__builtin_cpu_supports("avx2")) return {philox_avx2, "avx2"};
+  }
+#endif
+  return {philox_portable, "portable"};
+}
+const PhiloxChoice& philox_choice() {
+  static const PhiloxChoice choice = choose_philox();
+  return choice;
 }
 
 // Branch-free float log for u in (0, 1]: u = m 2^e with m in [sqrt(1/2), sqrt(2)), then
@@ -116,9 +238,10 @@ NOISE_INLINE void sincos_turn(float v, float* s, float* c) {
 
 // kBlock standard normals from block number `block` of the stream: Box-Muller on pairs of 32-bit
 // uniforms. u1 = (x + 0.5) 2^-32 lies in (0, 1), so the radius is finite and reaches 6.7 sigma.
-NOISE_INLINE void normal_block(uint64_t block, uint32_t k0, uint32_t k1, float z[kBlock]) {
+NOISE_INLINE void normal_block(PhiloxFn philox, uint64_t block, uint32_t k0, uint32_t k1,
+                               float z[kBlock]) {
   uint32_t r[kBlock];
-  philox_block(block * (kBlock / 4), k0, k1, r);
+  philox(block * (kBlock / 4), k0, k1, r);
   constexpr int H = kBlock / 2;
   float rad[H], s[H], c[H];
   for (int j = 0; j < H; ++j) {
@@ -136,8 +259,9 @@ NOISE_INLINE void normal_block(uint64_t block, uint32_t k0, uint32_t k1, float z
 template <class T>
 NOISE_INLINE void noise_range(T* x, int64_t begin, int64_t end, T std, T scale, uint32_t k0, uint32_t k1) {
   float z[kBlock];
+  const PhiloxFn philox = philox_choice().fn;
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
-    normal_block(static_cast<uint64_t>(b0 / kBlock), k0, k1, z);
+    normal_block(philox, static_cast<uint64_t>(b0 / kBlock), k0, k1, z);
     const int64_t m = std::min<int64_t>(kBlock, end - b0);
     T* xb = x + b0;
     for (int64_t j = 0; j < m; ++j) xb[j] = (xb[j] + std * static_cast<T>(z[j])) * scale;
@@ -298,6 +422,8 @@ void add_gaussian_noise(double* x, int64_t n, double std, double scale, uint64_t
     noise_range_d(p, b, e, std, scale, k0, k1);
   });
 }
+
+const char* philox_variant() { return philox_choice().name; }
 
 void gaussian(float* out, int64_t n, uint64_t seed, int num_threads) {
   std::fill(out, out + n, 0.0f);
