@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <system_error>
 #include <thread>
 
@@ -210,6 +211,33 @@ FASTCLIP_MULTIVERSION double dot(const float* x, const float* y, int64_t n) {
 }
 FASTCLIP_MULTIVERSION double dot(const double* x, const double* y, int64_t n) {
   return dot_impl(x, y, n);
+}
+
+namespace {
+int detect_isa() {
+  const char* cap = std::getenv("FASTCLIP_ISA");
+  const std::string want = cap ? cap : "";
+  if (want == "portable") return kIsaPortable;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+  __builtin_cpu_init();
+  if (want != "avx2" && __builtin_cpu_supports("avx512f")) return kIsaAvx512;
+  if (__builtin_cpu_supports("avx2")) return kIsaAvx2;
+#endif
+  return kIsaPortable;
+}
+}  // namespace
+
+int isa_level() {
+  static const int level = detect_isa();
+  return level;
+}
+
+const char* isa_name() {
+  switch (isa_level()) {
+    case kIsaAvx512: return "avx512";
+    case kIsaAvx2: return "avx2";
+    default: return "portable";
+  }
 }
 
 std::string parallel_backend() {

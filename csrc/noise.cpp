@@ -3,9 +3,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
@@ -159,28 +157,15 @@ __attribute__((target("avx2"))) void philox_avx2(uint64_t counter0, uint32_t k0,
 #pragma GCC diagnostic pop
 #endif
 
-// The variant for this CPU, chosen once. FASTCLIP_NOISE_ISA=portable|avx2 forces a lesser one
-// (tests compare all of them bit for bit); one the CPU lacks falls back to the best it has.
+// The variant for this process's isa_level() (FASTCLIP_ISA caps it: tests compare every variant
+// bit for bit).
 using PhiloxFn = void (*)(uint64_t, uint32_t, uint32_t, uint32_t*);
-struct PhiloxChoice {
-  PhiloxFn fn;
-  const char* name;
-};
-PhiloxChoice choose_philox() {
-  const char* want = std::getenv("FASTCLIP_NOISE_ISA");
-  const std::string w = want ? want : "";
+PhiloxFn choose_philox() {
 #ifdef NOISE_X86_VARIANTS
-  __builtin_cpu_init();
-  if (w != "portable") {
-    if (w != "avx2" && __builtin_cpu_supports("avx512f")) return {philox_avx512, "avx512"};
-    if (__builtin_cpu_supports("avx2")) return {philox_avx2, "avx2"};
-  }
+  if (isa_level() >= kIsaAvx512) return philox_avx512;
+  if (isa_level() >= kIsaAvx2) return philox_avx2;
 #endif
-  return {philox_portable, "portable"};
-}
-const PhiloxChoice& philox_choice() {
-  static const PhiloxChoice choice = choose_philox();
-  return choice;
+  return philox_portable;
 }
 
 // Branch-free float log for u in (0, 1]: u = m 2^e with m in [sqrt(1/2), sqrt(2)), then
@@ -259,7 +244,7 @@ NOISE_INLINE void normal_block(PhiloxFn philox, uint64_t block, uint32_t k0, uin
 template <class T>
 NOISE_INLINE void noise_range(T* x, int64_t begin, int64_t end, T std, T scale, uint32_t k0, uint32_t k1) {
   float z[kBlock];
-  const PhiloxFn philox = philox_choice().fn;
+  static const PhiloxFn philox = choose_philox();
   for (int64_t b0 = begin; b0 < end; b0 += kBlock) {
     normal_block(philox, static_cast<uint64_t>(b0 / kBlock), k0, k1, z);
     const int64_t m = std::min<int64_t>(kBlock, end - b0);
@@ -422,8 +407,6 @@ void add_gaussian_noise(double* x, int64_t n, double std, double scale, uint64_t
     noise_range_d(p, b, e, std, scale, k0, k1);
   });
 }
-
-const char* philox_variant() { return philox_choice().name; }
 
 void gaussian(float* out, int64_t n, uint64_t seed, int num_threads) {
   std::fill(out, out + n, 0.0f);

@@ -27,10 +27,6 @@ bool add_gaussian_noise_checked(double* const* xs, const int64_t* ns, int64_t co
 bool all_finite(const float* const* xs, const int64_t* ns, int64_t count, int num_threads);
 bool all_finite(const double* const* xs, const int64_t* ns, int64_t count, int num_threads);
 
-// Which Philox implementation this process runs: "avx512", "avx2" or "portable" (chosen once from
-// the CPU; FASTCLIP_NOISE_ISA=portable|avx2 forces a lesser one). All give the same words.
-const char* philox_variant();
-
 // The first n normals of the stream (seed), in float: for tests of the distribution.
 void gaussian(float* out, int64_t n, uint64_t seed, int num_threads);
 

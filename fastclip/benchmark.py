@@ -857,7 +857,8 @@ def environment() -> Dict[str, object]:
         if getattr(ops, "HAS_NATIVE", False):
             from fastclip import _C
 
-            native = f"{ops.blas_info()}; parallel loops on {_C.parallel_backend()} threads"
+            native = (f"{ops.blas_info()}; parallel loops on {_C.parallel_backend()} threads; "
+                      f"{_C.isa()} kernels")
         else:
             native = "native core not built"
     except Exception as e:

@@ -94,6 +94,9 @@ void bind_linear(py::module_& m) {
   m.def("blas_info", &fastclip::blas::info, "Which BLAS the kernels use.");
   m.def("parallel_backend", &fastclip::parallel_backend,
         "Threads the kernels' parallel loops run on: 'openmp' (torch's OpenMP team) or 'own'.");
+  m.def("isa", &fastclip::isa_name,
+        "Vector instructions the hand-vectorised kernels use: 'avx512', 'avx2' or 'portable'\n"
+        "(detected once; FASTCLIP_ISA=portable|avx2 caps it).");
 }
 
 }  // namespace fastclip_py

@@ -161,9 +161,6 @@ void bind_noise(py::module_& m) {
         "Whether every element of every array in xs (a list, all float32 or all float64) is finite.");
   m.def("gaussian", &gaussian, py::arg("n"), py::arg("seed") = 0, py::arg("num_threads") = 1,
         "The first n standard normals of the stream (seed), float32.");
-  m.def("philox_variant", &fastclip::philox_variant,
-        "Which Philox implementation this process runs: 'avx512', 'avx2' or 'portable' (the same\n"
-        "words; FASTCLIP_NOISE_ISA=portable|avx2 forces a lesser one).");
 }
 
 }  // namespace fastclip_py

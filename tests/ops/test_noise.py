@@ -104,7 +104,7 @@ _VARIANT_CHILD = """
 import sys
 import numpy as np
 from fastclip import _C
-assert _C.philox_variant() == sys.argv[1], (_C.philox_variant(), sys.argv[1])
+assert _C.isa() == sys.argv[1], (_C.isa(), sys.argv[1])
 x = np.ones(70_001, np.float64)
 _C.add_gaussian_noise(x, 0.5, 2.0, 11, 2)
 np.save(sys.argv[2], np.concatenate([_C.gaussian(100_003, 7, 2).astype(np.float64), x]))
@@ -112,14 +112,14 @@ np.save(sys.argv[2], np.concatenate([_C.gaussian(100_003, 7, 2).astype(np.float6
 
 
 def test_every_philox_variant_gives_the_same_stream(tmp_path):
-    # The core picks an AVX-512, AVX2 or portable Philox once per process (FASTCLIP_NOISE_ISA
-    # forces a lesser one): the noise must not depend on the machine's vector width.
+    # The core picks an AVX-512, AVX2 or portable Philox by its isa level (FASTCLIP_ISA caps it):
+    # the noise must not depend on the machine's vector width.
     import subprocess
     import sys
 
     from harness import child_env
 
-    here = _C.philox_variant()
+    here = _C.isa()
     assert here in ("avx512", "avx2", "portable")
     x = np.ones(70_001, np.float64)
     _C.add_gaussian_noise(x, 0.5, 2.0, 11, 2)
@@ -128,7 +128,7 @@ def test_every_philox_variant_gives_the_same_stream(tmp_path):
     for variant in order[:order.index(here)]:
         out = tmp_path / f"{variant}.npy"
         subprocess.run([sys.executable, "-c", _VARIANT_CHILD, variant, str(out)],
-                       env=child_env(FASTCLIP_NOISE_ISA=variant), check=True, timeout=120)
+                       env=child_env(FASTCLIP_ISA=variant), check=True, timeout=120)
         np.testing.assert_array_equal(np.load(out), want, err_msg=variant)
 
 
