@@ -857,8 +857,10 @@ def environment() -> Dict[str, object]:
         if getattr(ops, "HAS_NATIVE", False):
             from fastclip import _C
 
+            from fastclip.heap import keep_heap
+
             native = (f"{ops.blas_info()}; parallel loops on {_C.parallel_backend()} threads; "
-                      f"{_C.isa()} kernels")
+                      f"{_C.isa()} kernels; heap kept between steps: {keep_heap()}")
         else:
             native = "native core not built"
     except Exception as e:

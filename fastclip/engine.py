@@ -38,6 +38,7 @@ from .clipping import (Bound, check_clipping, check_gamma, group_layers, is_auto
                        resolve_bounds)
 from .finalize import (Groups, batch_size, check_wanted, clipped_sums, forget_memos,
                        group_uses, param_sq_norms, total_sq)
+from .heap import keep_heap
 from .layers import Pool, Rule, Use
 from .layers.generic import mixing_refusal
 from .passes import Gate
@@ -151,6 +152,7 @@ class Engine:
         self.model = model
         self.loss_reduction = loss_reduction
         self.write_grads = max_grad_norm is not None
+        keep_heap()   # the freed heap stays for the next step (fastclip/heap.py)
 
         # The plan (fastclip/planning.py): {module: rule}, {module: [(name, parameter)]},
         # {parameter: qualified name}, {module: path}, the time-major leaves (_adopt).
