@@ -203,3 +203,24 @@ def test_noisy_steps_are_reproducible_with_a_seeded_generator():
 
     for a, b in zip(run(), run()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tensors_get_the_float32_stream_rounded_once(dtype):
+    # bf16/fp16 gradients (low-precision training) take the core's stream through a float32
+    # copy: (x + std z) * scale formed in float32, then rounded to the tensor's dtype
+    x = torch.randn(3, 1001).to(dtype)
+    want = ((x.float() + 2.0 * torch.from_numpy(_C.gaussian(3003, 5, 1)).view(3, 1001)) * 0.5).to(dtype)
+    ops.add_gaussian_noise_(x, 2.0, 0.5, seed=5)
+    torch.testing.assert_close(x, want, rtol=0, atol=0)
+    # and through the checked list call, beside a float32 tensor; a NaN anywhere writes nothing
+    y, f = torch.randn(70_001).to(dtype), torch.randn(10)
+    y0, f0 = y.clone(), f.clone()
+    assert ops.add_gaussian_noise_checked_([y, f], 1.0, 1.0, [7, 8])
+    torch.testing.assert_close(y, (y0.float() + torch.from_numpy(_C.gaussian(70_001, 7, 2))).to(dtype),
+                               rtol=0, atol=0)
+    y[3] = float("nan")
+    y1, f1 = y.clone(), f.clone()
+    assert not ops.add_gaussian_noise_checked_([f, y], 1.0, 1.0, [7, 8])
+    assert torch.equal(f, f1) and torch.equal(y.isnan(), y1.isnan())
+    assert torch.equal(y.nan_to_num(), y1.nan_to_num())
