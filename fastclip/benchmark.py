@@ -857,7 +857,7 @@ def environment() -> Dict[str, object]:
         if getattr(ops, "HAS_NATIVE", False):
             from fastclip import _C
 
-            from fastclip.heap import keep_heap
+            from fastclip.heap import keep_heap   # in force from the first engine anyway
 
             native = (f"{ops.blas_info()}; parallel loops on {_C.parallel_backend()} threads; "
                       f"{_C.isa()} kernels; heap kept between steps: {keep_heap()}")

@@ -20,8 +20,8 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 def _via_float32(x) -> bool:
     """A CPU bfloat16/float16 tensor the core noises through a float32 copy: the same Philox
-    stream as float32 (torch's generator runs about 4x slower than the core here: mlp-bf16's
-    670k normals took ~3 ms a step), the sum formed in float32 and rounded once."""
+    stream as float32, the sum formed in float32 and rounded once, and 3.5x faster than torch's
+    generator (670k bfloat16 values: 1.31 against 4.64 ms, 2 threads)."""
     return (HAS_NATIVE and isinstance(x, Tensor) and x.device.type == "cpu"
             and x.dtype in _HALF_DTYPES and x.is_contiguous() and not x.requires_grad)
 
