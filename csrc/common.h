@@ -42,10 +42,10 @@ double dot(const double* x, const double* y, int64_t n);
 template <class T>
 inline double sum_sq(const T* x, int64_t n) { return dot(x, x, n); }
 
-// The widest vector instruction set the hand-vectorised kernels (noise.cpp's Philox) may
-// use in this process, detected once from the CPU. FASTCLIP_ISA=portable|avx2 caps it, so tests
-// can compare every level's results on one machine. (Loops the compiler vectorises are cloned per
-// ISA with target_clones and picked by the loader instead.)
+// The widest vector instruction set the hand-vectorised kernels (noise.cpp's Philox) may use in
+// this process, detected once from the CPU. FASTCLIP_ISA=portable|avx2 caps it (any other value:
+// no cap), so tests can compare every level's results on one machine. (Loops the compiler
+// vectorises are cloned per ISA with target_clones and picked by the loader instead.)
 enum IsaLevel { kIsaPortable = 0, kIsaAvx2 = 1, kIsaAvx512 = 2 };
 int isa_level();
 const char* isa_name();  // "portable", "avx2" or "avx512"
