@@ -20,8 +20,8 @@ _HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 def _via_float32(x) -> bool:
     """A CPU bfloat16/float16 tensor the core noises through a float32 copy: the same Philox
-    stream as float32, the sum formed in float32 and rounded once, and 3.5x faster than torch's
-    generator (670k bfloat16 values: 1.31 against 4.64 ms, 2 threads)."""
+    stream as float32, the sum formed in float32 and rounded once, and ~7x faster than torch's
+    generator (the checked call on 670k bfloat16 values: 0.68 against 4.64 ms, 2 threads)."""
     return (HAS_NATIVE and isinstance(x, Tensor) and x.device.type == "cpu"
             and x.dtype in _HALF_DTYPES and x.is_contiguous() and not x.requires_grad)
 
@@ -78,8 +78,9 @@ def add_gaussian_noise_checked_(xs, std: float, scale: float, seeds) -> bool:
 
     All-native lists (CPU contiguous tensors of one dtype, float32 or float64) go to the core in
     one call: one read pass over every tensor, then one fused write pass, each a single pool
-    dispatch over all the tensors' blocks. Anything else checks with ``torch._foreach_norm`` and
-    then noises tensor by tensor.
+    dispatch over all the tensors' blocks. CPU bfloat16/float16 tensors join a float32 list as
+    float32 copies (written back once the call succeeds). Anything else checks with
+    ``torch._foreach_norm`` and then noises tensor by tensor.
     """
     xs = list(xs)
     seeds = [int(s) % (1 << 64) for s in seeds]
@@ -87,9 +88,15 @@ def add_gaussian_noise_checked_(xs, std: float, scale: float, seeds) -> bool:
         raise ValueError(f"seeds must have one entry per tensor: {len(seeds)} seeds for {len(xs)} tensors")
     if not xs:
         return True
-    if (_native(*xs) and all(x.is_contiguous() and not x.requires_grad for x in xs)):
-        return _C.add_gaussian_noise_checked([x.numpy() for x in xs], float(std), float(scale),
-                                             seeds, torch.get_num_threads())
+    wide = [x.float() if _via_float32(x) else x for x in xs]
+    if (_native(*wide) and all(w.is_contiguous() and not w.requires_grad for w in wide)):
+        ok = _C.add_gaussian_noise_checked([w.numpy() for w in wide], float(std), float(scale),
+                                           seeds, torch.get_num_threads())
+        if ok:
+            for x, w in zip(xs, wide):
+                if w is not x:
+                    x.copy_(w)
+        return ok
     if not all_finite(xs):
         return False
     for x, s in zip(xs, seeds):
