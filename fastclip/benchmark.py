@@ -715,7 +715,8 @@ def _mem(r: Result) -> str:
 
 
 def format_table(results: List[Result], memory: bool) -> str:
-    methods = [m.name for m in METHODS]
+    ran = {r.method for r in results}   # columns for the methods run (bench --methods)
+    methods = [m.name for m in METHODS if m.name in ran]
     header = ["workload", "batch"] + [f"{m} ms" + (" (ratio)" if m != "non-private" else "") for m in methods]
     # The budgeted limit of the fastclip ratio (bench/README.md, "Budget"), beside the measured one.
     at = header.index("fastclip ms (ratio)") + 1 if "fastclip" in methods else len(header)
@@ -882,6 +883,9 @@ def environment() -> Dict[str, object]:
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--workloads", default="all",
                    help=f"comma-separated workload names (available: {', '.join(WORKLOADS)}) or 'all'")
+    p.add_argument("--methods", default="all",
+                   help=f"comma-separated methods (available: {', '.join(m.name for m in METHODS)}) or "
+                        "'all'; non-private always runs: every ratio is against it")
     p.add_argument("--steps", type=int, default=20, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=5, help="untimed warm-up steps per method")
     p.add_argument("--batch-size", type=int, default=None,
@@ -906,6 +910,15 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown workload(s) {unknown}; available: {list(WORKLOADS)}", file=sys.stderr)
         return 2
+    methods = None
+    if getattr(args, "methods", "all") != "all":
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        known = [m.name for m in METHODS]
+        unknown = [m for m in methods if m not in known]
+        if unknown or not methods:
+            print(f"unknown method(s) {unknown or methods}; available: {known}", file=sys.stderr)
+            return 2
+        methods = [METHODS[0].name] + [m for m in methods if m != METHODS[0].name]
     if args.batch_size is not None and args.batch_size < 1:
         print(f"--batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
@@ -935,7 +948,7 @@ def run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus' hooks, input x
     for n in names:
         results += run_workload(n, args.batch_size, args.warmup, args.steps, device, args.seed, memory,
-                                interleave=not args.sequential)
+                                interleave=not args.sequential, methods=methods)
     print(format_table(results, memory))
     print("ratio = method step time / non-private step time, same process, same init, same batches."
           + (" MiB = peak memory allocated during one step above its start, torch's allocations plus the "

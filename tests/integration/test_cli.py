@@ -89,6 +89,17 @@ def test_bench_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkey
     assert not (tmp_path / "x.png").exists()
 
 
+def test_bench_methods_runs_only_those_beside_the_baseline(tmp_path, capsys, monkeypatch):
+    def no_opacus(*a, **k):
+        raise AssertionError("opacus was set up although --methods left it out")
+    monkeypatch.setattr(benchmark, "_opacus_setup", no_opacus)
+    assert main(_bench_args(tmp_path, "--methods", "fastclip")) == 0
+    out = capsys.readouterr().out
+    assert "fastclip ms (ratio)" in out and "non-private ms" in out and "opacus hooks" not in out
+    assert main(["bench", "--workloads", "mlp", "--methods", "fastclip,nope", "--steps", "1"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+
+
 def test_bench_unknown_workload(capsys):
     assert main(["bench", "--workloads", "nope", "--steps", "1"]) == 2
     assert "unknown workload" in capsys.readouterr().err
