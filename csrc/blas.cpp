@@ -30,6 +30,7 @@ struct Library {
   dgemm_t dgemm;
   ssyrk_t ssyrk;
   dsyrk_t dsyrk;
+  bool small_gemm = false;  // see small_gemm_beats_syrk()
 };
 
 // Published once fully initialised; a replaced Library (and its dlopen handle) is never freed,
@@ -98,6 +99,9 @@ bool load(const std::string& path, std::string* error) {
   }
   set_threads(1);
   if (get_config) lib->config = get_config();
+  // The config names the kernel core picked for this CPU (DYNAMIC_ARCH), e.g. "... Haswell ...".
+  for (const char* core : {"SkylakeX", "Cooperlake", "SapphireRapids"})
+    if (lib->config.find(core) != std::string::npos) lib->small_gemm = true;
   g_lib.store(lib, std::memory_order_release);
   return true;
 }
@@ -105,6 +109,11 @@ bool load(const std::string& path, std::string* error) {
 bool loaded() { return g_lib.load() != nullptr; }
 
 bool set_enabled(bool enabled) { return g_enabled.exchange(enabled); }
+
+bool small_gemm_beats_syrk() {
+  const Library* L = active();
+  return L && L->small_gemm;
+}
 
 std::string info() {
   const Library* L = g_lib.load();

@@ -17,8 +17,9 @@ constexpr int64_t kDirectRows = 128;
 constexpr int64_t kDirectCols = 2048;
 // Below this many flops for the whole call, waking the pool costs more than it saves.
 constexpr double kSerialFlops = 4e6;
-// OpenBLAS' SYRK is slow on small matrices while its GEMM has a small-matrix path: below this tile
-// size the full GEMM, despite twice the flops, measures faster.
+// Where OpenBLAS' GEMM has a small-matrix path (blas::small_gemm_beats_syrk), its SYRK is slower on
+// small tiles: below this size the full GEMM, despite twice the flops, measured faster (Intel
+// AVX-512 host). Elsewhere SYRK wins at every size.
 constexpr int64_t kSyrkMinTile = 128;
 
 // sum_{r,c} X[r,c] Y[r,c] over the upper triangle of two symmetric n x n tiles, with every
@@ -56,10 +57,11 @@ double ghost_one(const View3<T>& A, const View3<T>& G, int64_t i, T* SA, T* SG,
   const int64_t n = A.n1, d = A.n2, p = G.n2;
   const T* a = A.slab(i);
   const T* g = G.slab(i);
+  const int64_t syrk_min = blas::small_gemm_beats_syrk() ? kSyrkMinTile : 0;
   double s = 0.0;
   for (int64_t i0 = 0; i0 < n; i0 += kGhostTile) {
     const int64_t ni = std::min(kGhostTile, n - i0);
-    if (ni < kSyrkMinTile) {  // full tile; symmetric_dot reads only its upper triangle
+    if (ni < syrk_min) {  // full tile; symmetric_dot reads only its upper triangle
       blas::gemm_nt(ni, ni, d, a + i0 * A.s1, A.s1, a + i0 * A.s1, A.s1, SA, kGhostTile);
       blas::gemm_nt(ni, ni, p, g + i0 * G.s1, G.s1, g + i0 * G.s1, G.s1, SG, kGhostTile);
     } else {
