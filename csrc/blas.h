@@ -22,7 +22,7 @@ bool set_enabled(bool enabled);
 std::string info();
 // Whether the loaded library's GEMM has a small-matrix path that beats its SYRK on small Gram
 // tiles despite twice the flops: OpenBLAS' AVX-512 cores (SkylakeX and its successors) have one;
-// on the others (Haswell/Zen kernels on AVX2 machines, measured: SYRK 0.65-0.8x of GEMM's time
+// on the others (Haswell/Zen kernels on AVX2 machines, measured: SYRK 0.6-0.9x of GEMM's time
 // from n = 16 to 256) SYRK is faster at every size. False without a library.
 bool small_gemm_beats_syrk();
 
