@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 
@@ -31,6 +32,10 @@ struct Library {
   ssyrk_t ssyrk;
   dsyrk_t dsyrk;
   bool small_gemm = false;  // see small_gemm_beats_syrk()
+  // OPENBLAS_CORETYPE when the library was loaded: it overrides OpenBLAS' own choice of kernels
+  // (an environment that pins Haswell on an AVX-512 machine halves the GEMM rate), so info()
+  // names it beside the core it produced.
+  std::string pinned_core;
 };
 
 // Published once fully initialised; a replaced Library (and its dlopen handle) is never freed,
@@ -99,6 +104,7 @@ bool load(const std::string& path, std::string* error) {
   }
   set_threads(1);
   if (get_config) lib->config = get_config();
+  if (const char* pinned = std::getenv("OPENBLAS_CORETYPE")) lib->pinned_core = pinned;
   // The config names the kernel core picked for this CPU (DYNAMIC_ARCH), e.g. "... Haswell ...".
   for (const char* core : {"SkylakeX", "Cooperlake", "SapphireRapids"})
     if (lib->config.find(core) != std::string::npos) lib->small_gemm = true;
@@ -119,6 +125,7 @@ std::string info() {
   const Library* L = g_lib.load();
   if (!L) return "no BLAS loaded: plain C++ loops";
   std::string s = "OpenBLAS (" + L->config + ") from " + L->path;
+  if (!L->pinned_core.empty()) s += " [kernels pinned by OPENBLAS_CORETYPE=" + L->pinned_core + "]";
   if (!g_enabled.load()) s += " [disabled: plain C++ loops]";
   return s;
 }

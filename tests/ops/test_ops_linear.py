@@ -191,3 +191,25 @@ def test_random_shapes(B, T, d, p, double, bias, method, step):
     assert_close_scaled(w, w_ref, dtype)
     if bias:
         assert_close_scaled(b, b_ref, dtype)
+
+
+@pytest.mark.skipif(not ops.HAS_BLAS, reason="no scipy-openblas32 in this environment")
+@pytest.mark.parametrize("pinned", [None, "Haswell"])
+def test_blas_info_names_a_pinned_kernel_core(pinned):
+    # OPENBLAS_CORETYPE overrides OpenBLAS' own kernel choice (an environment pinning Haswell on
+    # an AVX-512 machine halves the GEMM rate): the core's description must say so, and only then.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    if pinned:
+        env["OPENBLAS_CORETYPE"] = pinned
+    out = subprocess.run([sys.executable, "-c", "from fastclip import ops; print(ops.blas_info())"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("OpenBLAS (")
+    if pinned:
+        assert f"[kernels pinned by OPENBLAS_CORETYPE={pinned}]" in out
+        assert pinned in out.split(")")[0]   # the core OpenBLAS reports is the pinned one
+    else:
+        assert "pinned" not in out
