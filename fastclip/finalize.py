@@ -16,7 +16,7 @@ sum is released in, so that no example's contribution can exceed C after roundin
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -113,6 +113,10 @@ def widened_module(uses: List[Use], rules: Rules) -> Iterator[None]:
     finally:
         for u, inputs, grads in saved:
             u.inputs, u.grads = inputs, grads
+
+
+# A rule that widens its own captures in ``clipped`` (Rule.widens_in_clipped) gets them as recorded.
+_NO_WIDENING = nullcontext()
 
 
 def forget_memos(uses: List[Use]) -> None:
@@ -218,7 +222,7 @@ def clipped_sums(groups: Groups, uses: List[Use], rules: Rules, sq: Tensor, C: f
             if p.dtype not in dtypes:
                 dtypes.append(p.dtype)
         for dtype in dtypes:
-            with widened_module(us, rules):
+            with (_NO_WIDENING if rule.widens_in_clipped else widened_module(us, rules)):
                 sums = rule.clipped(m, us, factors(dtype), pool)
             if sink is not None:
                 # FSDP2: p is this rank's shard; the module's full-size sums are handed to

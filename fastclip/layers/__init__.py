@@ -117,6 +117,13 @@ class Rule:
     # inputs have other leading dims (time-major sequences, (layers, B, h) states, (L, S) masks).
     expand_broadcast = True
 
+    # Whether ``clipped`` takes half / bfloat16 captures as recorded and forms its sums in
+    # float32 itself: the engine then skips its float32 copy of the module's captures for that
+    # call (``fastclip.finalize.widened_module``), and the factor the rule rescales by c is
+    # widened in the same pass as the rescaling (:func:`scaled_rows`), so no float32 copy of it
+    # is made at all. False: ``clipped`` sees float32 (or wider) captures.
+    widens_in_clipped = False
+
     def supports(self, module: nn.Module) -> bool:
         return True
 
@@ -216,21 +223,26 @@ class Pool:
         self._buffers: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
 
     def scaled_rows(self, t: Tensor, c: Tensor) -> Tensor:
-        """``t * c`` with ``c`` (B,) scaling dim 0 of ``t`` (B, ...), in a scratch buffer."""
-        c = c.to(t.dtype).view((-1,) + (1,) * (t.dim() - 1))
-        key = (t.dtype, t.device)
+        """``t * c`` with ``c`` (B,) scaling dim 0 of ``t`` (B, ...), in a scratch buffer, in the
+        wider of the two dtypes (:func:`scaled_rows`)."""
+        dtype = torch.promote_types(t.dtype, c.dtype)
+        c = c.to(dtype).view((-1,) + (1,) * (t.dim() - 1))
+        key = (dtype, t.device)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < t.numel():
-            buf = self._buffers[key] = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+            buf = self._buffers[key] = torch.empty(t.numel(), dtype=dtype, device=t.device)
         return torch.mul(t, c, out=buf[:t.numel()].view(t.shape))
 
 
 def scaled_rows(t: Tensor, c: Tensor, pool: Optional[Pool] = None) -> Tensor:
     """``t * c`` with ``c`` (B,) scaling dim 0 of ``t`` (B, ...), for a clipped-sum product;
-    in ``pool``'s scratch buffer when one is given (valid until the pool's next call)."""
+    in ``pool``'s scratch buffer when one is given (valid until the pool's next call). Formed in
+    the wider of the two dtypes: a bf16 ``t`` with float32 factors gives float32 rows, widened
+    and rescaled in one pass (callers pass ``c`` in the dtype of the product they form)."""
     if isinstance(pool, Pool):
         return pool.scaled_rows(t, c)
-    return t * c.to(t.dtype).view((-1,) + (1,) * (t.dim() - 1))
+    dtype = torch.promote_types(t.dtype, c.dtype)
+    return t * c.to(dtype).view((-1,) + (1,) * (t.dim() - 1))
 
 
 _RULES: Dict[type, Rule] = {}

@@ -87,6 +87,10 @@ def _trainable(module: nn.Module):
 
 @register(nn.Linear)
 class LinearRule(Rule):
+    # A bf16 / fp16 capture's clipped sum: the rescaled factor widened in the rescaling pass,
+    # only the other one copied to float32 (mlp-bf16's step peak 1.35x -> see bench/README.md).
+    widens_in_clipped = True
+
     def supports(self, module):
         # A subclass with its own forward may compute something else: the generic rule covers it.
         return type(module).forward is nn.Linear.forward
@@ -144,7 +148,8 @@ class LinearRule(Rule):
                 g = clipped_product(_flat(u.inputs), G, c, pool)
                 w = g if w is None else w + g
             if with_b:
-                g = c.to(G.dtype).matmul(G[:, 0] if G.shape[1] == 1 else G.sum(1))
+                wide = _wide(G.dtype)
+                g = c.to(wide).matmul(G[:, 0].to(wide) if G.shape[1] == 1 else G.sum(1, dtype=wide))
                 b = g if b is None else b + g
         out = {"weight": w} if w is not None else {}
         if with_b:
@@ -167,13 +172,20 @@ def linear_cross(a: Part, b: Part, method: str) -> Tensor:
     return (ga * torch.einsum("btp,btd->bpd", G2, A2)).sum((1, 2))
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a clipped sum of ``dtype`` factors is formed in: float32 or wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def clipped_product(A: Tensor, G: Tensor, c: Tensor, pool: Optional[Pool]) -> Tensor:
     """``sum_i c_i G_i^T A_i`` (p, d) from A (B, T, d), G (B, T, p), c (B,): G^T diag(c) A,
-    rescaling whichever factor is smaller, then one GEMM."""
+    rescaling whichever factor is smaller, then one GEMM, in float32 or wider: half / bfloat16
+    factors are widened, the rescaled one in the rescaling pass itself."""
     B, T, p = G.shape
     d = A.shape[-1]
-    c = c.to(G.dtype)
+    wide = _wide(torch.promote_types(A.dtype, G.dtype))
+    c = c.to(wide)
     scale = scaled_rows if pool is None else pool.scaled_rows
     if p <= d:
-        return scale(G, c).reshape(B * T, p).t().mm(A.reshape(B * T, d))
-    return G.reshape(B * T, p).t().mm(scale(A, c).reshape(B * T, d))
+        return scale(G, c).reshape(B * T, p).t().mm(A.to(wide).reshape(B * T, d))
+    return G.to(wide).reshape(B * T, p).t().mm(scale(A, c).reshape(B * T, d))

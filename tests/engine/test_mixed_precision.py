@@ -502,3 +502,41 @@ def test_grad_scaler_is_refused(mode, unscale_first):
     off.step(opt)
     off.update()
     assert not all(torch.equal(b, p) for b, p in zip(before, m.parameters()))
+
+
+@pytest.mark.parametrize("prec", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T,d,p", [(1, 7, 5), (1, 5, 7), (4, 6, 3), (3, 3, 6)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_clipped_sum_widens_its_own_half_captures(prec, T, d, p, bias):
+    # The Linear rule takes bf16 / fp16 captures as recorded in its clipped sum (the engine does
+    # not copy them to float32 for it): the sum must still be formed in float32, bit for bit what
+    # the same kernel gives on the float32 copies (the rescaled factor widened in the rescaling).
+    from fastclip.finalize import widened_module
+    from fastclip.layers import Pool, Use, rule_for
+
+    torch.manual_seed(0)
+    B = 5
+    lin = nn.Linear(d, p, bias=bias)
+    rule = rule_for(lin)
+    assert rule.widens_in_clipped
+    shape = (B, d) if T == 1 else (B, T, d)
+    u = Use(lin, torch.randn(*shape).to(prec))
+    u.grads = (torch.randn(*shape[:-1], p).to(prec),)
+    u.batch_size = B
+    c = torch.rand(B, dtype=torch.float64)
+    got = rule.clipped(lin, [u], c, Pool())
+    with widened_module([u], {lin: rule}):
+        assert u.inputs.dtype == torch.float32
+        want = rule.clipped(lin, [u], c, Pool())
+    assert u.inputs.dtype == prec    # the captures are left as recorded
+    assert set(got) == set(want) == ({"weight", "bias"} if bias else {"weight"})
+    for n in got:
+        assert got[n].dtype == torch.float32, n
+        assert torch.equal(got[n], want[n]), n
+    # and both are the float64 clipped sum of the half-precision per-example gradients
+    A, G = u.inputs.double().reshape(B, T, d), u.grads[0].double().reshape(B, T, p)
+    ref_w = torch.einsum("b,btp,btd->pd", c, G, A)
+    torch.testing.assert_close(got["weight"].double(), ref_w, rtol=1e-5, atol=1e-5)
+    if bias:
+        torch.testing.assert_close(got["bias"].double(), torch.einsum("b,btp->p", c, G),
+                                   rtol=1e-5, atol=1e-5)
