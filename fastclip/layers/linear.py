@@ -88,7 +88,8 @@ def _trainable(module: nn.Module):
 @register(nn.Linear)
 class LinearRule(Rule):
     # A bf16 / fp16 capture's clipped sum: the rescaled factor widened in the rescaling pass,
-    # only the other one copied to float32 (mlp-bf16's step peak 1.35x -> see bench/README.md).
+    # only the other one copied to float32 (mlp-bf16's step peak 1.35x -> 1.19x of the
+    # non-private one, bench/README.md).
     widens_in_clipped = True
 
     def supports(self, module):
