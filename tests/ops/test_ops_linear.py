@@ -198,15 +198,16 @@ def test_random_shapes(B, T, d, p, double, bias, method, step):
 def test_blas_info_names_a_pinned_kernel_core(pinned):
     # OPENBLAS_CORETYPE overrides OpenBLAS' own kernel choice (an environment pinning Haswell on
     # an AVX-512 machine halves the GEMM rate): the core's description must say so, and only then.
-    import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    from harness import child_env
+
+    env = {k: v for k, v in child_env().items() if k != "OPENBLAS_CORETYPE"}
     if pinned:
         env["OPENBLAS_CORETYPE"] = pinned
     out = subprocess.run([sys.executable, "-c", "from fastclip import ops; print(ops.blas_info())"],
-                         env=env, capture_output=True, text=True, check=True).stdout
+                         env=env, capture_output=True, text=True, check=True, timeout=120).stdout
     assert out.startswith("OpenBLAS (")
     if pinned:
         assert f"[kernels pinned by OPENBLAS_CORETYPE={pinned}]" in out
