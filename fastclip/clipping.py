@@ -94,11 +94,11 @@ def clip_factors(norms: Tensor, C, automatic: bool = False, gamma: float = 0.01)
         (strictly below C for automatic clipping), and 0 where the norm is not finite (such an
         example contributes nothing, like an absent one).
     """
-    if automatic:
-        c = C / (norms + gamma)
-    else:
-        c = torch.where(norms > C, C / norms, torch.ones_like(norms))
-    return torch.where(torch.isfinite(norms), c, torch.zeros_like(c))
+    # Three elementwise ops (the per-step cost of this call is dispatch, not arithmetic): C / norm
+    # capped at 1 is min(1, C / norm) bit for bit (a norm of 0 gives inf, capped to 1); an
+    # infinite norm gives C / inf = 0 already, a NaN one NaN, set to 0 last.
+    c = C / (norms + gamma) if automatic else (C / norms).clamp_(max=1.0)
+    return c.nan_to_num_(nan=0.0)
 
 
 def _positive(value, what: str) -> float:

@@ -202,8 +202,10 @@ def clipped_sums(groups: Groups, uses: List[Use], rules: Rules, sq: Tensor, C: f
         # float64 factors; C shrunk by the margin of the dtype the sum is released in, so
         # rounding cannot lift an example's contribution above C (ops.cast_margin).
         if dtype not in by_dtype:
-            c = clip_factors(norms, C * (1.0 - cast_margin(dtype)), automatic, gamma) * scale
-            by_dtype[dtype] = torch.where(bad, torch.zeros_like(c), c)
+            # 0 where the norm is not finite (clip_factors' contract): such an example adds
+            # nothing to the sum.
+            by_dtype[dtype] = clip_factors(norms, C * (1.0 - cast_margin(dtype)), automatic,
+                                           gamma) * scale
         return by_dtype[dtype]
 
     if bad.any():

@@ -338,3 +338,35 @@ def test_adaptive_count_moves_by_half_when_one_example_is_removed(mode):
     moves = [full - centred([i for i in range(7) if i != j]) for j in range(7)]
     assert all(abs(d) == 0.5 for d in moves), moves
     assert {0.5, -0.5} <= set(moves)     # the batch has clipped and unclipped examples
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_clip_factors_by_their_definition(dtype):
+    # The one formula every mode uses: min(1, C / norm) (automatic: C / (norm + gamma)), 0 for a
+    # norm that is not finite; a norm of 0 keeps its example whole. Checked element by element
+    # against Python floats, with per-layer bounds broadcasting over (B, L).
+    from fastclip.clipping import clip_factors
+
+    g = torch.Generator().manual_seed(0)
+    norms = (torch.rand(40, 3, generator=g, dtype=torch.float64) * 3).to(dtype)
+    tiny, huge = torch.finfo(dtype).tiny, torch.finfo(dtype).max
+    specials = [0.0, float("inf"), float("nan"), 1.0, 0.5, 2.0, tiny, huge]
+    for i, v in enumerate(specials):
+        norms[i, i % 3] = v
+    bounds = torch.tensor([1.0, 0.5, 2.0], dtype=dtype)
+    for automatic in (False, True):
+        for C in (1.0, bounds):
+            got = clip_factors(norms, C, automatic, GAMMA)
+            assert got.dtype == dtype and got.shape == norms.shape
+            for (b, l), n in zip(((b, l) for b in range(40) for l in range(3)), norms.flatten()):
+                c_bound = float(C) if isinstance(C, float) else float(C[l])
+                n = float(n)
+                if not math.isfinite(n):
+                    want = 0.0
+                elif automatic:
+                    want = c_bound / (n + GAMMA)
+                else:
+                    want = 1.0 if n <= c_bound else c_bound / n
+                assert float(got[b, l]) == pytest.approx(want, rel=1e-6, abs=0.0), (b, l, n)
+                if math.isfinite(n):
+                    assert float(got[b, l]) * n <= c_bound * (1 + 1e-6)
