@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..ops import as_computed
+from ..ops import as_computed, widened
 from . import Part, Pool, Rule, Use, register, register_cross, scaled_rows
 from . import keep
 from .capture import CaptureMode
@@ -149,8 +149,8 @@ class LinearRule(Rule):
                 g = clipped_product(_flat(u.inputs), G, c, pool)
                 w = g if w is None else w + g
             if with_b:
-                wide = _wide(G.dtype)
-                g = c.to(wide).matmul(G[:, 0].to(wide) if G.shape[1] == 1 else G.sum(1, dtype=wide))
+                wide = torch.promote_types(G.dtype, torch.float32)
+                g = c.to(wide).matmul(widened(G[:, 0]) if G.shape[1] == 1 else G.sum(1, dtype=wide))
                 b = g if b is None else b + g
         out = {"weight": w} if w is not None else {}
         if with_b:
@@ -173,20 +173,14 @@ def linear_cross(a: Part, b: Part, method: str) -> Tensor:
     return (ga * torch.einsum("btp,btd->bpd", G2, A2)).sum((1, 2))
 
 
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a clipped sum of ``dtype`` factors is formed in: float32 or wider."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def clipped_product(A: Tensor, G: Tensor, c: Tensor, pool: Optional[Pool]) -> Tensor:
     """``sum_i c_i G_i^T A_i`` (p, d) from A (B, T, d), G (B, T, p), c (B,): G^T diag(c) A,
     rescaling whichever factor is smaller, then one GEMM, in float32 or wider: half / bfloat16
     factors are widened, the rescaled one in the rescaling pass itself."""
     B, T, p = G.shape
     d = A.shape[-1]
-    wide = _wide(torch.promote_types(A.dtype, G.dtype))
-    c = c.to(wide)
+    c = c.to(torch.promote_types(G.dtype, torch.float32))
     scale = scaled_rows if pool is None else pool.scaled_rows
     if p <= d:
-        return scale(G, c).reshape(B * T, p).t().mm(A.to(wide).reshape(B * T, d))
-    return G.to(wide).reshape(B * T, p).t().mm(scale(A, c).reshape(B * T, d))
+        return scale(G, c).reshape(B * T, p).t().mm(widened(A).reshape(B * T, d))
+    return widened(G).reshape(B * T, p).t().mm(scale(A, c).reshape(B * T, d))
