@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "blas.h"
+#include "conv_direct.h"
 
 namespace fastclip {
 namespace {
@@ -138,6 +140,7 @@ double direct_flops(int64_t P, int64_t K, int64_t Og) {
 template <class T>
 struct Scratch {
   std::vector<T> U, U2, S, C, acc;
+  std::vector<float> xpad, gt;  // conv_direct_fused's padded input and transposed G
   std::vector<UnfoldSeg> segs;
 };
 
@@ -287,6 +290,14 @@ template <class T>
 double direct_item(const ConvShape& s, const T* xi, int64_t c0, const T* G, int64_t ldg, int64_t Og,
                    Scratch<T>& w, T* out) {
   const int64_t P = s.positions(), K = s.cols();
+  if constexpr (std::is_same_v<T, float>) {
+    if (conv_direct_fused_available() && conv_direct_fused_fits(s, Og)) {
+      if (!out) w.C.resize(size_t(Og * K));
+      T* C = out ? out : w.C.data();
+      conv_direct_fused(s, xi, c0, G, ldg, Og, w.xpad, w.gt, C);
+      return sum_sq(C, Og * K);
+    }
+  }
   const int64_t chunk = std::max<int64_t>(kTile, kUnfoldBudget / std::max<int64_t>(K, 1));
   if (P <= chunk) {
     w.U.resize(size_t(K * P));

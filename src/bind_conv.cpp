@@ -8,6 +8,7 @@
 #include "scratch.h"
 
 #include "../csrc/conv.h"
+#include "../csrc/conv_direct.h"
 
 namespace fastclip_py {
 namespace {
@@ -303,6 +304,13 @@ void bind_conv(py::module_& m) {
         "Returns (w_sq (B,), b_sq (B,) or None) in the input dtype.");
   m.def("choose_conv_method", &choose_conv_method, py::arg("P"), py::arg("K"), py::arg("Og"),
         "'ghost' or 'direct' for P output positions, K = C_in/groups * prod(kernel), Og = C_out/groups.");
+  m.def("set_conv_direct_fused", &fastclip::set_conv_direct_fused, py::arg("enabled"),
+        "Turn the float32 direct method's AVX-512 kernel (csrc/conv_direct.h) on or off for the\n"
+        "process; returns the previous setting. Off: the unfold and BLAS path (tests compare both).");
+  m.def("conv_direct_fused_available", &fastclip::conv_direct_fused_available,
+        "Whether the float32 direct method runs the AVX-512 kernel that reads the padded input in\n"
+        "place: an x86-64 build where fastclip._C.isa() is avx512, and not turned off by\n"
+        "set_conv_direct_fused.");
 }
 
 }  // namespace fastclip_py

@@ -272,6 +272,64 @@ def test_kept_per_example_layout(groups):
         ops.conv_sq_norms(x, g, w_shape, 1, 1, 1, groups, "auto", True, bias_grads=gb[:2])
 
 
+# The float32 direct kernel (csrc/conv_direct.h): every column block (Og 1 .. 130: one to four
+# 16-wide vectors, tails, several 64-column blocks), row tails (K not a multiple of the row block),
+# strides, dilations, asymmetric padding, 1-D and 3-D, groups, x strided along W and G with strided
+# channels, the per-example gradients it keeps; lines shorter than 4 take the BLAS path.
+FUSED_CASES = [
+    # d, B, C, O, size, k, stride, padding, dilation, groups
+    (2, 3, 3, 1, (9, 10), (3, 3), 1, 1, 1, 1),
+    (2, 2, 5, 17, (8, 12), (3, 2), (1, 2), ((2, 0), (1, 3)), (2, 1), 1),
+    (2, 2, 4, 32, (7, 9), (3, 3), 1, "same", 1, 1),
+    (2, 2, 6, 40, (6, 8), (1, 1), 2, 0, 1, 2),
+    (2, 2, 3, 64, (5, 11), (2, 3), 1, 1, 1, 1),
+    (2, 2, 2, 70, (6, 6), (3, 3), 1, 1, 1, 1),
+    (2, 1, 2, 130, (5, 7), (3, 3), 1, 1, 1, 1),
+    (1, 3, 4, 12, (40,), (5,), 2, 3, 2, 2),
+    (3, 2, 2, 20, (3, 4, 9), (2, 2, 3), (1, 2, 1), 1, (1, 1, 2), 1),
+    (2, 2, 2, 8, (9, 3), (3, 3), 1, 1, 1, 1),   # lines of 3: the BLAS path
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=[str(i) for i in range(len(FUSED_CASES))])
+def test_direct_fused_kernel(case):
+    if not fastclip._C.conv_direct_fused_available():
+        pytest.skip("the AVX-512 direct kernel does not run on this CPU (fastclip._C.isa() is "
+                    f"{fastclip._C.isa()!r})")
+    d, B, C, O, size, k, stride, padding, dilation, groups = case
+    torch.manual_seed(len(FUSED_CASES) + O)
+    # x strided along its last dim (read in place), G with strided channels.
+    x = torch.randn(B, C, *size[:-1], 2 * size[-1])[..., ::2]
+    w_shape = (O, C // groups, *k)
+    st, dl = ops._conv_tuple(stride, d, "s"), ops._conv_tuple(dilation, d, "d")
+    pads = ops.conv_padding(padding, k, st, dl)
+    out = [(n + lo + hi - dd * (kk - 1) - 1) // s + 1
+           for n, (lo, hi), kk, s, dd in zip(size, pads, k, st, dl)]
+    g = torch.randn(B, 2 * O, *out)[:, ::2]
+    arg = ops.pads_to_arg(pads)
+    K, Og = math.prod(w_shape[1:]), O // groups
+    xd = F.pad(x.double(), [p for lohi in reversed(pads) for p in lohi])
+    ref = torch.stack([torch.autograd.grad((FCONV[d](xd[i:i + 1], wt, None, stride, 0, dilation,
+                                                     groups) * g[i:i + 1].double()).sum(), wt)[0]
+                       for i in range(B)
+                       for wt in [torch.zeros(w_shape, dtype=torch.float64, requires_grad=True)]])
+    kept = {}
+    for fused in (True, False):
+        old = fastclip._C.set_conv_direct_fused(fused)
+        try:
+            keep = torch.full((B, groups, K, Og), float("nan"))
+            w, _ = ops.conv_sq_norms(x, g, w_shape, stride, arg, dilation, groups, "direct",
+                                     per_example=keep)
+        finally:
+            fastclip._C.set_conv_direct_fused(old)
+        got = keep.transpose(2, 3).reshape(B, *w_shape)
+        assert_close(got, ref, torch.float32)
+        assert_close(w, ref.flatten(1).square().sum(1), torch.float32)
+        kept[fused] = got
+    # Both paths sum the same products in float32: they agree to float32 rounding.
+    torch.testing.assert_close(kept[True], kept[False], rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # hostile inputs
 # ---------------------------------------------------------------------------------------------
