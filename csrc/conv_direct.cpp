@@ -40,8 +40,12 @@ __attribute__((target("avx512f"))) void block(const ConvShape& s, const Padded& 
                                               const float* xpad, const int64_t* off, const float* gt,
                                               int64_t ldgt, float* C, int64_t ldc, int rows,
                                               int cols) {
+  // Every loop over i and j runs to a compile-time bound, so the accumulators stay in registers
+  // (a loop to the runtime `rows` made GCC keep them in memory, a store each per position).
   __m512 acc[MR][NV];
+#pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
     for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
   const int64_t Wo = s.out[2], sw = s.stride[2];
   const int64_t HWp = pd.Hp * pd.Wp;
@@ -50,26 +54,32 @@ __attribute__((target("avx512f"))) void block(const ConvShape& s, const Padded& 
     for (int64_t oh = 0; oh < s.out[1]; ++oh) {
       const float* line = xpad + od * s.stride[0] * HWp + oh * s.stride[1] * pd.Wp;
       const float* r[MR];
+#pragma GCC unroll 8
       for (int i = 0; i < MR; ++i) r[i] = line + off[i];
       for (int64_t ow = 0; ow < Wo; ++ow) {
         const int64_t q = ow * sw;
         __m512 gv[NV];
+#pragma GCC unroll 4
         for (int j = 0; j < NV; ++j) gv[j] = _mm512_loadu_ps(gp + 16 * j);
+#pragma GCC unroll 8
         for (int i = 0; i < MR; ++i) {
           const __m512 a = _mm512_set1_ps(r[i][q]);
+#pragma GCC unroll 4
           for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(a, gv[j], acc[i][j]);
         }
         gp += ldgt;
       }
     }
   }
-  for (int i = 0; i < rows; ++i)
-    for (int j = 0; j < NV; ++j) {
-      const int left = cols - 16 * j;
-      if (left <= 0) break;
-      const __mmask16 m = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-      _mm512_mask_storeu_ps(C + i * ldc + 16 * j, m, acc[i][j]);
-    }
+  const int left = cols - 16 * (NV - 1);  // only the last vector may be partial
+  const __mmask16 last = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    if (i >= rows) break;
+#pragma GCC unroll 4
+    for (int j = 0; j < NV - 1; ++j) _mm512_storeu_ps(C + i * ldc + 16 * j, acc[i][j]);
+    _mm512_mask_storeu_ps(C + i * ldc + 16 * (NV - 1), last, acc[i][NV - 1]);
+  }
 }
 
 // Every row block of K for the column block n0 .. n0 + 16 NV.

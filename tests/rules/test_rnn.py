@@ -142,6 +142,43 @@ def test_torch_fallback_ops_match_native(kind):
                 assert_close(u, v)
 
 
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("lengths", [False, True])
+def test_float32_products_match_float64(kind, lengths):
+    # float32 on an AVX-512 CPU runs the recurrent products in small_gemm (csrc/small_gemm.h):
+    # hidden 37 gives gate widths of 148 / 111 / 37 columns (full 64-column blocks and partial
+    # vectors), d = 23, 13 examples split into slices of 6 / 7 rows (row blocks with tails);
+    # with lengths the input projection runs per example. Against the float64 torch loops.
+    cell = {nn.LSTM: "lstm", nn.GRU: "gru"}.get(kind[0]) or (
+        "rnn_relu" if kind[2].get("nonlinearity") == "relu" else "rnn_tanh")
+    G = ops.RNN_CELLS[cell]
+    B, T, d, h = 13, 9, 23, 37
+    gen = torch.Generator().manual_seed(G + lengths)
+    r = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.3
+    x, w_ih, w_hh, b_ih, b_hh = r(B, T, d), r(G * h, d), r(G * h, h), r(G * h), r(G * h)
+    h0, c0 = r(B, h), (r(B, h) if cell == "lstm" else None)
+    lens = torch.randint(1, T + 1, (B,), generator=gen) if lengths else None
+    f32 = lambda t: None if t is None else t.float()
+    # float32 rounding through 9 steps of the recurrence (values of order 1): the same bound
+    # holds for the BLAS path (FASTCLIP_ISA=avx2).
+    close32 = lambda u, v: torch.testing.assert_close(u.double(), v, rtol=1e-4, atol=1e-5)
+    for rev in (False, True):
+        a = ops.rnn_forward(cell, *map(f32, (x, w_ih, w_hh, b_ih, b_hh, h0, c0)), lens, rev)
+        b = ops.rnn_forward_torch(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, lens, rev)
+        for u, v in zip(a, b):
+            if u is not None:
+                assert u.dtype == torch.float32
+                close32(u, v)
+        d_out, d_hn = r(B, T, h), r(B, h)
+        d_cn = r(B, h) if cell == "lstm" else None
+        ga = ops.rnn_backward(cell, f32(d_out), f32(d_hn), f32(d_cn), f32(w_ih), f32(w_hh),
+                              *map(f32, b[3:7]), lens, rev)
+        gb = ops.rnn_backward_torch(cell, d_out, d_hn, d_cn, w_ih, w_hh, *b[3:7], lens, rev)
+        for u, v in zip(ga, gb):
+            if u is not None:
+                close32(u, v)
+
+
 def test_dropout_trains_and_evals():
     m = fnn.LSTM(5, 4, num_layers=2, dropout=0.5)
     ref = nn.LSTM(5, 4, num_layers=2, dropout=0.5)
