@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "blas.h"
-#include "small_gemm.h"
+#include "gemm_avx512.h"
 
 namespace fastclip {
 
@@ -164,7 +164,7 @@ FASTCLIP_RNN_MV void lstm_bwd_row(int64_t h, const double* sv, const double* tc,
 // which costs as much as the product when m is a few dozen rows; here the weight is laid out once
 // per call of the layer (P = W^T, or W itself in the backward) and a register-blocked kernel
 // (RB rows x NB columns of accumulators) streams it directly. float32 on an AVX-512 CPU runs
-// small_gemm (small_gemm.h) instead: its 6 x 64 register block is 1.1-1.3x faster here.
+// small_gemm (gemm_avx512.h) instead: its 6 x 64 register block is 1.1-1.3x faster here.
 template <class T, int RB, int NB>
 inline __attribute__((always_inline)) void step_gemm_body(int64_t m, int64_t n, int64_t k,
                                                           const T* __restrict A, int64_t lda,

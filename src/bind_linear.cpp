@@ -3,6 +3,7 @@
 #include "scratch.h"
 
 #include "../csrc/blas.h"
+#include "../csrc/gemm_avx512.h"
 #include "../csrc/linear.h"
 
 namespace fastclip_py {
@@ -74,6 +75,52 @@ std::string choose_linear_method(int64_t T, int64_t d, int64_t p) {
   return fastclip::linear_method_name(fastclip::choose_linear_method(T, d, p));
 }
 
+py::array_t<float> clipped_gemm(const py::object& A_obj, const py::object& G_obj,
+                                const py::object& c_obj, int64_t T, int num_threads) {
+  if (!fastclip::small_gemm_available())
+    throw py::value_error(std::string("clipped_gemm needs an x86-64 CPU with AVX-512 (this "
+                                      "process runs '") + fastclip::isa_name() + "' kernels)");
+  const py::array A = checked_array(A_obj, "activations");
+  const py::array G = checked_array(G_obj, "gradients");
+  if (!py::isinstance<py::array>(c_obj))
+    throw py::type_error("factors must be a numpy.ndarray, got " + type_name(c_obj));
+  const auto c = py::reinterpret_borrow<py::array>(c_obj);
+  auto is_f32 = [](const py::array& a) {
+    return py::detail::npy_api::get().PyArray_EquivTypes_(a.dtype().ptr(),
+                                                          py::dtype::of<float>().ptr());
+  };
+  if (!is_f32(A) || !is_f32(G) || !is_f32(c))
+    throw py::type_error("clipped_gemm takes float32 arrays, got activations " + dtype_name(A) +
+                         ", gradients " + dtype_name(G) + ", factors " + dtype_name(c));
+  if (A.ndim() != 2 || G.ndim() != 2)
+    throw py::value_error("activations and gradients must be 2-D (rows, features), got " +
+                          std::to_string(A.ndim()) + "-D and " + std::to_string(G.ndim()) + "-D");
+  const int64_t N = A.shape(0), d = A.shape(1), p = G.shape(1);
+  if (G.shape(0) != N)
+    throw py::value_error("rows differ: activations " + std::to_string(N) + ", gradients " +
+                          std::to_string(G.shape(0)));
+  if (T < 1) throw py::value_error("T must be >= 1, got " + std::to_string(T));
+  if (c.ndim() != 1 || c.shape(0) * T != N)
+    throw py::value_error("factors must be 1-D with rows / T = " + std::to_string(N) + " / " +
+                          std::to_string(T) + " entries, got shape of rank " +
+                          std::to_string(c.ndim()) +
+                          (c.ndim() == 1 ? " and " + std::to_string(c.shape(0)) + " entries" : ""));
+  if (c.shape(0) > 1 && c.strides(0) != py::ssize_t(sizeof(float)))
+    throw py::value_error("factors must be contiguous");
+  check_layout(c, "factors");
+  check_flops(2.0 * double(N) * double(p) * double(d), "this clipped sum");
+  num_threads = checked_threads(num_threads);
+  const View3<float> a = view_of<float>(A), g = view_of<float>(G);
+  py::array_t<float> out({p, d});
+  float* o = out.mutable_data();
+  const float* cp = static_cast<const float*>(c.data());
+  {
+    py::gil_scoped_release release;
+    fastclip::clipped_gemm(N, p, d, a.data, a.s0, g.data, g.s0, cp, T, o, d, num_threads);
+  }
+  return out;
+}
+
 bool set_blas_library(const std::string& path) { return fastclip::blas::load(path); }
 
 }  // namespace
@@ -87,6 +134,15 @@ void bind_linear(py::module_& m) {
         "in the input dtype.");
   m.def("choose_linear_method", &choose_linear_method, py::arg("T"), py::arg("d"), py::arg("p"),
         "'product' for T <= 1, else the cheaper of 'ghost' and 'direct' by flop count.");
+  m.def("clipped_gemm", &clipped_gemm, py::arg("activations"), py::arg("gradients"),
+        py::arg("factors"), py::arg("T"), py::arg("num_threads") = 1,
+        "The clipped sum of a linear map, sum_q (c[q // T] G[q])^T A[q] (p, d), from float32\n"
+        "activations A (N, d) and gradients G (N, p), rows of N / T examples of T positions each,\n"
+        "and their float32 clip factors c (N / T,), by the AVX-512 kernel (csrc/gemm_avx512.h).\n"
+        "Raises ValueError where that kernel does not run (small_gemm_available()).");
+  m.def("small_gemm_available", &fastclip::small_gemm_available,
+        "Whether the AVX-512 GEMM kernels run here (csrc/gemm_avx512.h): an x86-64 build where\n"
+        "isa() is avx512.");
   m.def("set_blas_library", &set_blas_library, py::arg("path"),
         "Load OpenBLAS (scipy-openblas32 build, scipy_ symbol prefix) from path; False if unusable.");
   m.def("set_blas_enabled", &fastclip::blas::set_enabled, py::arg("enabled"),

@@ -11,7 +11,8 @@ import torch
 from .. import ops
 from ..nn.rnn import GRU, LSTM, RNN, RecurrentPart
 from .capture import ModuleCaptureRule
-from . import register, scaled_rows, trainable
+from .linear import clipped_product
+from . import register, trainable
 
 _NAME = re.compile(r"^(weight|bias)_(ih|hh)_l(\d+)(_reverse)?$")
 
@@ -125,11 +126,8 @@ class RecurrentRule(ModuleCaptureRule):
             cg = c.to(G.dtype)
             if kind == "bias":
                 return cg.matmul(part.g_sum if which == "ih" else part.g_hh_sum)
-            d = A.shape[-1]
-            # G^T diag(c) A over all (example, step) rows: rescale the smaller factor, one GEMM.
-            if p <= d:
-                return scaled_rows(G, cg, pool).reshape(B * T, p).t().mm(A.reshape(B * T, d))
-            return G.reshape(B * T, p).t().mm(scaled_rows(A, cg, pool).reshape(B * T, d))
+            # G^T diag(c) A over all (example, step) rows, as a Linear's clipped sum.
+            return clipped_product(A, G, c, pool)
 
         return self._each(module, uses, one, lambda p: torch.zeros(
             p.shape, dtype=p.dtype, device=p.device))

@@ -18,7 +18,8 @@ from .conv import (_conv_tuple, choose_conv_method, conv_padding, conv_sq_norms,
                    conv_keeps_per_example, conv_native, conv_unfold_torch, pads_to_arg)
 from .embedding import (embedding_linear_cross, embedding_linear_cross_torch, embedding_sq_norms,
                         embedding_sq_norms_torch)
-from .linear import HAS_BLAS, blas_info, choose_linear_method, linear_sq_norms, linear_sq_norms_torch
+from .linear import (HAS_BLAS, blas_info, choose_linear_method, clipped_gemm, clipped_gemm_runs,
+                     linear_sq_norms, linear_sq_norms_torch)
 from .noise import add_gaussian_noise_, add_gaussian_noise_checked_, all_finite
 from .norm import NORM_KINDS, norm_affine_grads, norm_affine_grads_torch
 from .rnn import (RNN_CELLS, rnn_backward, rnn_backward_torch, rnn_forward, rnn_forward_torch,
@@ -26,7 +27,8 @@ from .rnn import (RNN_CELLS, rnn_backward, rnn_backward_torch, rnn_forward, rnn_
 
 __all__ = [
     "HAS_NATIVE", "HAS_BLAS", "NATIVE_DTYPES", "as_computed", "cast_margin", "widened", "blas_info",
-    "choose_linear_method", "linear_sq_norms", "linear_sq_norms_torch",
+    "choose_linear_method", "linear_sq_norms", "linear_sq_norms_torch", "clipped_gemm",
+    "clipped_gemm_runs",
     "choose_conv_method", "conv_padding", "conv_sq_norms", "conv_sq_norms_torch",
     "conv_keeps_per_example", "conv_native", "conv_unfold_torch", "pads_to_arg",
     "embedding_sq_norms", "embedding_sq_norms_torch", "embedding_linear_cross",

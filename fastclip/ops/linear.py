@@ -1,5 +1,6 @@
 """Linear layers: per-example squared weight / bias gradient norms from the layer's (A, G)
-factors, the ghost / direct choice, and the BLAS the core uses.
+factors, the ghost / direct choice, the BLAS the core uses, and the clipped sum by the core's
+AVX-512 kernel (``clipped_gemm``).
 
 Mirrors csrc/linear.h (+ csrc/blas.h) and src/bind_linear.cpp; ``linear_sq_norms_torch`` is the
 same algorithm in torch ops, for other devices and dtypes. Used by fastclip/layers/linear.py.
@@ -143,3 +144,25 @@ def linear_sq_norms(A: Tensor, G: Tensor, method: str = "auto", bias: bool = Fal
                               torch.get_num_threads())
     return torch.from_numpy(w), (torch.from_numpy(b) if b is not None else None)
 
+
+def clipped_gemm_runs(A: Tensor, G: Tensor) -> bool:
+    """Whether :func:`clipped_gemm` takes ``(A, G)``: CPU float32 tensors, and the core's AVX-512
+    GEMM kernels run here (csrc/gemm_avx512.h; ``fastclip._C.isa()`` is "avx512")."""
+    return (_native(A, G) and A.dtype == torch.float32 and _C is not None
+            and _C.small_gemm_available())
+
+
+def clipped_gemm(A: Tensor, G: Tensor, c: Tensor) -> Tensor:
+    """The clipped sum of a linear map, ``sum_i c_i G_i^T A_i`` (p, d) float32, from A (B, T, d),
+    G (B, T, p) and the clip factors c (B,), in the core's AVX-512 kernel: each G row rescaled
+    by its example's factor in float32 (the value ``G * c`` gives), products accumulated in
+    float32 over the B T rows in order, without the rescaled copy or the transposes a torch GEMM
+    needs. Twice torch's CPU matmul rate where MKL or OpenBLAS run AVX2 kernels (bench/README.md).
+    Only where :func:`clipped_gemm_runs`; callers keep the torch form for the rest.
+    """
+    B, T, p = G.shape
+    d = A.shape[-1]
+    A2, G2 = A.reshape(B * T, d), G.reshape(B * T, p)
+    cf = c.detach().to(torch.float32).contiguous()
+    return torch.from_numpy(_C.clipped_gemm(_numpy_view(A2), _numpy_view(G2), cf.numpy(), T,
+                                            torch.get_num_threads()))

@@ -217,3 +217,72 @@ def test_blas_info_names_a_pinned_kernel_core(pinned):
         assert pinned in out.split(")")[0]   # the core OpenBLAS reports is the pinned one
     else:
         assert "pinned" not in out
+
+
+# -- the clipped sum by the AVX-512 kernel (csrc/gemm_avx512.h) ----------------------------------
+
+needs_avx512 = pytest.mark.skipif(
+    _C is None or not _C.small_gemm_available(),
+    reason="the AVX-512 GEMM kernels do not run on this CPU (fastclip._C.isa() is not avx512)")
+
+
+def clipped_reference(A, G, c):
+    """float64 sum_i c_i G_i^T A_i from A (B, T, d), G (B, T, p), c (B,)."""
+    return torch.einsum("b,btp,btd->pd", c.double(), G.double(), A.double())
+
+
+@needs_avx512
+@pytest.mark.parametrize("B,T,d,p", [
+    (0, 1, 5, 3), (1, 1, 1, 1), (7, 1, 17, 5), (256, 1, 784, 512), (3, 5, 64, 6),
+    (4, 9, 130, 13), (2, 70, 31, 200), (5, 300, 48, 7),   # 300 rows per example: several depth blocks
+])
+def test_clipped_gemm_matches_reference(B, T, d, p):
+    # Column tails (d not a multiple of 16 or 64), row-block tails (p not a multiple of 6),
+    # several 128-row depth blocks, rows read with a stride (A and G sliced from wider tensors).
+    gen = torch.Generator().manual_seed(B * 1000 + T)
+    A = torch.randn(B, T, d + 3, generator=gen)[..., :d]
+    G = torch.randn(B, T, p + 5, generator=gen)[..., 1:p + 1]
+    c = torch.rand(B, generator=gen, dtype=torch.float64)
+    c[::3] = 0.0
+    got = ops.clipped_gemm(A, G, c)
+    assert got.dtype == torch.float32 and got.shape == (p, d)
+    want = clipped_reference(A, G, c)
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+
+
+@needs_avx512
+def test_clipped_gemm_thread_count_does_not_change_result():
+    A, G, c = torch.randn(6, 40, 100), torch.randn(6, 40, 70), torch.rand(6)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.clipped_gemm(A, G, c)
+        torch.set_num_threads(2)
+        two = ops.clipped_gemm(A, G, c)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+
+
+@needs_avx512
+@pytest.mark.parametrize("args,exc,match", [
+    (lambda A, G, c: (A.astype("float64"), G, c, 1), TypeError, "takes float32 arrays"),
+    (lambda A, G, c: (A, G[:3], c, 1), ValueError, "rows differ"),
+    (lambda A, G, c: (A, G, c[:2], 1), ValueError, "factors must be 1-D"),
+    (lambda A, G, c: (A, G, c, 0), ValueError, "T must be >= 1"),
+    (lambda A, G, c: (A[None], G, c, 1), ValueError, "must be 2-D"),
+    (lambda A, G, c: (A, G, c[::2].repeat(2), 1), None, None),
+    (lambda A, G, c: (A, G, "c", 1), TypeError, "factors must be a numpy.ndarray"),
+])
+def test_clipped_gemm_binding_hostile(args, exc, match):
+    import numpy as np
+    A = np.random.rand(4, 5).astype(np.float32)
+    G = np.random.rand(4, 3).astype(np.float32)
+    c = np.random.rand(4).astype(np.float32)
+    call = args(A, G, c)
+    if exc is None:
+        assert _C.clipped_gemm(*call).shape == (3, 5)
+        return
+    with pytest.raises(exc, match=match):
+        _C.clipped_gemm(*call)

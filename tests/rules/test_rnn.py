@@ -145,7 +145,7 @@ def test_torch_fallback_ops_match_native(kind):
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("lengths", [False, True])
 def test_float32_products_match_float64(kind, lengths):
-    # float32 on an AVX-512 CPU runs the recurrent products in small_gemm (csrc/small_gemm.h):
+    # float32 on an AVX-512 CPU runs the recurrent products in small_gemm (csrc/gemm_avx512.h):
     # hidden 37 gives gate widths of 148 / 111 / 37 columns (full 64-column blocks and partial
     # vectors), d = 23, 13 examples split into slices of 6 / 7 rows (row blocks with tails);
     # with lengths the input projection runs per example. Against the float64 torch loops.

@@ -1,0 +1,208 @@
+#include "gemm_avx512.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <vector>
+
+#include "common.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FASTCLIP_GEMM_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace fastclip {
+
+#ifdef FASTCLIP_GEMM_AVX512
+namespace {
+
+// Rows of C per clipped_gemm block, and rows of A (positions) per pass over a column block: a
+// 128 x 64 panel of A (32 KiB) stays in L1 while every row block of C reads it.
+constexpr int kClippedRows = 6;
+constexpr int64_t kClippedDepth = 128;
+
+inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+}
+
+// Rows a[0 .. MR) (the last ones may repeat: computed, not stored) times P's columns
+// [0, cols) (cols <= 16 NV), into C's first `rows` rows.
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void block(int64_t k, const float* const* a, const float* P,
+                                              int64_t ldp, float* C, int64_t ldc, int rows,
+                                              int64_t cols) {
+  // Every loop below runs over compile-time bounds, so the accumulators stay in registers (a
+  // loop to the runtime `rows` made GCC keep them in memory, a store each per step).
+  __m512 acc[MR][NV];
+  const __mmask16 last = tail_mask(cols - 16 * (NV - 1));  // only the last vector is partial
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+  const float* a_[MR];
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) a_[i] = a[i];
+  for (int64_t q = 0; q < k; ++q) {
+    const float* p = P + q * ldp;
+    __m512 pv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV - 1; ++j) pv[j] = _mm512_loadu_ps(p + 16 * j);
+    pv[NV - 1] = _mm512_maskz_loadu_ps(last, p + 16 * (NV - 1));
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 av = _mm512_set1_ps(a_[i][q]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(av, pv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    if (i >= rows) break;
+#pragma GCC unroll 4
+    for (int j = 0; j < NV - 1; ++j) _mm512_storeu_ps(C + i * ldc + 16 * j, acc[i][j]);
+    _mm512_mask_storeu_ps(C + i * ldc + 16 * (NV - 1), last, acc[i][NV - 1]);
+  }
+}
+
+template <int NV>
+void columns(int64_t m, int64_t k, const float* A, int64_t lda, const float* P, int64_t ldp,
+             float* C, int64_t ldc, int64_t cols) {
+  constexpr int MR = 6;
+  const float* a[MR];
+  for (int64_t r0 = 0; r0 < m; r0 += MR) {
+    const int rows = int(std::min<int64_t>(MR, m - r0));
+    for (int i = 0; i < MR; ++i) a[i] = A + (r0 + std::min(i, rows - 1)) * lda;
+    block<MR, NV>(k, a, P, ldp, C + r0 * ldc, ldc, rows, cols);
+  }
+}
+
+// Clipped sums: C's rows [i0, i0 + 6) x columns [0, cols) of a column block over kc rows of A,
+// from the packed, rescaled G panel gp (kc x 6). `accumulate`: add to what C holds (later kc
+// blocks), else overwrite.
+template <int NV>
+__attribute__((target("avx512f"))) void tn_block(int64_t kc, const float* gp, const float* A,
+                                                 int64_t lda, float* C, int64_t ldc, int rows,
+                                                 int64_t cols, bool accumulate) {
+  constexpr int MR = kClippedRows;
+  __m512 acc[MR][NV];
+  const __mmask16 last = tail_mask(cols - 16 * (NV - 1));
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+    if (accumulate && i < rows) {
+#pragma GCC unroll 4
+      for (int j = 0; j < NV - 1; ++j) acc[i][j] = _mm512_loadu_ps(C + i * ldc + 16 * j);
+      acc[i][NV - 1] = _mm512_maskz_loadu_ps(last, C + i * ldc + 16 * (NV - 1));
+    }
+  }
+  for (int64_t q = 0; q < kc; ++q) {
+    const float* a = A + q * lda;
+    __m512 pv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV - 1; ++j) pv[j] = _mm512_loadu_ps(a + 16 * j);
+    pv[NV - 1] = _mm512_maskz_loadu_ps(last, a + 16 * (NV - 1));
+    const float* g = gp + q * MR;
+#pragma GCC unroll 8
+    for (int i = 0; i < MR; ++i) {
+      const __m512 gv = _mm512_set1_ps(g[i]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(gv, pv[j], acc[i][j]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i) {
+    if (i >= rows) break;
+#pragma GCC unroll 4
+    for (int j = 0; j < NV - 1; ++j) _mm512_storeu_ps(C + i * ldc + 16 * j, acc[i][j]);
+    _mm512_mask_storeu_ps(C + i * ldc + 16 * (NV - 1), last, acc[i][NV - 1]);
+  }
+}
+
+void tn_columns(int64_t kc, const float* gp, const float* A, int64_t lda, float* C, int64_t ldc,
+                int rows, int64_t cols, bool accumulate) {
+  switch ((cols + 15) / 16) {
+    case 1: tn_block<1>(kc, gp, A, lda, C, ldc, rows, cols, accumulate); break;
+    case 2: tn_block<2>(kc, gp, A, lda, C, ldc, rows, cols, accumulate); break;
+    case 3: tn_block<3>(kc, gp, A, lda, C, ldc, rows, cols, accumulate); break;
+    default: tn_block<4>(kc, gp, A, lda, C, ldc, rows, cols, accumulate); break;
+  }
+}
+
+}  // namespace
+#endif
+
+bool small_gemm_available() {
+#ifdef FASTCLIP_GEMM_AVX512
+  return isa_level() >= kIsaAvx512;
+#else
+  return false;
+#endif
+}
+
+void small_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* P,
+                int64_t ldp, float* C, int64_t ldc) {
+#ifdef FASTCLIP_GEMM_AVX512
+  if (m <= 0) return;
+  for (int64_t n0 = 0; n0 < n; n0 += 64) {
+    const int64_t cols = std::min<int64_t>(64, n - n0);
+    switch ((cols + 15) / 16) {
+      case 1: columns<1>(m, k, A, lda, P + n0, ldp, C + n0, ldc, cols); break;
+      case 2: columns<2>(m, k, A, lda, P + n0, ldp, C + n0, ldc, cols); break;
+      case 3: columns<3>(m, k, A, lda, P + n0, ldp, C + n0, ldc, cols); break;
+      default: columns<4>(m, k, A, lda, P + n0, ldp, C + n0, ldc, cols); break;
+    }
+  }
+#else
+  (void)m, (void)n, (void)k, (void)A, (void)lda, (void)P, (void)ldp, (void)C, (void)ldc;
+  throw std::logic_error("small_gemm is not built for this target");
+#endif
+}
+
+void clipped_gemm(int64_t N, int64_t p, int64_t d, const float* A, int64_t lda, const float* G,
+                  int64_t ldg, const float* c, int64_t T, float* C, int64_t ldc, int num_threads) {
+#ifdef FASTCLIP_GEMM_AVX512
+  if (p <= 0 || d <= 0) return;
+  if (N <= 0) {
+    for (int64_t i = 0; i < p; ++i) std::fill(C + i * ldc, C + i * ldc + d, 0.0f);
+    return;
+  }
+  constexpr int MR = kClippedRows;
+  const int64_t blocks = (p + MR - 1) / MR;
+  // Below ~4 Mflop the pool's wake-up costs more than a second thread saves.
+  const int threads = 2.0 * double(N) * double(p) * double(d) < 4e6 ? 1 : num_threads;
+  parallel_for(blocks, threads, [&](int64_t b0, int64_t b1) {
+    // This thread's rows of G, rescaled and packed per kc rows: block-major, then position,
+    // then the block's 6 rows (zeros past p).
+    std::vector<float> gp(size_t((b1 - b0) * kClippedDepth * MR));
+    for (int64_t q0 = 0; q0 < N; q0 += kClippedDepth) {
+      const int64_t kc = std::min(kClippedDepth, N - q0);
+      for (int64_t b = b0; b < b1; ++b) {
+        float* dst = gp.data() + (b - b0) * kc * MR;
+        const int64_t r0 = b * MR, rows = std::min<int64_t>(MR, p - r0);
+        for (int64_t q = 0; q < kc; ++q) {
+          const float cq = c[(q0 + q) / T];
+          const float* src = G + (q0 + q) * ldg + r0;
+          int64_t i = 0;
+          for (; i < rows; ++i) dst[q * MR + i] = src[i] * cq;
+          for (; i < MR; ++i) dst[q * MR + i] = 0.0f;
+        }
+      }
+      for (int64_t j0 = 0; j0 < d; j0 += 64) {
+        const int64_t cols = std::min<int64_t>(64, d - j0);
+        for (int64_t b = b0; b < b1; ++b) {
+          const int rows = int(std::min<int64_t>(MR, p - b * MR));
+          tn_columns(kc, gp.data() + (b - b0) * kc * MR, A + q0 * lda + j0, lda,
+                     C + b * MR * ldc + j0, ldc, rows, cols, q0 > 0);
+        }
+      }
+    }
+  });
+#else
+  (void)N, (void)p, (void)d, (void)A, (void)lda, (void)G, (void)ldg, (void)c, (void)T, (void)C,
+      (void)ldc, (void)num_threads;
+  throw std::logic_error("clipped_gemm is not built for this target");
+#endif
+}
+
+}  // namespace fastclip

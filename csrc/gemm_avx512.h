@@ -1,0 +1,36 @@
+// The float32 GEMMs fastclip forms with its own AVX-512 kernels: each keeps a 6 x 64 block of C in
+// 24 vector registers, accumulates over the reduction in order (the same bits whatever the
+// thread count or the caller's slicing) and runs on an x86-64 build where isa_level() is AVX-512.
+//
+// Why: the BLAS libraries at hand run these products at the AVX2 rate on the hosts measured
+// (OpenBLAS pinned to Haswell kernels by OPENBLAS_CORETYPE; torch's MKL on AMD CPUs), half the
+// AVX-512 rate of torch's own oneDNN kernels the non-private step uses for LSTMs and convolutions.
+//
+// * small_gemm: C = A P with P laid out once per call; the recurrent layers' step products (a
+//   slice's few dozen rows, where BLAS would repack the weight on every call), their input
+//   projections and input gradients.
+// * clipped_gemm: the clipped sum of a linear map, sum_i c_i G_i^T A_i, straight from the
+//   captured rows (no rescaled copy, no transposes).
+#pragma once
+#include <cstdint>
+
+namespace fastclip {
+
+// Whether small_gemm runs here: an x86-64 build where isa_level() is AVX-512 (common.h).
+bool small_gemm_available();
+
+// C (m x n, leading dim ldc) = A (m x k, lda) times P (k x n, ldp), accumulated in float32 over
+// q = 0 .. k - 1 in order (the same bits whatever the caller's slicing). Only call when available.
+void small_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* P,
+                int64_t ldp, float* C, int64_t ldc);
+
+// C (p x d, leading dim ldc) = sum over rows q < N of (c[q / T] G[q, :])^T A[q, :], with A: N x d
+// (lda) and G: N x p (ldg) the stacked rows of N / T examples of T positions each and c (N / T)
+// their clip factors: the clipped sum G^T diag(c) A of a linear map. Each G row is rescaled in
+// float32 (the value torch's G * c gives) and the products accumulate in float32 over q in
+// order. Parallel over blocks of C's rows on up to num_threads threads. Only call when
+// small_gemm_available().
+void clipped_gemm(int64_t N, int64_t p, int64_t d, const float* A, int64_t lda, const float* G,
+                  int64_t ldg, const float* c, int64_t T, float* C, int64_t ldc, int num_threads);
+
+}  // namespace fastclip
