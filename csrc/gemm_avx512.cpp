@@ -1,6 +1,7 @@
 #include "gemm_avx512.h"
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -12,6 +13,50 @@
 #endif
 
 namespace fastclip {
+
+namespace {
+
+// One element of A or G as float32: half-precision bits widened exactly.
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float f16_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, mant = h & 0x3FFu, bits;
+  if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise the mantissa
+      exp = 127 - 15 + 1;
+      while (!(mant & 0x400u)) {
+        mant <<= 1;
+        --exp;
+      }
+      bits = sign | (exp << 23) | ((mant & 0x3FFu) << 13);
+    }
+  } else if (exp == 31) {  // inf / NaN
+    bits = sign | 0x7F800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float element(const void* base, int64_t i, GemmInput kind) {
+  switch (kind) {
+    case GemmInput::BFloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
+    case GemmInput::Float16: return f16_to_float(static_cast<const uint16_t*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+}  // namespace
 
 #ifdef FASTCLIP_GEMM_AVX512
 namespace {
@@ -159,8 +204,9 @@ void small_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, co
 #endif
 }
 
-void clipped_gemm(int64_t N, int64_t p, int64_t d, const float* A, int64_t lda, const float* G,
-                  int64_t ldg, const float* c, int64_t T, float* C, int64_t ldc, int num_threads) {
+void clipped_gemm(int64_t N, int64_t p, int64_t d, const void* A, int64_t lda, const void* G,
+                  int64_t ldg, GemmInput kind, const float* c, int64_t T, float* C, int64_t ldc,
+                  int num_threads) {
 #ifdef FASTCLIP_GEMM_AVX512
   if (p <= 0 || d <= 0) return;
   if (N <= 0) {
@@ -168,13 +214,16 @@ void clipped_gemm(int64_t N, int64_t p, int64_t d, const float* A, int64_t lda, 
     return;
   }
   constexpr int MR = kClippedRows;
+  const bool wide = kind == GemmInput::Float32;
   const int64_t blocks = (p + MR - 1) / MR;
   // Below ~4 Mflop the pool's wake-up costs more than a second thread saves.
   const int threads = 2.0 * double(N) * double(p) * double(d) < 4e6 ? 1 : num_threads;
   parallel_for(blocks, threads, [&](int64_t b0, int64_t b1) {
-    // This thread's rows of G, rescaled and packed per kc rows: block-major, then position,
-    // then the block's 6 rows (zeros past p).
+    // This thread's rows of G, widened, rescaled and packed per kc rows: block-major, then
+    // position, then the block's 6 rows (zeros past p).
     std::vector<float> gp(size_t((b1 - b0) * kClippedDepth * MR));
+    // Half-precision A: each kc x 64 panel widened once, read by every row block.
+    std::vector<float> ap(wide ? 0 : size_t(kClippedDepth * 64));
     for (int64_t q0 = 0; q0 < N; q0 += kClippedDepth) {
       const int64_t kc = std::min(kClippedDepth, N - q0);
       for (int64_t b = b0; b < b1; ++b) {
@@ -182,25 +231,42 @@ void clipped_gemm(int64_t N, int64_t p, int64_t d, const float* A, int64_t lda, 
         const int64_t r0 = b * MR, rows = std::min<int64_t>(MR, p - r0);
         for (int64_t q = 0; q < kc; ++q) {
           const float cq = c[(q0 + q) / T];
-          const float* src = G + (q0 + q) * ldg + r0;
+          const int64_t at = (q0 + q) * ldg + r0;
           int64_t i = 0;
-          for (; i < rows; ++i) dst[q * MR + i] = src[i] * cq;
+          if (wide) {
+            const float* src = static_cast<const float*>(G) + at;
+            for (; i < rows; ++i) dst[q * MR + i] = src[i] * cq;
+          } else {
+            for (; i < rows; ++i) dst[q * MR + i] = element(G, at + i, kind) * cq;
+          }
           for (; i < MR; ++i) dst[q * MR + i] = 0.0f;
         }
       }
       for (int64_t j0 = 0; j0 < d; j0 += 64) {
         const int64_t cols = std::min<int64_t>(64, d - j0);
+        const float* panel;
+        int64_t ld;
+        if (wide) {
+          panel = static_cast<const float*>(A) + q0 * lda + j0;
+          ld = lda;
+        } else {
+          for (int64_t q = 0; q < kc; ++q)
+            for (int64_t j = 0; j < cols; ++j)
+              ap[size_t(q * 64 + j)] = element(A, (q0 + q) * lda + j0 + j, kind);
+          panel = ap.data();
+          ld = 64;
+        }
         for (int64_t b = b0; b < b1; ++b) {
           const int rows = int(std::min<int64_t>(MR, p - b * MR));
-          tn_columns(kc, gp.data() + (b - b0) * kc * MR, A + q0 * lda + j0, lda,
-                     C + b * MR * ldc + j0, ldc, rows, cols, q0 > 0);
+          tn_columns(kc, gp.data() + (b - b0) * kc * MR, panel, ld, C + b * MR * ldc + j0, ldc,
+                     rows, cols, q0 > 0);
         }
       }
     }
   });
 #else
-  (void)N, (void)p, (void)d, (void)A, (void)lda, (void)G, (void)ldg, (void)c, (void)T, (void)C,
-      (void)ldc, (void)num_threads;
+  (void)N, (void)p, (void)d, (void)A, (void)lda, (void)G, (void)ldg, (void)kind, (void)c, (void)T,
+      (void)C, (void)ldc, (void)num_threads;
   throw std::logic_error("clipped_gemm is not built for this target");
 #endif
 }

@@ -24,13 +24,19 @@ bool small_gemm_available();
 void small_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* P,
                 int64_t ldp, float* C, int64_t ldc);
 
+// The element type of clipped_gemm's A and G: float32, or 16-bit bfloat16 / float16 bits widened
+// to float32 (exactly) as the kernel packs them.
+enum class GemmInput { Float32, BFloat16, Float16 };
+
 // C (p x d, leading dim ldc) = sum over rows q < N of (c[q / T] G[q, :])^T A[q, :], with A: N x d
-// (lda) and G: N x p (ldg) the stacked rows of N / T examples of T positions each and c (N / T)
-// their clip factors: the clipped sum G^T diag(c) A of a linear map. Each G row is rescaled in
-// float32 (the value torch's G * c gives) and the products accumulate in float32 over q in
-// order. Parallel over blocks of C's rows on up to num_threads threads. Only call when
-// small_gemm_available().
-void clipped_gemm(int64_t N, int64_t p, int64_t d, const float* A, int64_t lda, const float* G,
-                  int64_t ldg, const float* c, int64_t T, float* C, int64_t ldc, int num_threads);
+// (lda) and G: N x p (ldg) the stacked rows of N / T examples of T positions each (both of
+// `kind`) and c (N / T) their clip factors: the clipped sum G^T diag(c) A of a linear map. Each G
+// row is widened to float32 and rescaled there (the value torch's widened(G) * c gives) and the
+// products accumulate in float32 over q in order: a half-precision capture gives bit for bit
+// what its float32 copy gives. Parallel over blocks of C's rows on up to num_threads threads.
+// Only call when small_gemm_available().
+void clipped_gemm(int64_t N, int64_t p, int64_t d, const void* A, int64_t lda, const void* G,
+                  int64_t ldg, GemmInput kind, const float* c, int64_t T, float* C, int64_t ldc,
+                  int num_threads);
 
 }  // namespace fastclip

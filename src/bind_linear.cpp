@@ -75,26 +75,53 @@ std::string choose_linear_method(int64_t T, int64_t d, int64_t p) {
   return fastclip::linear_method_name(fastclip::choose_linear_method(T, d, p));
 }
 
+// A 2-D array of clipped_gemm's A or G: `kind`'s element size, unit stride on its last dim,
+// non-negative strides (check_layout).
+py::array gemm_operand(const py::object& obj, const std::string& name, fastclip::GemmInput kind) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(name + " must be a numpy.ndarray, got " + type_name(obj));
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  auto& api = py::detail::npy_api::get();
+  const bool f32 = api.PyArray_EquivTypes_(a.dtype().ptr(), py::dtype::of<float>().ptr());
+  const bool i16 = api.PyArray_EquivTypes_(a.dtype().ptr(), py::dtype::of<int16_t>().ptr()) ||
+                   api.PyArray_EquivTypes_(a.dtype().ptr(), py::dtype::of<uint16_t>().ptr());
+  if (kind == fastclip::GemmInput::Float32 ? !f32 : !i16)
+    throw py::type_error(name + " must be " +
+                         (kind == fastclip::GemmInput::Float32 ? std::string("float32")
+                                                               : std::string("16-bit (the raw bits)")) +
+                         " for kind '" + (kind == fastclip::GemmInput::Float32 ? "float32"
+                                          : kind == fastclip::GemmInput::BFloat16 ? "bfloat16"
+                                                                                   : "float16") +
+                         "', got " + dtype_name(a));
+  if (a.ndim() != 2)
+    throw py::value_error(name + " must be 2-D (rows, features), got " + std::to_string(a.ndim()) +
+                          "-D");
+  check_layout(a, name);
+  const auto item = static_cast<py::ssize_t>(a.dtype().itemsize());
+  if (a.size() > 0 && a.shape(1) > 1 && a.strides(1) != item)
+    throw py::value_error(name + " must have unit stride on its last dim, got " +
+                          std::to_string(a.strides(1) / item) + " elements; make it contiguous");
+  return a;
+}
+
 py::array_t<float> clipped_gemm(const py::object& A_obj, const py::object& G_obj,
-                                const py::object& c_obj, int64_t T, int num_threads) {
+                                const py::object& c_obj, int64_t T, const std::string& kind_name,
+                                int num_threads) {
   if (!fastclip::small_gemm_available())
     throw py::value_error(std::string("clipped_gemm needs an x86-64 CPU with AVX-512 (this "
                                       "process runs '") + fastclip::isa_name() + "' kernels)");
-  const py::array A = checked_array(A_obj, "activations");
-  const py::array G = checked_array(G_obj, "gradients");
+  fastclip::GemmInput kind;
+  if (kind_name == "float32") kind = fastclip::GemmInput::Float32;
+  else if (kind_name == "bfloat16") kind = fastclip::GemmInput::BFloat16;
+  else if (kind_name == "float16") kind = fastclip::GemmInput::Float16;
+  else throw py::value_error("kind must be 'float32', 'bfloat16' or 'float16', got '" + kind_name + "'");
+  const py::array A = gemm_operand(A_obj, "activations", kind);
+  const py::array G = gemm_operand(G_obj, "gradients", kind);
   if (!py::isinstance<py::array>(c_obj))
     throw py::type_error("factors must be a numpy.ndarray, got " + type_name(c_obj));
   const auto c = py::reinterpret_borrow<py::array>(c_obj);
-  auto is_f32 = [](const py::array& a) {
-    return py::detail::npy_api::get().PyArray_EquivTypes_(a.dtype().ptr(),
-                                                          py::dtype::of<float>().ptr());
-  };
-  if (!is_f32(A) || !is_f32(G) || !is_f32(c))
-    throw py::type_error("clipped_gemm takes float32 arrays, got activations " + dtype_name(A) +
-                         ", gradients " + dtype_name(G) + ", factors " + dtype_name(c));
-  if (A.ndim() != 2 || G.ndim() != 2)
-    throw py::value_error("activations and gradients must be 2-D (rows, features), got " +
-                          std::to_string(A.ndim()) + "-D and " + std::to_string(G.ndim()) + "-D");
+  if (!py::detail::npy_api::get().PyArray_EquivTypes_(c.dtype().ptr(), py::dtype::of<float>().ptr()))
+    throw py::type_error("factors must be float32, got " + dtype_name(c));
   const int64_t N = A.shape(0), d = A.shape(1), p = G.shape(1);
   if (G.shape(0) != N)
     throw py::value_error("rows differ: activations " + std::to_string(N) + ", gradients " +
@@ -110,13 +137,17 @@ py::array_t<float> clipped_gemm(const py::object& A_obj, const py::object& G_obj
   check_layout(c, "factors");
   check_flops(2.0 * double(N) * double(p) * double(d), "this clipped sum");
   num_threads = checked_threads(num_threads);
-  const View3<float> a = view_of<float>(A), g = view_of<float>(G);
+  const auto item = static_cast<int64_t>(A.dtype().itemsize());
+  const int64_t lda = N > 1 ? int64_t(A.strides(0)) / item : d;
+  const int64_t ldg = N > 1 ? int64_t(G.strides(0)) / item : p;
   py::array_t<float> out({p, d});
   float* o = out.mutable_data();
   const float* cp = static_cast<const float*>(c.data());
+  const void* ap = A.data();
+  const void* gp = G.data();
   {
     py::gil_scoped_release release;
-    fastclip::clipped_gemm(N, p, d, a.data, a.s0, g.data, g.s0, cp, T, o, d, num_threads);
+    fastclip::clipped_gemm(N, p, d, ap, lda, gp, ldg, kind, cp, T, o, d, num_threads);
   }
   return out;
 }
@@ -135,11 +166,13 @@ void bind_linear(py::module_& m) {
   m.def("choose_linear_method", &choose_linear_method, py::arg("T"), py::arg("d"), py::arg("p"),
         "'product' for T <= 1, else the cheaper of 'ghost' and 'direct' by flop count.");
   m.def("clipped_gemm", &clipped_gemm, py::arg("activations"), py::arg("gradients"),
-        py::arg("factors"), py::arg("T"), py::arg("num_threads") = 1,
-        "The clipped sum of a linear map, sum_q (c[q // T] G[q])^T A[q] (p, d), from float32\n"
+        py::arg("factors"), py::arg("T"), py::arg("kind") = "float32", py::arg("num_threads") = 1,
+        "The clipped sum of a linear map, sum_q (c[q // T] G[q])^T A[q] (p, d) float32, from\n"
         "activations A (N, d) and gradients G (N, p), rows of N / T examples of T positions each,\n"
         "and their float32 clip factors c (N / T,), by the AVX-512 kernel (csrc/gemm_avx512.h).\n"
-        "Raises ValueError where that kernel does not run (small_gemm_available()).");
+        "kind: 'float32' (float32 arrays) or 'bfloat16' / 'float16' (int16 arrays of the raw\n"
+        "bits), widened to float32 exactly. Raises ValueError where that kernel does not run\n"
+        "(small_gemm_available()).");
   m.def("small_gemm_available", &fastclip::small_gemm_available,
         "Whether the AVX-512 GEMM kernels run here (csrc/gemm_avx512.h): an x86-64 build where\n"
         "isa() is avx512.");

@@ -145,24 +145,42 @@ def linear_sq_norms(A: Tensor, G: Tensor, method: str = "auto", bias: bool = Fal
     return torch.from_numpy(w), (torch.from_numpy(b) if b is not None else None)
 
 
+_GEMM_KINDS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
 def clipped_gemm_runs(A: Tensor, G: Tensor) -> bool:
-    """Whether :func:`clipped_gemm` takes ``(A, G)``: CPU float32 tensors, and the core's AVX-512
-    GEMM kernels run here (csrc/gemm_avx512.h; ``fastclip._C.isa()`` is "avx512")."""
-    return (_native(A, G) and A.dtype == torch.float32 and _C is not None
-            and _C.small_gemm_available())
+    """Whether :func:`clipped_gemm` takes ``(A, G)``: CPU tensors of one dtype among float32,
+    bfloat16 and float16, and the core's AVX-512 GEMM kernels run here (csrc/gemm_avx512.h;
+    ``fastclip._C.isa()`` is "avx512")."""
+    return (_C is not None and isinstance(A, Tensor) and isinstance(G, Tensor)
+            and A.dtype == G.dtype and A.dtype in _GEMM_KINDS
+            and A.device.type == "cpu" and G.device.type == "cpu" and _C.small_gemm_available())
+
+
+def _gemm_view(t: Tensor):
+    """A 2-D float32 / bf16 / fp16 tensor as the numpy array the kernel reads in place: float32
+    as it is, the 16-bit types as their raw bits (numpy has no bfloat16)."""
+    t = t.detach()
+    if t.is_neg():
+        t = t.resolve_neg()
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        t = t.contiguous()
+    return (t if t.dtype == torch.float32 else t.view(torch.int16)).numpy()
 
 
 def clipped_gemm(A: Tensor, G: Tensor, c: Tensor) -> Tensor:
     """The clipped sum of a linear map, ``sum_i c_i G_i^T A_i`` (p, d) float32, from A (B, T, d),
-    G (B, T, p) and the clip factors c (B,), in the core's AVX-512 kernel: each G row rescaled
-    by its example's factor in float32 (the value ``G * c`` gives), products accumulated in
-    float32 over the B T rows in order, without the rescaled copy or the transposes a torch GEMM
-    needs. Twice torch's CPU matmul rate where MKL or OpenBLAS run AVX2 kernels (bench/README.md).
-    Only where :func:`clipped_gemm_runs`; callers keep the torch form for the rest.
+    G (B, T, p) and the clip factors c (B,), in the core's AVX-512 kernel: each G row widened to
+    float32 and rescaled there by its example's factor (the value ``widened(G) * c`` gives),
+    products accumulated in float32 over the B T rows in order, without the rescaled copy, the
+    float32 copies of half-precision captures or the transposes a torch GEMM needs (a bf16 capture
+    gives bit for bit what its float32 copy gives). Twice torch's CPU matmul rate where MKL or
+    OpenBLAS run AVX2 kernels (bench/README.md). Only where :func:`clipped_gemm_runs`; callers
+    keep the torch form for the rest.
     """
     B, T, p = G.shape
     d = A.shape[-1]
     A2, G2 = A.reshape(B * T, d), G.reshape(B * T, p)
     cf = c.detach().to(torch.float32).contiguous()
-    return torch.from_numpy(_C.clipped_gemm(_numpy_view(A2), _numpy_view(G2), cf.numpy(), T,
-                                            torch.get_num_threads()))
+    return torch.from_numpy(_C.clipped_gemm(_gemm_view(A2), _gemm_view(G2), cf.numpy(), T,
+                                            _GEMM_KINDS[A.dtype], torch.get_num_threads()))

@@ -252,6 +252,27 @@ def test_clipped_gemm_matches_reference(B, T, d, p):
 
 
 @needs_avx512
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,d,p", [(5, 1, 7, 5), (3, 50, 70, 13), (2, 3, 130, 1)])
+def test_clipped_gemm_half_inputs_are_their_float32_copies(dtype, B, T, d, p):
+    # bf16 / fp16 captures are widened in the kernel: bit for bit the float32 copies' sum, with
+    # subnormal, zero and negative-zero values among them (fp16's subnormal widening).
+    gen = torch.Generator().manual_seed(T)
+    A = (torch.randn(B, T, d, generator=gen) * 3).to(dtype)
+    G = (torch.randn(B, T, p + 2, generator=gen)).to(dtype)[..., 2:]
+    tiny = torch.finfo(dtype).tiny
+    A.view(-1)[:4] = torch.tensor([tiny / 4, -tiny / 8, 0.0, -0.0], dtype=dtype)
+    G.reshape(-1)[:2] = torch.tensor([tiny / 2, -tiny / 16], dtype=dtype)
+    c = torch.rand(B, generator=gen, dtype=torch.float64)
+    got = ops.clipped_gemm(A, G, c)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, ops.clipped_gemm(A.float(), G.float(), c))
+    want = clipped_reference(A, G, c)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4,
+                               atol=1e-5 * max(float(want.abs().max()), 1.0))
+
+
+@needs_avx512
 def test_clipped_gemm_thread_count_does_not_change_result():
     A, G, c = torch.randn(6, 40, 100), torch.randn(6, 40, 70), torch.rand(6)
     old = torch.get_num_threads()
@@ -267,7 +288,11 @@ def test_clipped_gemm_thread_count_does_not_change_result():
 
 @needs_avx512
 @pytest.mark.parametrize("args,exc,match", [
-    (lambda A, G, c: (A.astype("float64"), G, c, 1), TypeError, "takes float32 arrays"),
+    (lambda A, G, c: (A.astype("float64"), G, c, 1), TypeError, "must be float32 for kind"),
+    (lambda A, G, c: (A, G, c, 1, "bfloat16"), TypeError, r"must be 16-bit \(the raw bits\)"),
+    (lambda A, G, c: (A.view("int16")[:, :5], G.view("int16")[:, :3], c, 1, "half"), ValueError,
+     "kind must be"),
+    (lambda A, G, c: (A, G, c.astype("float64"), 1), TypeError, "factors must be float32"),
     (lambda A, G, c: (A, G[:3], c, 1), ValueError, "rows differ"),
     (lambda A, G, c: (A, G, c[:2], 1), ValueError, "factors must be 1-D"),
     (lambda A, G, c: (A, G, c, 0), ValueError, "T must be >= 1"),
