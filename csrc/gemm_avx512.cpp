@@ -121,6 +121,25 @@ void columns(int64_t m, int64_t k, const float* A, int64_t lda, const float* P, 
   }
 }
 
+// dst[0 .. n) = src[off .. off + n) widened to float32: 16 at a time in registers, the tail one
+// by one (the same values as element()).
+__attribute__((target("avx512f"))) void widen(const void* src, int64_t off, int64_t n,
+                                              GemmInput kind, float* dst) {
+  const uint16_t* h = static_cast<const uint16_t*>(src) + off;
+  int64_t j = 0;
+  if (kind == GemmInput::BFloat16) {
+    for (; j + 16 <= n; j += 16) {
+      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + j)));
+      _mm512_storeu_ps(dst + j, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+    }
+    for (; j < n; ++j) dst[j] = bf16_to_float(h[j]);
+  } else {
+    for (; j + 16 <= n; j += 16)
+      _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + j))));
+    for (; j < n; ++j) dst[j] = f16_to_float(h[j]);
+  }
+}
+
 // Clipped sums: C's rows [i0, i0 + 6) x columns [0, cols) of a column block over kc rows of A,
 // from the packed, rescaled G panel gp (kc x 6). `accumulate`: add to what C holds (later kc
 // blocks), else overwrite.
@@ -237,7 +256,9 @@ void clipped_gemm(int64_t N, int64_t p, int64_t d, const void* A, int64_t lda, c
             const float* src = static_cast<const float*>(G) + at;
             for (; i < rows; ++i) dst[q * MR + i] = src[i] * cq;
           } else {
-            for (; i < rows; ++i) dst[q * MR + i] = element(G, at + i, kind) * cq;
+            float w[MR];
+            widen(G, at, rows, kind, w);
+            for (; i < rows; ++i) dst[q * MR + i] = w[i] * cq;
           }
           for (; i < MR; ++i) dst[q * MR + i] = 0.0f;
         }
@@ -250,9 +271,7 @@ void clipped_gemm(int64_t N, int64_t p, int64_t d, const void* A, int64_t lda, c
           panel = static_cast<const float*>(A) + q0 * lda + j0;
           ld = lda;
         } else {
-          for (int64_t q = 0; q < kc; ++q)
-            for (int64_t j = 0; j < cols; ++j)
-              ap[size_t(q * 64 + j)] = element(A, (q0 + q) * lda + j0 + j, kind);
+          for (int64_t q = 0; q < kc; ++q) widen(A, (q0 + q) * lda + j0, cols, kind, &ap[size_t(q * 64)]);
           panel = ap.data();
           ld = 64;
         }
