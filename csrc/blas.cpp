@@ -1,5 +1,9 @@
 #include "blas.h"
 
+#include <type_traits>
+
+#include "gemm_avx512.h"
+
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -142,9 +146,26 @@ void syrk_upper(int64_t n, int64_t k, const T* A, int64_t lda, T* C, int64_t ldc
     for (int64_t c = r; c < n; ++c) C[r * ldc + c] = static_cast<T>(dot(A + r * lda, A + c * lda, k));
 }
 
+// float32 A^T B products go to fastclip's AVX-512 kernel where it runs (gemm_avx512.h: the BLAS
+// at hand runs them at the AVX2 rate on the hosts measured), unless the BLAS path is turned off
+// (set_enabled(false): the plain loops below, for tests).
+template <class T>
+bool tn_kernel(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
+               T* C, int64_t ldc, bool upper) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (g_enabled.load(std::memory_order_relaxed) && small_gemm_available()) {
+      tn_gemm(m, n, k, A, lda, B, ldb, C, ldc, upper);
+      return true;
+    }
+  }
+  (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)upper;
+  return false;
+}
+
 template <class T>
 void syrk_upper_t(int64_t n, int64_t k, const T* A, int64_t lda, T* C, int64_t ldc) {
   if (n == 0) return;
+  if (tn_kernel(n, n, k, A, lda, A, lda, C, ldc, true)) return;
   const Library* L = active();
   if (L && k > 0 && fits({n, k, ldc}, {{lda, n}, {ldc, n}})) {
     call_syrk(L, kTrans, n, k, A, lda, C, ldc);
@@ -179,6 +200,7 @@ template <class T>
 void gemm_tn(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
              T* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if (tn_kernel(m, n, k, A, lda, B, ldb, C, ldc, false)) return;
   const Library* L = active();
   if (L && k > 0 && fits({m, n, k}, {{lda, m}, {ldb, n}, {ldc, n}})) {
     call_gemm(L, kTrans, kNoTrans, m, n, k, A, lda, B, ldb, C, ldc);

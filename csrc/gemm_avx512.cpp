@@ -193,6 +193,67 @@ void tn_columns(int64_t kc, const float* gp, const float* A, int64_t lda, float*
   }
 }
 
+// Rows [b0 * 6, b1 * 6) of C (p x d) = sum over q < N of (c[q / T] G[q, :])^T A[q, :] (c null: no
+// factors), G and A of `kind`. upper: C is square and only its upper triangle is wanted (column
+// blocks left of a row block's diagonal are skipped; what they would hold stays unspecified).
+void tn_rows(int64_t b0, int64_t b1, int64_t N, int64_t p, int64_t d, const void* A, int64_t lda,
+             const void* G, int64_t ldg, GemmInput kind, const float* c, int64_t T, float* C,
+             int64_t ldc, bool upper) {
+  constexpr int MR = kClippedRows;
+  const bool wide = kind == GemmInput::Float32;
+  // G's rows of this range, widened, rescaled and packed per kc positions: block-major, then
+  // position, then the block's 6 rows (zeros past p). Half-precision A: each kc x 64 panel
+  // widened once, read by every row block. Per thread, kept between calls (the ghost norms call
+  // this per example and tile).
+  thread_local std::vector<float> gp, ap;
+  gp.resize(size_t((b1 - b0) * kClippedDepth * MR));
+  if (!wide) ap.resize(size_t(kClippedDepth * 64));
+  for (int64_t q0 = 0; q0 < N; q0 += kClippedDepth) {
+    const int64_t kc = std::min(kClippedDepth, N - q0);
+    for (int64_t b = b0; b < b1; ++b) {
+      float* dst = gp.data() + (b - b0) * kc * MR;
+      const int64_t r0 = b * MR, rows = std::min<int64_t>(MR, p - r0);
+      for (int64_t q = 0; q < kc; ++q) {
+        const float cq = c ? c[(q0 + q) / T] : 1.0f;
+        const int64_t at = (q0 + q) * ldg + r0;
+        int64_t i = 0;
+        if (wide) {
+          const float* src = static_cast<const float*>(G) + at;
+          if (c)
+            for (; i < rows; ++i) dst[q * MR + i] = src[i] * cq;
+          else
+            for (; i < rows; ++i) dst[q * MR + i] = src[i];
+        } else {
+          float w[MR];
+          widen(G, at, rows, kind, w);
+          for (; i < rows; ++i) dst[q * MR + i] = w[i] * cq;
+        }
+        for (; i < MR; ++i) dst[q * MR + i] = 0.0f;
+      }
+    }
+    const int64_t first = upper ? b0 * MR / 64 * 64 : 0;
+    for (int64_t j0 = first; j0 < d; j0 += 64) {
+      const int64_t cols = std::min<int64_t>(64, d - j0);
+      const float* panel;
+      int64_t ld;
+      if (wide) {
+        panel = static_cast<const float*>(A) + q0 * lda + j0;
+        ld = lda;
+      } else {
+        for (int64_t q = 0; q < kc; ++q) widen(A, (q0 + q) * lda + j0, cols, kind, &ap[size_t(q * 64)]);
+        panel = ap.data();
+        ld = 64;
+      }
+      for (int64_t b = b0; b < b1; ++b) {
+        if (upper && j0 + 64 <= b * MR) continue;  // wholly left of this row block's diagonal
+        const int rows = int(std::min<int64_t>(MR, p - b * MR));
+        tn_columns(kc, gp.data() + (b - b0) * kc * MR, panel, ld, C + b * MR * ldc + j0, ldc,
+                   rows, cols, q0 > 0);
+      }
+    }
+  }
+}
+
 }  // namespace
 #endif
 
@@ -232,61 +293,32 @@ void clipped_gemm(int64_t N, int64_t p, int64_t d, const void* A, int64_t lda, c
     for (int64_t i = 0; i < p; ++i) std::fill(C + i * ldc, C + i * ldc + d, 0.0f);
     return;
   }
-  constexpr int MR = kClippedRows;
-  const bool wide = kind == GemmInput::Float32;
-  const int64_t blocks = (p + MR - 1) / MR;
+  const int64_t blocks = (p + kClippedRows - 1) / kClippedRows;
   // Below ~4 Mflop the pool's wake-up costs more than a second thread saves.
   const int threads = 2.0 * double(N) * double(p) * double(d) < 4e6 ? 1 : num_threads;
   parallel_for(blocks, threads, [&](int64_t b0, int64_t b1) {
-    // This thread's rows of G, widened, rescaled and packed per kc rows: block-major, then
-    // position, then the block's 6 rows (zeros past p).
-    std::vector<float> gp(size_t((b1 - b0) * kClippedDepth * MR));
-    // Half-precision A: each kc x 64 panel widened once, read by every row block.
-    std::vector<float> ap(wide ? 0 : size_t(kClippedDepth * 64));
-    for (int64_t q0 = 0; q0 < N; q0 += kClippedDepth) {
-      const int64_t kc = std::min(kClippedDepth, N - q0);
-      for (int64_t b = b0; b < b1; ++b) {
-        float* dst = gp.data() + (b - b0) * kc * MR;
-        const int64_t r0 = b * MR, rows = std::min<int64_t>(MR, p - r0);
-        for (int64_t q = 0; q < kc; ++q) {
-          const float cq = c[(q0 + q) / T];
-          const int64_t at = (q0 + q) * ldg + r0;
-          int64_t i = 0;
-          if (wide) {
-            const float* src = static_cast<const float*>(G) + at;
-            for (; i < rows; ++i) dst[q * MR + i] = src[i] * cq;
-          } else {
-            float w[MR];
-            widen(G, at, rows, kind, w);
-            for (; i < rows; ++i) dst[q * MR + i] = w[i] * cq;
-          }
-          for (; i < MR; ++i) dst[q * MR + i] = 0.0f;
-        }
-      }
-      for (int64_t j0 = 0; j0 < d; j0 += 64) {
-        const int64_t cols = std::min<int64_t>(64, d - j0);
-        const float* panel;
-        int64_t ld;
-        if (wide) {
-          panel = static_cast<const float*>(A) + q0 * lda + j0;
-          ld = lda;
-        } else {
-          for (int64_t q = 0; q < kc; ++q) widen(A, (q0 + q) * lda + j0, cols, kind, &ap[size_t(q * 64)]);
-          panel = ap.data();
-          ld = 64;
-        }
-        for (int64_t b = b0; b < b1; ++b) {
-          const int rows = int(std::min<int64_t>(MR, p - b * MR));
-          tn_columns(kc, gp.data() + (b - b0) * kc * MR, panel, ld, C + b * MR * ldc + j0, ldc,
-                     rows, cols, q0 > 0);
-        }
-      }
-    }
+    tn_rows(b0, b1, N, p, d, A, lda, G, ldg, kind, c, T, C, ldc, false);
   });
 #else
   (void)N, (void)p, (void)d, (void)A, (void)lda, (void)G, (void)ldg, (void)kind, (void)c, (void)T,
       (void)C, (void)ldc, (void)num_threads;
   throw std::logic_error("clipped_gemm is not built for this target");
+#endif
+}
+
+void tn_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, bool upper) {
+#ifdef FASTCLIP_GEMM_AVX512
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {
+    for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.0f);
+    return;
+  }
+  tn_rows(0, (m + kClippedRows - 1) / kClippedRows, k, m, n, B, ldb, A, lda, GemmInput::Float32,
+          nullptr, 1, C, ldc, upper);
+#else
+  (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)upper;
+  throw std::logic_error("tn_gemm is not built for this target");
 #endif
 }
 

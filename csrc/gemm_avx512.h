@@ -11,6 +11,8 @@
 //   projections and input gradients.
 // * clipped_gemm: the clipped sum of a linear map, sum_i c_i G_i^T A_i, straight from the
 //   captured rows (no rescaled copy, no transposes).
+// * tn_gemm: C = A^T B (the BLAS calls blas::gemm_tn / syrk_upper_t make for float32: the ghost
+//   norms' Gram tiles of convolutions, the direct norm's tiles of linear maps).
 #pragma once
 #include <cstdint>
 
@@ -38,5 +40,12 @@ enum class GemmInput { Float32, BFloat16, Float16 };
 void clipped_gemm(int64_t N, int64_t p, int64_t d, const void* A, int64_t lda, const void* G,
                   int64_t ldg, GemmInput kind, const float* c, int64_t T, float* C, int64_t ldc,
                   int num_threads);
+
+// C (m x n, leading dim ldc) = A^T B, A: k x m (lda), B: k x n (ldb), float32, accumulated over
+// k in order, on the calling thread. upper (m == n): only C's upper triangle is wanted, the
+// strict lower one is left unspecified (as blas::syrk_upper_t). Only call when
+// small_gemm_available().
+void tn_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, bool upper);
 
 }  // namespace fastclip
