@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <vector>
 
 #include "common.h"
 
@@ -134,18 +135,6 @@ std::string info() {
   return s;
 }
 
-template <class T>
-void syrk_upper(int64_t n, int64_t k, const T* A, int64_t lda, T* C, int64_t ldc) {
-  if (n == 0) return;
-  const Library* L = active();
-  if (L && k > 0 && fits({n, k, ldc}, {{lda, k}, {ldc, n}})) {
-    call_syrk(L, kNoTrans, n, k, A, lda, C, ldc);
-    return;
-  }
-  for (int64_t r = 0; r < n; ++r)
-    for (int64_t c = r; c < n; ++c) C[r * ldc + c] = static_cast<T>(dot(A + r * lda, A + c * lda, k));
-}
-
 // float32 A^T B products go to fastclip's AVX-512 kernel where it runs (gemm_avx512.h: the BLAS
 // at hand runs them at the AVX2 rate on the hosts measured), unless the BLAS path is turned off
 // (set_enabled(false): the plain loops below, for tests).
@@ -160,6 +149,44 @@ bool tn_kernel(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T
   }
   (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)upper;
   return false;
+}
+
+// A B^T (A: m x k, B: n x k) as tn_kernel on the transposed factors, for products big enough that
+// the transposes (m k + n k moves against m n k multiply-adds) are noise.
+template <class T>
+bool nt_kernel(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
+               T* C, int64_t ldc, bool upper) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (m >= 32 && n >= 32 && k > 0 && g_enabled.load(std::memory_order_relaxed) &&
+        small_gemm_available()) {
+      thread_local std::vector<float> at, bt;
+      at.resize(size_t(k * m));
+      transpose_f32(m, k, A, lda, at.data(), m);
+      const float* b = at.data();
+      if (B != A || ldb != lda || n != m) {
+        bt.resize(size_t(k * n));
+        transpose_f32(n, k, B, ldb, bt.data(), n);
+        b = bt.data();
+      }
+      tn_gemm(m, n, k, at.data(), m, b, n, C, ldc, upper);
+      return true;
+    }
+  }
+  (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)upper;
+  return false;
+}
+
+template <class T>
+void syrk_upper(int64_t n, int64_t k, const T* A, int64_t lda, T* C, int64_t ldc) {
+  if (n == 0) return;
+  if (nt_kernel(n, n, k, A, lda, A, lda, C, ldc, true)) return;
+  const Library* L = active();
+  if (L && k > 0 && fits({n, k, ldc}, {{lda, k}, {ldc, n}})) {
+    call_syrk(L, kNoTrans, n, k, A, lda, C, ldc);
+    return;
+  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = r; c < n; ++c) C[r * ldc + c] = static_cast<T>(dot(A + r * lda, A + c * lda, k));
 }
 
 template <class T>
@@ -187,6 +214,7 @@ template <class T>
 void gemm_nt(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
              T* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
+  if (nt_kernel(m, n, k, A, lda, B, ldb, C, ldc, false)) return;
   const Library* L = active();
   if (L && k > 0 && fits({m, n, k}, {{lda, k}, {ldb, k}, {ldc, n}})) {
     call_gemm(L, kNoTrans, kTrans, m, n, k, A, lda, B, ldb, C, ldc);

@@ -5,6 +5,8 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "gemm_avx512.h"
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define FASTCLIP_CONV_AVX512 1
 #include <immintrin.h>
@@ -31,35 +33,6 @@ Padded padded_dims(const ConvShape& s) {
 int64_t padded_cols(int64_t Og) { return (Og + 15) / 16 * 16; }
 
 #ifdef FASTCLIP_CONV_AVX512
-
-// dst (16 x 16, leading dim ldd) = the transpose of src (16 x 16, leading dim lds), in registers.
-__attribute__((target("avx512f"))) void transpose16(const float* src, int64_t lds, float* dst,
-                                                    int64_t ldd) {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
-  for (int i = 0; i < 16; i += 2) {  // pairs of rows interleaved, per 128-bit lane
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // 4 x 4 blocks transposed within each lane
-    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
-    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
-    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
-    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
-  }
-  for (int h = 0; h < 16; h += 8)  // then the lanes themselves, in two rounds
-    for (int j = 0; j < 4; ++j) {
-      t[h + j] = _mm512_shuffle_f32x4(r[h + j], r[h + 4 + j], 0x88);
-      t[h + 4 + j] = _mm512_shuffle_f32x4(r[h + j], r[h + 4 + j], 0xdd);
-    }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
-    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
-  }
-  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * ldd, r[i]);
-}
 
 // acc[MR][NV] (rows k0 .. k0 + MR of K, columns n0 .. n0 + 16 NV of Og) over every output
 // position, stored to C for the first `rows` rows and `cols` columns. off[i]: row i's offset in
@@ -174,19 +147,12 @@ void conv_direct_fused(const ConvShape& s, const float* xi, int64_t c0, const fl
           for (int64_t w = 0; w < s.in[2]; ++w) dst[w] = src[w * s.xs[4]];
       }
   (void)Dp;
-  // G transposed to P x ldgt, its columns past Og zero (full vector loads, masked stores):
-  // 16 x 16 tiles in registers, the edges element by element. (An element-wise transpose was
-  // most of the time of a 3-channel layer, whose K = 27 products are short.)
+  // G transposed to P x ldgt (16 x 16 register tiles: an element-wise transpose was most of the
+  // time of a 3-channel layer, whose K = 27 products are short), its columns past Og zero (full
+  // vector loads, masked stores).
   gt.resize(size_t(P * ldgt));
-  float* gtp = gt.data();
-  const int64_t P16 = P / 16 * 16, O16 = Og / 16 * 16;
-  for (int64_t p0 = 0; p0 < P16; p0 += 16)
-    for (int64_t o0 = 0; o0 < O16; o0 += 16) transpose16(G + o0 * ldg + p0, ldg, gtp + p0 * ldgt + o0, ldgt);
-  for (int64_t p = 0; p < P; ++p) {
-    float* row = gtp + p * ldgt;
-    for (int64_t o = p < P16 ? O16 : 0; o < Og; ++o) row[o] = G[o * ldg + p];
-    std::fill(row + Og, row + ldgt, 0.0f);
-  }
+  transpose_f32(Og, P, G, ldg, gt.data(), ldgt);
+  for (int64_t p = 0; p < P; ++p) std::fill(gt.data() + p * ldgt + Og, gt.data() + (p + 1) * ldgt, 0.0f);
   // Row offsets in the padded input, in the weight's (ch, a, b, e) order.
   const int64_t K = s.cols();
   std::vector<int64_t> off(static_cast<size_t>(K));

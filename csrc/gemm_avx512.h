@@ -12,7 +12,8 @@
 // * clipped_gemm: the clipped sum of a linear map, sum_i c_i G_i^T A_i, straight from the
 //   captured rows (no rescaled copy, no transposes).
 // * tn_gemm: C = A^T B (the BLAS calls blas::gemm_tn / syrk_upper_t make for float32: the ghost
-//   norms' Gram tiles of convolutions, the direct norm's tiles of linear maps).
+//   norms' Gram tiles of convolutions, the direct norm's tiles of linear maps); blas::gemm_nt /
+//   syrk_upper transpose their factors first (the ghost norms of linear and recurrent layers).
 #pragma once
 #include <cstdint>
 
@@ -40,6 +41,11 @@ enum class GemmInput { Float32, BFloat16, Float16 };
 void clipped_gemm(int64_t N, int64_t p, int64_t d, const void* A, int64_t lda, const void* G,
                   int64_t ldg, GemmInput kind, const float* c, int64_t T, float* C, int64_t ldc,
                   int num_threads);
+
+// dst (cols x rows, leading dim ldd) = the transpose of src (rows x cols, leading dim lds): 16 x 16
+// tiles in registers where AVX-512 runs, the edges (or everything) element by element.
+void transpose_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, float* dst,
+                   int64_t ldd);
 
 // C (m x n, leading dim ldc) = A^T B, A: k x m (lda), B: k x n (ldb), float32, accumulated over
 // k in order, on the calling thread. upper (m == n): only C's upper triangle is wanted, the

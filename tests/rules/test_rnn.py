@@ -144,15 +144,17 @@ def test_torch_fallback_ops_match_native(kind):
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("lengths", [False, True])
-def test_float32_products_match_float64(kind, lengths):
+@pytest.mark.parametrize("B", [13, 16])
+def test_float32_products_match_float64(kind, lengths, B):
     # float32 on an AVX-512 CPU runs the recurrent products in small_gemm (csrc/gemm_avx512.h):
     # hidden 37 gives gate widths of 148 / 111 / 37 columns (full 64-column blocks and partial
-    # vectors), d = 23, 13 examples split into slices of 6 / 7 rows (row blocks with tails);
-    # with lengths the input projection runs per example. Against the float64 torch loops.
+    # vectors), d = 23, 13 examples split into slices of 6 / 7 rows (row blocks with tails) or 16
+    # into slices of 8 (the 8-row blocks); with lengths the input projection runs per example.
+    # Against the float64 torch loops.
     cell = {nn.LSTM: "lstm", nn.GRU: "gru"}.get(kind[0]) or (
         "rnn_relu" if kind[2].get("nonlinearity") == "relu" else "rnn_tanh")
     G = ops.RNN_CELLS[cell]
-    B, T, d, h = 13, 9, 23, 37
+    T, d, h = 9, 23, 37
     gen = torch.Generator().manual_seed(G + lengths)
     r = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.3
     x, w_ih, w_hh, b_ih, b_hh = r(B, T, d), r(G * h, d), r(G * h, h), r(G * h), r(G * h)
