@@ -1,0 +1,76 @@
+"""fastclip's own AVX-512 kernels (csrc/gemm_avx512.h, csrc/conv_direct.h) and the paths that
+run where they do not: the same float32 ops in a child process with ``FASTCLIP_ISA=avx2`` (BLAS
+and torch instead) against the kernels' results here. Each path is also tested against the
+float64 reference on its own (tests/rules, tests/ops/test_ops_linear.py)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastclip import _C, ops
+from harness import child_env
+
+# The ops a child runs and saves: a recurrent layer's forward outputs and input gradients, a
+# linear map's clipped sum (the Linear rule's clipped_product), a conv's direct norms with its
+# kept per-example gradients, and a ghost norm of a long linear layer (the A^T B / A B^T tiles).
+_CHILD = r"""
+import sys
+import numpy as np
+import torch
+from fastclip import _C, ops
+from fastclip.layers.linear import clipped_product
+assert _C.isa() == sys.argv[1], (_C.isa(), sys.argv[1])
+g = torch.Generator().manual_seed(0)
+r = lambda *s: torch.randn(*s, generator=g) * 0.3
+x, w_ih, w_hh, b = r(16, 7, 23), r(4 * 37, 23), r(4 * 37, 37), r(4 * 37)
+fwd = ops.rnn_forward("lstm", x, w_ih, w_hh, b, b)
+bwd = ops.rnn_backward("lstm", r(16, 7, 37), None, None, w_ih, w_hh, *fwd[3:7])
+A, G, c = r(9, 5, 70), r(9, 5, 13), torch.rand(9, generator=g, dtype=torch.float64)
+clipped = clipped_product(A, G, c, None)
+xc, gc = r(4, 5, 12, 10), r(4, 40, 12, 10)
+keep = torch.empty(4, 1, 45, 40)
+conv, _ = ops.conv_sq_norms(xc, gc, (40, 5, 3, 3), 1, 1, 1, 1, "direct", per_example=keep)
+ghost, _ = ops.linear_sq_norms(r(3, 100, 40), r(3, 100, 50), "ghost")
+out = [fwd[0], fwd[1], bwd[0], clipped, conv, keep, ghost]
+np.savez(sys.argv[2], *[t.numpy() for t in out])
+"""
+
+
+def _run(tmp_path, isa):
+    out = tmp_path / f"{isa}.npz"
+    subprocess.run([sys.executable, "-c", _CHILD, isa, str(out)],
+                   env=child_env(FASTCLIP_ISA=isa), check=True, timeout=300)
+    data = np.load(out)
+    return [torch.from_numpy(data[f"arr_{i}"]) for i in range(len(data.files))]
+
+
+def test_availability_follows_the_isa_level():
+    avx512 = _C.isa() == "avx512"
+    assert _C.small_gemm_available() == avx512
+    old = _C.set_conv_direct_fused(True)
+    try:
+        assert _C.conv_direct_fused_available() == avx512
+        _C.set_conv_direct_fused(False)
+        assert not _C.conv_direct_fused_available()
+    finally:
+        _C.set_conv_direct_fused(old)
+    if not avx512:
+        with pytest.raises(ValueError, match="needs an x86-64 CPU with AVX-512"):
+            _C.clipped_gemm(np.ones((2, 3), np.float32), np.ones((2, 4), np.float32),
+                            np.ones(2, np.float32), 1)
+
+
+def test_without_avx512_the_same_ops_agree(tmp_path):
+    # Every float32 op the kernels serve gives, on the BLAS / torch paths of an AVX2 process,
+    # what it gives here within float32 rounding (and the child asserts it runs avx2 kernels).
+    if _C.isa() == "portable":
+        pytest.skip("this CPU runs portable kernels only: there is no lower level to compare")
+    here = _run(tmp_path, _C.isa())
+    low = _run(tmp_path, "avx2")
+    names = ["rnn out", "rnn h_n", "rnn dx", "clipped sum", "conv norms", "conv kept", "ghost"]
+    for name, a, b in zip(names, here, low):
+        assert a.dtype == b.dtype == torch.float32, name
+        scale = max(float(b.abs().max()), 1.0)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale, msg=name)
