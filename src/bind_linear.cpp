@@ -127,7 +127,7 @@ py::array_t<float> clipped_gemm(const py::object& A_obj, const py::object& G_obj
     throw py::value_error("rows differ: activations " + std::to_string(N) + ", gradients " +
                           std::to_string(G.shape(0)));
   if (T < 1) throw py::value_error("T must be >= 1, got " + std::to_string(T));
-  if (c.ndim() != 1 || c.shape(0) * T != N)
+  if (c.ndim() != 1 || checked_mul(c.shape(0), T, "factors x T") != N)
     throw py::value_error("factors must be 1-D with rows / T = " + std::to_string(N) + " / " +
                           std::to_string(T) + " entries, got shape of rank " +
                           std::to_string(c.ndim()) +

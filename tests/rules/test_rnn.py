@@ -179,6 +179,19 @@ def test_float32_products_match_float64(kind, lengths, B):
         for u, v in zip(ga, gb):
             if u is not None:
                 close32(u, v)
+        # The batch is sliced per thread (and the row blocks follow the slices): the same bits
+        # on one thread as on two.
+        old = torch.get_num_threads()
+        runs = []
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                runs.append(ops.rnn_forward(cell, *map(f32, (x, w_ih, w_hh, b_ih, b_hh, h0, c0)),
+                                            lens, rev))
+        finally:
+            torch.set_num_threads(old)
+        for u, v in zip(*runs):
+            assert (u is None and v is None) or torch.equal(u, v)
 
 
 def test_dropout_trains_and_evals():
