@@ -7,9 +7,9 @@
 
 #include "gemm_avx512.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include "avx512_tile.h"
+#ifdef FASTCLIP_X86_AVX512
 #define FASTCLIP_CONV_AVX512 1
-#include <immintrin.h>
 #endif
 
 namespace fastclip {
@@ -42,13 +42,8 @@ __attribute__((target("avx512f"))) void block(const ConvShape& s, const Padded& 
                                               const float* xpad, const int64_t* off, const float* gt,
                                               int64_t ldgt, float* C, int64_t ldc, int rows,
                                               int cols) {
-  // Every loop over i and j runs to a compile-time bound, so the accumulators stay in registers
-  // (a loop to the runtime `rows` made GCC keep them in memory, a store each per position).
-  __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+    __m512 acc[MR][NV];
+  tile::zero(acc);
   const int64_t Wo = s.out[2], sw = s.stride[2];
   const int64_t HWp = pd.Hp * pd.Wp;
   const float* gp = gt;
@@ -63,25 +58,15 @@ __attribute__((target("avx512f"))) void block(const ConvShape& s, const Padded& 
         __m512 gv[NV];
 #pragma GCC unroll 4
         for (int j = 0; j < NV; ++j) gv[j] = _mm512_loadu_ps(gp + 16 * j);
+        float av[MR];
 #pragma GCC unroll 8
-        for (int i = 0; i < MR; ++i) {
-          const __m512 a = _mm512_set1_ps(r[i][q]);
-#pragma GCC unroll 4
-          for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(a, gv[j], acc[i][j]);
-        }
+        for (int i = 0; i < MR; ++i) av[i] = r[i][q];
+        tile::fma(acc, av, gv);
         gp += ldgt;
       }
     }
   }
-  const int left = cols - 16 * (NV - 1);  // only the last vector may be partial
-  const __mmask16 last = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    if (i >= rows) break;
-#pragma GCC unroll 4
-    for (int j = 0; j < NV - 1; ++j) _mm512_storeu_ps(C + i * ldc + 16 * j, acc[i][j]);
-    _mm512_mask_storeu_ps(C + i * ldc + 16 * (NV - 1), last, acc[i][NV - 1]);
-  }
+  tile::store(acc, C, ldc, rows, tile::tail_mask(cols - 16 * (NV - 1)));  // only the last vector may be partial
 }
 
 // Every row block of K for the column block n0 .. n0 + 16 NV.

@@ -7,9 +7,9 @@
 
 #include "common.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include "avx512_tile.h"
+#ifdef FASTCLIP_X86_AVX512
 #define FASTCLIP_GEMM_AVX512 1
-#include <immintrin.h>
 #endif
 
 namespace fastclip {
@@ -66,9 +66,6 @@ namespace {
 constexpr int kClippedRows = 6;
 constexpr int64_t kClippedDepth = 128;
 
-inline __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
-}
 
 // Rows a[0 .. MR) (the last ones may repeat: computed, not stored) times P's columns
 // [0, cols) (cols <= 16 NV), into C's first `rows` rows.
@@ -76,37 +73,21 @@ template <int MR, int NV>
 __attribute__((target("avx512f"))) void block(int64_t k, const float* const* a, const float* P,
                                               int64_t ldp, float* C, int64_t ldc, int rows,
                                               int64_t cols) {
-  // Every loop below runs over compile-time bounds, so the accumulators stay in registers (a
-  // loop to the runtime `rows` made GCC keep them in memory, a store each per step).
   __m512 acc[MR][NV];
-  const __mmask16 last = tail_mask(cols - 16 * (NV - 1));  // only the last vector is partial
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
+  const __mmask16 last = tile::tail_mask(cols - 16 * (NV - 1));  // only the last vector is partial
+  tile::zero(acc);
   const float* a_[MR];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i) a_[i] = a[i];
   for (int64_t q = 0; q < k; ++q) {
-    const float* p = P + q * ldp;
     __m512 pv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV - 1; ++j) pv[j] = _mm512_loadu_ps(p + 16 * j);
-    pv[NV - 1] = _mm512_maskz_loadu_ps(last, p + 16 * (NV - 1));
+    tile::load(pv, P + q * ldp, last);
+    float av[MR];
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512 av = _mm512_set1_ps(a_[i][q]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(av, pv[j], acc[i][j]);
-    }
+    for (int i = 0; i < MR; ++i) av[i] = a_[i][q];
+    tile::fma(acc, av, pv);
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    if (i >= rows) break;
-#pragma GCC unroll 4
-    for (int j = 0; j < NV - 1; ++j) _mm512_storeu_ps(C + i * ldc + 16 * j, acc[i][j]);
-    _mm512_mask_storeu_ps(C + i * ldc + 16 * (NV - 1), last, acc[i][NV - 1]);
-  }
+  tile::store(acc, C, ldc, rows, last);
 }
 
 template <int NV, int MR = 6>
@@ -177,38 +158,24 @@ __attribute__((target("avx512f"))) void tn_block(int64_t kc, const float* gp, co
                                                  int64_t cols, bool accumulate) {
   constexpr int MR = kClippedRows;
   __m512 acc[MR][NV];
-  const __mmask16 last = tail_mask(cols - 16 * (NV - 1));
+  const __mmask16 last = tile::tail_mask(cols - 16 * (NV - 1));
+  tile::zero(acc);
+  if (accumulate) {
 #pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
-    if (accumulate && i < rows) {
-#pragma GCC unroll 4
-      for (int j = 0; j < NV - 1; ++j) acc[i][j] = _mm512_loadu_ps(C + i * ldc + 16 * j);
-      acc[i][NV - 1] = _mm512_maskz_loadu_ps(last, C + i * ldc + 16 * (NV - 1));
+    for (int i = 0; i < MR; ++i) {
+      if (i >= rows) break;
+      tile::load(acc[i], C + i * ldc, last);
     }
   }
   for (int64_t q = 0; q < kc; ++q) {
-    const float* a = A + q * lda;
     __m512 pv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV - 1; ++j) pv[j] = _mm512_loadu_ps(a + 16 * j);
-    pv[NV - 1] = _mm512_maskz_loadu_ps(last, a + 16 * (NV - 1));
-    const float* g = gp + q * MR;
+    tile::load(pv, A + q * lda, last);
+    float gv[MR];
 #pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) {
-      const __m512 gv = _mm512_set1_ps(g[i]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_fmadd_ps(gv, pv[j], acc[i][j]);
-    }
+    for (int i = 0; i < MR; ++i) gv[i] = gp[q * MR + i];
+    tile::fma(acc, gv, pv);
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i) {
-    if (i >= rows) break;
-#pragma GCC unroll 4
-    for (int j = 0; j < NV - 1; ++j) _mm512_storeu_ps(C + i * ldc + 16 * j, acc[i][j]);
-    _mm512_mask_storeu_ps(C + i * ldc + 16 * (NV - 1), last, acc[i][NV - 1]);
-  }
+  tile::store(acc, C, ldc, rows, last);
 }
 
 void tn_columns(int64_t kc, const float* gp, const float* A, int64_t lda, float* C, int64_t ldc,
