@@ -565,6 +565,54 @@ def test_sensitivity_with_recurrent_layers(mode):
         assert (full - flat_grad(m)).norm().item() <= C * (1 + 1e-9)
 
 
+class KernelPaths(nn.Module):
+    """float32 layers that run fastclip's own AVX-512 kernels on such a CPU (csrc/gemm_avx512.h,
+    csrc/conv_direct.h): an LSTM (its time loops and clipped sums), a 3 x 3 conv over 16 x 16
+    maps with 16 output channels (the direct method's kernel, kept per-example gradients), and a
+    Linear over 40 positions (ghost tiles, clipped sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(9, 6)
+        self.lstm = nn.LSTM(6, 20, batch_first=True)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.seq = nn.Linear(20, 24)
+        self.head = nn.Linear(24 + 16, 2)
+
+    def forward(self, tokens, image):
+        h, _ = self.lstm(self.emb(tokens))                         # (B, 40, 20)
+        s = torch.tanh(self.seq(h)).mean(1)                        # (B, 24)
+        c = torch.tanh(self.conv(image)).mean((2, 3))              # (B, 16)
+        return self.head(torch.cat([s, c], 1))
+
+
+@pytest.mark.parametrize("mode", ["auto", "direct", "ghost"])
+def test_sensitivity_through_the_native_float32_kernels(mode):
+    # Remove each example in turn: the float32 clipped sum moves by at most C, and by C itself for
+    # the clipped ones, through every product the AVX-512 kernels form (fallback paths elsewhere).
+    torch.manual_seed(9)
+    m = KernelPaths()
+    B = 7
+    tokens = torch.randint(0, 9, (B, 40))
+    tokens[2] = 4                                    # one token repeated
+    image = torch.randn(B, 3, 16, 16)
+    image[3] *= 1e3                                  # huge activations into the conv
+    y = torch.randn(B, 2)
+    y[1], y[5] = 1e6, -1e4                           # huge gradients everywhere
+    C = 0.05
+    norms = fastclip.clipped_grad(m, mse, (tokens, image), y, max_grad_norm=C, mode=mode)
+    assert norms.max() > 1e3 * C
+    full = flat_grad(m)
+    for i in range(B):
+        keep = [j for j in range(B) if j != i]
+        fastclip.clipped_grad(m, mse, (tokens[keep], image[keep]), y[keep], max_grad_norm=C,
+                              mode=mode)
+        moved = (full - flat_grad(m)).norm().item()
+        assert moved <= C * (1 + 1e-4), (i, moved)
+        if norms[i] > C * 1.01:
+            assert moved >= C * (1 - 1e-4), (i, moved)
+
+
 def test_make_private_converts_recurrent_layers_and_trains():
     m = Recurrent()
     ds = TensorDataset(torch.randint(0, 9, (20, 6)), torch.randn(20, 2))
