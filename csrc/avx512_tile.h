@@ -28,7 +28,7 @@ FASTCLIP_TILE_INLINE void zero(__m512 (&acc)[MR][NV]) {
     for (int j = 0; j < NV; ++j) acc[i][j] = _mm512_setzero_ps();
 }
 
-// v = NV vectors of one row from p, the last one masked (lanes past it read as zero, never touched).
+// v = NV vectors of one row from p, the last one masked (lanes past it read as zero, untouched).
 template <int NV>
 FASTCLIP_TILE_INLINE void load(__m512 (&v)[NV], const float* p, __mmask16 last) {
 #pragma GCC unroll 4

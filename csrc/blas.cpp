@@ -147,7 +147,8 @@ bool tn_kernel(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T
       return true;
     }
   }
-  (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)upper;
+  (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc;
+  (void)upper;
   return false;
 }
 
@@ -172,7 +173,8 @@ bool nt_kernel(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T
       return true;
     }
   }
-  (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)upper;
+  (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc;
+  (void)upper;
   return false;
 }
 

@@ -5,9 +5,8 @@
 #include <cstring>
 #include <stdexcept>
 
-#include "gemm_avx512.h"
-
 #include "avx512_tile.h"
+#include "gemm_avx512.h"
 #ifdef FASTCLIP_X86_AVX512
 #define FASTCLIP_CONV_AVX512 1
 #endif
@@ -39,10 +38,10 @@ int64_t padded_cols(int64_t Og) { return (Og + 15) / 16 * 16; }
 // the padded input; gt: the transposed G (P x ldgt) at column n0.
 template <int MR, int NV>
 __attribute__((target("avx512f"))) void block(const ConvShape& s, const Padded& pd,
-                                              const float* xpad, const int64_t* off, const float* gt,
-                                              int64_t ldgt, float* C, int64_t ldc, int rows,
-                                              int cols) {
-    __m512 acc[MR][NV];
+                                              const float* xpad, const int64_t* off,
+                                              const float* gt, int64_t ldgt, float* C,
+                                              int64_t ldc, int rows, int cols) {
+  __m512 acc[MR][NV];
   tile::zero(acc);
   const int64_t Wo = s.out[2], sw = s.stride[2];
   const int64_t HWp = pd.Hp * pd.Wp;
@@ -66,7 +65,8 @@ __attribute__((target("avx512f"))) void block(const ConvShape& s, const Padded& 
       }
     }
   }
-  tile::store(acc, C, ldc, rows, tile::tail_mask(cols - 16 * (NV - 1)));  // only the last vector may be partial
+  // Only the last vector may be partial.
+  tile::store(acc, C, ldc, rows, tile::tail_mask(cols - 16 * (NV - 1)));
 }
 
 // Every row block of K for the column block n0 .. n0 + 16 NV.
@@ -84,7 +84,6 @@ void column_block(const ConvShape& s, const Padded& pd, const float* xpad,
     block<MR, NV>(s, pd, xpad, o, gt + n0, ldgt, C + k0 * Og + n0, Og, rows, cols);
   }
 }
-
 
 #endif  // FASTCLIP_CONV_AVX512
 
@@ -116,7 +115,7 @@ void conv_direct_fused(const ConvShape& s, const float* xi, int64_t c0, const fl
 #ifdef FASTCLIP_CONV_AVX512
   const Padded pd = padded_dims(s);
   const int64_t Cg = s.C / s.groups, P = s.positions(), ldgt = padded_cols(Og);
-  const int64_t Dp = pd.Dp, Hp = pd.Hp, Wp = pd.Wp, chan = pd.channel();
+  const int64_t Hp = pd.Hp, Wp = pd.Wp, chan = pd.channel();
   // The example's channels, zero-padded: U's row (ch, a, b, e) at output (od, oh, ow) is
   // xpad[ch][od s0 + a dil0][oh s1 + b dil1][ow s2 + e dil2].
   xpad.assign(size_t(Cg * chan), 0.0f);
@@ -131,13 +130,13 @@ void conv_direct_fused(const ConvShape& s, const float* xi, int64_t c0, const fl
         else
           for (int64_t w = 0; w < s.in[2]; ++w) dst[w] = src[w * s.xs[4]];
       }
-  (void)Dp;
   // G transposed to P x ldgt (16 x 16 register tiles: an element-wise transpose was most of the
   // time of a 3-channel layer, whose K = 27 products are short), its columns past Og zero (full
   // vector loads, masked stores).
   gt.resize(size_t(P * ldgt));
   transpose_f32(Og, P, G, ldg, gt.data(), ldgt);
-  for (int64_t p = 0; p < P; ++p) std::fill(gt.data() + p * ldgt + Og, gt.data() + (p + 1) * ldgt, 0.0f);
+  for (int64_t p = 0; p < P; ++p)
+    std::fill(gt.data() + p * ldgt + Og, gt.data() + (p + 1) * ldgt, 0.0f);
   // Row offsets in the padded input, in the weight's (ch, a, b, e) order.
   const int64_t K = s.cols();
   std::vector<int64_t> off(static_cast<size_t>(K));

@@ -5,9 +5,8 @@
 #include <stdexcept>
 #include <vector>
 
-#include "common.h"
-
 #include "avx512_tile.h"
+#include "common.h"
 #ifdef FASTCLIP_X86_AVX512
 #define FASTCLIP_GEMM_AVX512 1
 #endif
@@ -16,7 +15,7 @@ namespace fastclip {
 
 namespace {
 
-// One element of A or G as float32: half-precision bits widened exactly.
+// Half-precision bits widened to float32, exactly (the scalar tails of widen()).
 inline float bf16_to_float(uint16_t h) {
   const uint32_t bits = uint32_t(h) << 16;
   float f;
@@ -48,14 +47,6 @@ inline float f16_to_float(uint16_t h) {
   return f;
 }
 
-inline float element(const void* base, int64_t i, GemmInput kind) {
-  switch (kind) {
-    case GemmInput::BFloat16: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-    case GemmInput::Float16: return f16_to_float(static_cast<const uint16_t*>(base)[i]);
-    default: return static_cast<const float*>(base)[i];
-  }
-}
-
 }  // namespace
 
 #ifdef FASTCLIP_GEMM_AVX512
@@ -65,7 +56,6 @@ namespace {
 // 128 x 64 panel of A (32 KiB) stays in L1 while every row block of C reads it.
 constexpr int kClippedRows = 6;
 constexpr int64_t kClippedDepth = 128;
-
 
 // Rows a[0 .. MR) (the last ones may repeat: computed, not stored) times P's columns
 // [0, cols) (cols <= 16 NV), into C's first `rows` rows.
@@ -102,20 +92,23 @@ void columns(int64_t m, int64_t k, const float* A, int64_t lda, const float* P, 
 }
 
 // dst[0 .. n) = src[off .. off + n) widened to float32: 16 at a time in registers, the tail one
-// by one (the same values as element()).
+// by one.
 __attribute__((target("avx512f"))) void widen(const void* src, int64_t off, int64_t n,
                                               GemmInput kind, float* dst) {
   const uint16_t* h = static_cast<const uint16_t*>(src) + off;
   int64_t j = 0;
   if (kind == GemmInput::BFloat16) {
     for (; j + 16 <= n; j += 16) {
-      const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + j)));
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + j));
+      const __m512i w = _mm512_cvtepu16_epi32(raw);
       _mm512_storeu_ps(dst + j, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
     }
     for (; j < n; ++j) dst[j] = bf16_to_float(h[j]);
   } else {
-    for (; j + 16 <= n; j += 16)
-      _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + j))));
+    for (; j + 16 <= n; j += 16) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + j));
+      _mm512_storeu_ps(dst + j, _mm512_cvtph_ps(raw));
+    }
     for (; j < n; ++j) dst[j] = f16_to_float(h[j]);
   }
 }
@@ -235,7 +228,8 @@ void tn_rows(int64_t b0, int64_t b1, int64_t N, int64_t p, int64_t d, const void
         panel = static_cast<const float*>(A) + q0 * lda + j0;
         ld = lda;
       } else {
-        for (int64_t q = 0; q < kc; ++q) widen(A, (q0 + q) * lda + j0, cols, kind, &ap[size_t(q * 64)]);
+        for (int64_t q = 0; q < kc; ++q)
+          widen(A, (q0 + q) * lda + j0, cols, kind, &ap[size_t(q * 64)]);
         panel = ap.data();
         ld = 64;
       }
@@ -321,7 +315,8 @@ void transpose_f32(int64_t rows, int64_t cols, const float* src, int64_t lds, fl
   const int64_t c16 = small_gemm_available() ? cols / 16 * 16 : 0;
 #ifdef FASTCLIP_GEMM_AVX512
   for (int64_t c0 = 0; c0 < c16; c0 += 16)
-    for (int64_t r0 = 0; r0 < r16; r0 += 16) transpose16(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
+    for (int64_t r0 = 0; r0 < r16; r0 += 16)
+      transpose16(src + r0 * lds + c0, lds, dst + c0 * ldd + r0, ldd);
 #endif
   // The edges (and everything without AVX-512) element by element, along src's rows.
   for (int64_t r = 0; r < rows; ++r) {
@@ -341,7 +336,8 @@ void tn_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const
   tn_rows(0, (m + kClippedRows - 1) / kClippedRows, k, m, n, B, ldb, A, lda, GemmInput::Float32,
           nullptr, 1, C, ldc, upper);
 #else
-  (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc, (void)upper;
+  (void)m, (void)n, (void)k, (void)A, (void)lda, (void)B, (void)ldb, (void)C, (void)ldc;
+  (void)upper;
   throw std::logic_error("tn_gemm is not built for this target");
 #endif
 }

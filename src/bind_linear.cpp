@@ -85,14 +85,12 @@ py::array gemm_operand(const py::object& obj, const std::string& name, fastclip:
   const bool f32 = api.PyArray_EquivTypes_(a.dtype().ptr(), py::dtype::of<float>().ptr());
   const bool i16 = api.PyArray_EquivTypes_(a.dtype().ptr(), py::dtype::of<int16_t>().ptr()) ||
                    api.PyArray_EquivTypes_(a.dtype().ptr(), py::dtype::of<uint16_t>().ptr());
-  if (kind == fastclip::GemmInput::Float32 ? !f32 : !i16)
-    throw py::type_error(name + " must be " +
-                         (kind == fastclip::GemmInput::Float32 ? std::string("float32")
-                                                               : std::string("16-bit (the raw bits)")) +
-                         " for kind '" + (kind == fastclip::GemmInput::Float32 ? "float32"
-                                          : kind == fastclip::GemmInput::BFloat16 ? "bfloat16"
-                                                                                   : "float16") +
-                         "', got " + dtype_name(a));
+  const bool wide = kind == fastclip::GemmInput::Float32;
+  const std::string kind_name = wide ? "float32"
+                                : kind == fastclip::GemmInput::BFloat16 ? "bfloat16" : "float16";
+  if (wide ? !f32 : !i16)
+    throw py::type_error(name + " must be " + (wide ? "float32" : "16-bit (the raw bits)") +
+                         " for kind '" + kind_name + "', got " + dtype_name(a));
   if (a.ndim() != 2)
     throw py::value_error(name + " must be 2-D (rows, features), got " + std::to_string(a.ndim()) +
                           "-D");
@@ -114,13 +112,16 @@ py::array_t<float> clipped_gemm(const py::object& A_obj, const py::object& G_obj
   if (kind_name == "float32") kind = fastclip::GemmInput::Float32;
   else if (kind_name == "bfloat16") kind = fastclip::GemmInput::BFloat16;
   else if (kind_name == "float16") kind = fastclip::GemmInput::Float16;
-  else throw py::value_error("kind must be 'float32', 'bfloat16' or 'float16', got '" + kind_name + "'");
+  else
+    throw py::value_error("kind must be 'float32', 'bfloat16' or 'float16', got '" + kind_name +
+                          "'");
   const py::array A = gemm_operand(A_obj, "activations", kind);
   const py::array G = gemm_operand(G_obj, "gradients", kind);
   if (!py::isinstance<py::array>(c_obj))
     throw py::type_error("factors must be a numpy.ndarray, got " + type_name(c_obj));
   const auto c = py::reinterpret_borrow<py::array>(c_obj);
-  if (!py::detail::npy_api::get().PyArray_EquivTypes_(c.dtype().ptr(), py::dtype::of<float>().ptr()))
+  auto& api = py::detail::npy_api::get();
+  if (!api.PyArray_EquivTypes_(c.dtype().ptr(), py::dtype::of<float>().ptr()))
     throw py::type_error("factors must be float32, got " + dtype_name(c));
   const int64_t N = A.shape(0), d = A.shape(1), p = G.shape(1);
   if (G.shape(0) != N)
