@@ -223,15 +223,23 @@ std::vector<T> transposed(const T* w, int64_t rows, int64_t cols) {
   return out;
 }
 
+// Whether rows_times runs small_gemm for T (float32 on an AVX-512 CPU), which reads the weights
+// transposed; BLAS reads them as laid out. Each call builds only the layout its path reads.
+template <class T>
+bool transposed_weights() {
+  if constexpr (std::is_same_v<T, float>) return small_gemm_available();
+  return false;
+}
+
 // C (m x n, ldc) = A (m x k, lda) W^T for a weight W (n x k) also given transposed (Wt, k x n):
-// small_gemm on Wt where it runs (float32, AVX-512), else BLAS on W. The LSTM bench layer's
+// small_gemm on Wt where it runs (transposed_weights<T>()), else BLAS on W. The LSTM bench layer's
 // forward 14.8 -> 11.9 ms and backward 13.5 -> 11.0 ms at 2 threads (Zen 5, OpenBLAS pinned to
 // Haswell kernels): the input projection, the step products and dx all run at the AVX-512 rate.
 template <class T>
 void rows_times(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* Wt, const T* W,
                 T* C, int64_t ldc) {
   if constexpr (std::is_same_v<T, float>) {
-    if (small_gemm_available()) {
+    if (transposed_weights<T>()) {
       small_gemm(m, n, k, A, lda, Wt, n, C, ldc);
       return;
     }
@@ -468,8 +476,10 @@ void rnn_forward(const RnnForwardArgs<T>& a, int num_threads) {
             "lengths[" + std::to_string(i) + "] = " + std::to_string(a.lengths[i]) +
                 " is outside [1, " + std::to_string(a.T_) + "]");
   if (a.B == 0) return;
-  const std::vector<T> w_hh_t = transposed(a.w_hh, rnn_gates(a.cell) * a.h, a.h);
-  const std::vector<T> w_ih_t = transposed(a.w_ih, rnn_gates(a.cell) * a.h, a.d);
+  const int64_t Gh = rnn_gates(a.cell) * a.h;
+  const bool t = transposed_weights<T>();
+  const std::vector<T> w_hh_t = t ? transposed(a.w_hh, Gh, a.h) : std::vector<T>();
+  const std::vector<T> w_ih_t = t ? transposed(a.w_ih, Gh, a.d) : std::vector<T>();
   over_slices(a.B, num_threads,
               [&](int64_t b0, int64_t b1) { forward_slice(a, w_hh_t, w_ih_t, b0, b1); });
 }
@@ -485,7 +495,9 @@ void rnn_backward(const RnnBackwardArgs<T>& a, int num_threads) {
   if (a.B == 0) return;
   const int64_t Gh = rnn_gates(a.cell) * a.h;
   const std::vector<T> w_hh_t;  // unused: step_gemm reads W_hh as laid out
-  const std::vector<T> w_ih_t = a.d_x ? transposed(a.w_ih, Gh, a.d) : std::vector<T>();
+  // dx = G_ih W_ih: small_gemm reads W_ih as laid out, BLAS its transpose.
+  const std::vector<T> w_ih_t =
+      a.d_x && !transposed_weights<T>() ? transposed(a.w_ih, Gh, a.d) : std::vector<T>();
   over_slices(a.B, num_threads,
               [&](int64_t b0, int64_t b1) { backward_slice(a, w_hh_t, w_ih_t, b0, b1); });
 }

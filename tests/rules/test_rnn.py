@@ -179,8 +179,11 @@ def test_float32_products_match_float64(kind, lengths, B):
         for u, v in zip(ga, gb):
             if u is not None:
                 close32(u, v)
-        # The batch is sliced per thread (and the row blocks follow the slices): the same bits
-        # on one thread as on two.
+        # The batch is sliced per thread (and the row blocks follow the slices): small_gemm
+        # gives the same bits on one thread as on two. (OpenBLAS does not: its float32 results
+        # depend on the slice's row count, so the BLAS path is left out of this check.)
+        if not _C.small_gemm_available():
+            continue
         old = torch.get_num_threads()
         runs = []
         try:
