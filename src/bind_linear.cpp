@@ -61,9 +61,15 @@ py::tuple linear_sq_norms(const py::object& A_obj, const py::object& G_obj, cons
   num_threads = checked_threads(num_threads);
   // Per-thread scratch, as csrc/linear.cpp sizes it: two 256 x 256 Gram tiles (ghost) or one
   // min(p, 128) x min(d, 2048) tile of G_i^T A_i (direct); none for T = 1.
-  const int64_t scratch = T <= 1.0 ? 0
-                          : m == fastclip::LinearMethod::Ghost ? 2 * 256 * 256
-                          : std::min<int64_t>(int64_t(p), 128) * std::min<int64_t>(int64_t(d), 2048);
+  int64_t scratch = T <= 1.0 ? 0
+                    : m == fastclip::LinearMethod::Ghost ? 2 * 256 * 256
+                    : std::min<int64_t>(int64_t(p), 128) * std::min<int64_t>(int64_t(d), 2048);
+  // float32 on the AVX-512 kernels (gemm_avx512.h) also holds, per thread, the packed rows of a
+  // tile (6 x 128 per 6 rows) and, for the ghost tiles' A B^T forms, both factors transposed.
+  if (T > 1.0 && A.dtype().itemsize() == 4 && fastclip::small_gemm_available())
+    scratch += m == fastclip::LinearMethod::Ghost
+                   ? 256 * 128 + 2 * 256 * int64_t(std::max(d, p))
+                   : 128 * 128;
   if (A.dtype().itemsize() == 4) return run_linear<float>(A, G, method, bias, num_threads, scratch);
   return run_linear<double>(A, G, method, bias, num_threads, scratch);
 }
@@ -102,9 +108,9 @@ py::array gemm_operand(const py::object& obj, const std::string& name, fastclip:
   return a;
 }
 
-py::array_t<float> clipped_gemm(const py::object& A_obj, const py::object& G_obj,
-                                const py::object& c_obj, int64_t T, const std::string& kind_name,
-                                int num_threads) {
+py::object clipped_gemm(const py::object& A_obj, const py::object& G_obj, const py::object& c_obj,
+                        int64_t T, const std::string& kind_name, int num_threads,
+                        const py::object& out_obj) {
   if (!fastclip::small_gemm_available())
     throw py::value_error(std::string("clipped_gemm needs an x86-64 CPU with AVX-512 (this "
                                       "process runs '") + fastclip::isa_name() + "' kernels)");
@@ -141,12 +147,33 @@ py::array_t<float> clipped_gemm(const py::object& A_obj, const py::object& G_obj
   const auto item = static_cast<int64_t>(A.dtype().itemsize());
   const int64_t lda = N > 1 ? int64_t(A.strides(0)) / item : d;
   const int64_t ldg = N > 1 ? int64_t(G.strides(0)) / item : p;
-  py::array_t<float> out({p, d});
-  float* o = out.mutable_data();
+  // The result: into `out` when given (the caller allocates it through torch, so a memory
+  // profile sees it), else a new array.
+  py::array out;
+  if (out_obj.is_none()) {
+    out = py::array_t<float>({p, d});
+  } else {
+    if (!py::isinstance<py::array>(out_obj))
+      throw py::type_error("out must be a numpy.ndarray or None, got " + type_name(out_obj));
+    out = py::reinterpret_borrow<py::array>(out_obj);
+    if (!api.PyArray_EquivTypes_(out.dtype().ptr(), py::dtype::of<float>().ptr()) ||
+        out.ndim() != 2 || out.shape(0) != p || out.shape(1) != d ||
+        !(out.flags() & py::array::c_style) || !out.writeable())
+      throw py::value_error("out must be a writeable C-contiguous float32 array of shape (" +
+                            std::to_string(p) + ", " + std::to_string(d) + ")");
+  }
+  float* o = static_cast<float*>(out.mutable_data());
   const float* cp = static_cast<const float*>(c.data());
   const void* ap = A.data();
   const void* gp = G.data();
   {
+    // Per thread: the packed, rescaled rows of G (6 x 128 per block of 6 of C's rows) and, for
+    // half-precision input, one widened 128 x 64 panel of A.
+    const int64_t blocks = (p + 5) / 6;
+    const int threads = int(std::min<int64_t>(num_threads, std::max<int64_t>(blocks, 1)));
+    const int64_t per = ((blocks + threads - 1) / threads * 6 * 128 +
+                         (kind == fastclip::GemmInput::Float32 ? 0 : 128 * 64)) * 4;
+    const ScratchUse use(per, threads);
     py::gil_scoped_release release;
     fastclip::clipped_gemm(N, p, d, ap, lda, gp, ldg, kind, cp, T, o, d, num_threads);
   }
@@ -168,11 +195,13 @@ void bind_linear(py::module_& m) {
         "'product' for T <= 1, else the cheaper of 'ghost' and 'direct' by flop count.");
   m.def("clipped_gemm", &clipped_gemm, py::arg("activations"), py::arg("gradients"),
         py::arg("factors"), py::arg("T"), py::arg("kind") = "float32", py::arg("num_threads") = 1,
+        py::arg("out") = py::none(),
         "The clipped sum of a linear map, sum_q (c[q // T] G[q])^T A[q] (p, d) float32, from\n"
         "activations A (N, d) and gradients G (N, p), rows of N / T examples of T positions each,\n"
         "and their float32 clip factors c (N / T,), by the AVX-512 kernel (csrc/gemm_avx512.h).\n"
         "kind: 'float32' (float32 arrays) or 'bfloat16' / 'float16' (int16 arrays of the raw\n"
-        "bits), widened to float32 exactly. Raises ValueError where that kernel does not run\n"
+        "bits), widened to float32 exactly. out: None, or a C-contiguous float32 (p, d) array to\n"
+        "write the result into (returned). Raises ValueError where that kernel does not run\n"
         "(small_gemm_available()).");
   m.def("small_gemm_available", &fastclip::small_gemm_available,
         "Whether the AVX-512 GEMM kernels run here (csrc/gemm_avx512.h): an x86-64 build where\n"
