@@ -125,6 +125,16 @@ int64_t check_conv_sizes(const fastclip::ConvShape& s, fastclip::ConvMethod meth
       const int64_t chunk = std::max<int64_t>(tile, budget / K);
       scratch = checked_add(P <= chunk ? KP : checked_mul(K, chunk, "unfold K x chunk"),
                             checked_mul(KOg, P <= chunk ? 1 : 2, "direct products"), "direct scratch");
+      // The float32 AVX-512 kernel (conv_direct.h) holds instead the padded input, G transposed
+      // to 16-column rows, the product and K row offsets (int64: two elements each); both
+      // fit kConvUnfoldBudget when it runs. Counted for either dtype: an upper bound.
+      if (fastclip::conv_direct_fused_available() && fastclip::conv_direct_fused_fits(s, Og)) {
+        const int64_t Pin = (s.in[0] + s.pad_lo[0] + s.pad_hi[0]) *
+                            (s.in[1] + s.pad_lo[1] + s.pad_hi[1]) *
+                            (s.in[2] + s.pad_lo[2] + s.pad_hi[2]);
+        const int64_t fused = (s.C / s.groups) * Pin + P * ((Og + 15) / 16 * 16) + KOg + 2 * K;
+        scratch = std::max(scratch, fused);
+      }
     }
     scratch = checked_add(scratch, fastclip::kConvUnfoldLines * 32 / 4, "unfold segments");
   }
