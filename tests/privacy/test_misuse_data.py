@@ -631,24 +631,12 @@ def _refusing_worker(rank, port, outdir):
         dist.destroy_process_group()
 
 
-def test_a_refusal_on_one_rank_refuses_the_step_on_every_rank(tmp_path):
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.start_processes(_refusing_worker, args=(port, str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):
-            assert time.monotonic() < deadline, "the ranks did not finish (one waits for the other)"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+def test_a_refusal_on_one_rank_refuses_the_step_on_every_rank():
+    # Through harness.run_ranks (forkserver): spawned interpreters sometimes aborted at exit
+    # ("terminate called without an active exception", after both ranks had saved their results:
+    # 2 of 16 runs at d5fa1b9 as well), which failed the test without any assertion failing.
+    from harness import run_ranks
+    r0, r1 = run_ranks(_refusing_worker, 2, 60)
     assert r0["size"] > 0
     assert f"covered {2 * r0['size']} examples" in r0["error"]
     assert "another rank refused this step" in r1["error"]
