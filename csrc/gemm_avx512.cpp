@@ -193,6 +193,11 @@ void tn_rows(int64_t b0, int64_t b1, int64_t N, int64_t p, int64_t d, const void
   // position, then the block's 6 rows (zeros past p). Half-precision A: each kc x 64 panel
   // widened once, read by every row block. Per thread, kept between calls (the ghost norms call
   // this per example and tile).
+  if (N <= 0) {  // an empty sum: zeros
+    for (int64_t i = b0 * MR; i < std::min<int64_t>(b1 * MR, p); ++i)
+      std::fill(C + i * ldc, C + i * ldc + d, 0.0f);
+    return;
+  }
   thread_local std::vector<float> gp, ap;
   gp.resize(size_t((b1 - b0) * kClippedDepth * MR));
   if (!wide) ap.resize(size_t(kClippedDepth * 64));
@@ -292,10 +297,6 @@ void clipped_gemm(int64_t N, int64_t p, int64_t d, const void* A, int64_t lda, c
                   int num_threads) {
 #ifdef FASTCLIP_GEMM_AVX512
   if (p <= 0 || d <= 0) return;
-  if (N <= 0) {
-    for (int64_t i = 0; i < p; ++i) std::fill(C + i * ldc, C + i * ldc + d, 0.0f);
-    return;
-  }
   const int64_t blocks = (p + kClippedRows - 1) / kClippedRows;
   // Below ~4 Mflop the pool's wake-up costs more than a second thread saves.
   const int threads = 2.0 * double(N) * double(p) * double(d) < 4e6 ? 1 : num_threads;
@@ -329,10 +330,6 @@ void tn_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const
              int64_t ldb, float* C, int64_t ldc, bool upper) {
 #ifdef FASTCLIP_GEMM_AVX512
   if (m <= 0 || n <= 0) return;
-  if (k <= 0) {
-    for (int64_t i = 0; i < m; ++i) std::fill(C + i * ldc, C + i * ldc + n, 0.0f);
-    return;
-  }
   tn_rows(0, (m + kClippedRows - 1) / kClippedRows, k, m, n, B, ldb, A, lda, GemmInput::Float32,
           nullptr, 1, C, ldc, upper);
 #else

@@ -112,13 +112,14 @@ int64_t check_conv_sizes(const fastclip::ConvShape& s, fastclip::ConvMethod meth
   if (method == fastclip::ConvMethod::Auto) method = fastclip::choose_conv_method(P, K, Og);
   int64_t scratch = 0;
   if (P > 0 && K > 0 && Og > 0) {
+    // The zero-padded input of one group (the ghost Gram path's and the direct kernel's).
+    const int64_t Pin = checked_prod({s.in[0] + s.pad_lo[0] + s.pad_hi[0],
+                                      s.in[1] + s.pad_lo[1] + s.pad_hi[1],
+                                      s.in[2] + s.pad_lo[2] + s.pad_hi[2]}, "padded input positions");
+    const int64_t CgPin = checked_mul(s.C / s.groups, Pin, "padded input of a group");
     if (method == fastclip::ConvMethod::Ghost) {
       // The unfold (or its tiles), or the padded input of the stride-1 Gram path (taken only
       // when it fits the budget), + the Gram buffer of that path and the two Gram tiles.
-      const int64_t Pin = checked_prod({s.in[0] + s.pad_lo[0] + s.pad_hi[0],
-                                        s.in[1] + s.pad_lo[1] + s.pad_hi[1],
-                                        s.in[2] + s.pad_lo[2] + s.pad_hi[2]}, "padded input positions");
-      const int64_t CgPin = checked_mul(s.C / s.groups, Pin, "padded input of a group");
       scratch = std::max(KP <= budget ? KP : Ktile, std::min(CgPin, budget)) +
                 fastclip::kConvGramMax * fastclip::kConvGramMax + 2 * tile * tile;
     } else {
@@ -129,10 +130,7 @@ int64_t check_conv_sizes(const fastclip::ConvShape& s, fastclip::ConvMethod meth
       // to 16-column rows, the product and K row offsets (int64: two elements each); both
       // fit kConvUnfoldBudget when it runs. Counted for either dtype: an upper bound.
       if (fastclip::conv_direct_fused_available() && fastclip::conv_direct_fused_fits(s, Og)) {
-        const int64_t Pin = (s.in[0] + s.pad_lo[0] + s.pad_hi[0]) *
-                            (s.in[1] + s.pad_lo[1] + s.pad_hi[1]) *
-                            (s.in[2] + s.pad_lo[2] + s.pad_hi[2]);
-        const int64_t fused = (s.C / s.groups) * Pin + P * ((Og + 15) / 16 * 16) + KOg + 2 * K;
+        const int64_t fused = CgPin + P * ((Og + 15) / 16 * 16) + KOg + 2 * K;
         scratch = std::max(scratch, fused);
       }
     }

@@ -160,12 +160,9 @@ def clipped_gemm_runs(A: Tensor, G: Tensor) -> bool:
 def _gemm_view(t: Tensor):
     """A 2-D float32 / bf16 / fp16 tensor as the numpy array the kernel reads in place: float32
     as it is, the 16-bit types as their raw bits (numpy has no bfloat16)."""
-    t = t.detach()
-    if t.is_neg():
-        t = t.resolve_neg()
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
-        t = t.contiguous()
-    return (t if t.dtype == torch.float32 else t.view(torch.int16)).numpy()
+    if t.dtype == torch.float32:
+        return _numpy_view(t)
+    return _numpy_view(t.detach().resolve_neg().view(torch.int16))
 
 
 def clipped_gemm(A: Tensor, G: Tensor, c: Tensor) -> Tensor:
