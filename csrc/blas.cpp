@@ -142,7 +142,7 @@ template <class T>
 bool tn_kernel(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
                T* C, int64_t ldc, bool upper) {
   if constexpr (std::is_same_v<T, float>) {
-    if (g_enabled.load(std::memory_order_relaxed) && small_gemm_available()) {
+    if (g_enabled.load(std::memory_order_relaxed) && gemm_kernels_enabled()) {
       tn_gemm(m, n, k, A, lda, B, ldb, C, ldc, upper);
       return true;
     }
@@ -159,7 +159,7 @@ bool nt_kernel(int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T
                T* C, int64_t ldc, bool upper) {
   if constexpr (std::is_same_v<T, float>) {
     if (m >= 32 && n >= 32 && k > 0 && g_enabled.load(std::memory_order_relaxed) &&
-        small_gemm_available()) {
+        gemm_kernels_enabled()) {
       thread_local std::vector<float> at, bt;
       at.resize(size_t(k * m));
       transpose_f32(m, k, A, lda, at.data(), m);

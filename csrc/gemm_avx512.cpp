@@ -1,12 +1,18 @@
 #include "gemm_avx512.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "avx512_tile.h"
 #include "common.h"
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
 #ifdef FASTCLIP_X86_AVX512
 #define FASTCLIP_GEMM_AVX512 1
 #endif
@@ -258,6 +264,47 @@ bool small_gemm_available() {
   return false;
 #endif
 }
+
+namespace {
+
+// Whether this core issues a 512-bit FMA at twice its 256-bit rate. AMD's Zen 4 (family 0x19)
+// splits every 512-bit operation into two 256-bit halves, so there the kernels lose their one
+// edge over the BLAS at hand; Intel's AVX-512 cores and Zen 5 (family 0x1A) run them at full width.
+bool full_width_fma512() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(0, &a, &b, &c, &d)) return true;
+  const bool amd = b == 0x68747541u && d == 0x69746e65u && c == 0x444d4163u;  // "AuthenticAMD"
+  if (!amd || !__get_cpuid(1, &a, &b, &c, &d)) return true;
+  const unsigned base = (a >> 8) & 0xFu;
+  const unsigned family = base == 0xFu ? base + ((a >> 20) & 0xFFu) : base;
+  return family >= 0x1Au;
+#else
+  return true;
+#endif
+}
+
+bool gemm_kernels_default() {
+  if (const char* v = std::getenv("FASTCLIP_GEMM_KERNELS")) {
+    const std::string s = v;
+    if (s == "0" || s == "off") return false;
+    if (s == "1" || s == "on") return true;
+  }
+  return full_width_fma512();
+}
+
+std::atomic<bool>& gemm_kernels_flag() {
+  static std::atomic<bool> flag{gemm_kernels_default()};
+  return flag;
+}
+
+}  // namespace
+
+bool gemm_kernels_enabled() {
+  return small_gemm_available() && gemm_kernels_flag().load(std::memory_order_relaxed);
+}
+
+bool set_gemm_kernels(bool enabled) { return gemm_kernels_flag().exchange(enabled); }
 
 void small_gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* P,
                 int64_t ldp, float* C, int64_t ldc) {

@@ -4,7 +4,10 @@
 //
 // Why: the BLAS libraries at hand run these products at the AVX2 rate on the hosts measured
 // (OpenBLAS pinned to Haswell kernels by OPENBLAS_CORETYPE; torch's MKL on AMD CPUs), half the
-// AVX-512 rate of torch's own oneDNN kernels the non-private step uses for LSTMs and convolutions.
+// AVX-512 rate of torch's own oneDNN kernels the non-private step uses for LSTMs and convolutions,
+// on cores that issue 512-bit FMAs at full width. Where a core splits them in two (AMD Zen 4) the
+// two rates are the same, and the products with a BLAS or torch alternative stay there
+// (gemm_kernels_enabled()).
 //
 // * small_gemm: C = A P with P laid out once per call; the recurrent layers' step products (a
 //   slice's few dozen rows, where BLAS would repack the weight on every call), their input
@@ -21,6 +24,15 @@ namespace fastclip {
 
 // Whether small_gemm runs here: an x86-64 build where isa_level() is AVX-512 (common.h).
 bool small_gemm_available();
+
+// Whether the products that have a BLAS or torch alternative (clipped_gemm, tn_gemm) go to these
+// kernels: they run here (small_gemm_available()) and are preferred. Preferred by default where
+// the core issues 512-bit FMAs at full width (Intel, AMD Zen 5): twice the AVX2 rate the BLAS at
+// hand runs. Not on AMD Zen 4, which splits them in two: there torch's MKL and OpenBLAS ran the
+// same products 10-20% faster (bench/README.md). FASTCLIP_GEMM_KERNELS=0|1 sets the default;
+// set_gemm_kernels switches it (returns the previous setting), for benchmarks and tests.
+bool gemm_kernels_enabled();
+bool set_gemm_kernels(bool enabled);
 
 // C (m x n, leading dim ldc) = A (m x k, lda) times P (k x n, ldp), accumulated in float32 over
 // q = 0 .. k - 1 in order (the same bits whatever the caller's slicing). Only call when available.

@@ -861,7 +861,9 @@ def environment() -> Dict[str, object]:
             from fastclip.heap import keep_heap   # in force from the first engine anyway
 
             native = (f"{ops.blas_info()}; parallel loops on {_C.parallel_backend()} threads; "
-                      f"{_C.isa()} kernels; heap kept between steps: {keep_heap()}")
+                      f"{_C.isa()} kernels (GEMM kernels "
+                      f"{'on' if _C.gemm_kernels_enabled() else 'off'}); "
+                      f"heap kept between steps: {keep_heap()}")
         else:
             native = "native core not built"
     except Exception as e:

@@ -66,7 +66,7 @@ py::tuple linear_sq_norms(const py::object& A_obj, const py::object& G_obj, cons
                     : std::min<int64_t>(int64_t(p), 128) * std::min<int64_t>(int64_t(d), 2048);
   // float32 on the AVX-512 kernels (gemm_avx512.h) also holds, per thread, the packed rows of a
   // tile (6 x 128 per 6 rows) and, for the ghost tiles' A B^T forms, both factors transposed.
-  if (T > 1.0 && A.dtype().itemsize() == 4 && fastclip::small_gemm_available())
+  if (T > 1.0 && A.dtype().itemsize() == 4 && fastclip::gemm_kernels_enabled())
     scratch += m == fastclip::LinearMethod::Ghost
                    ? 256 * 128 + 2 * 256 * int64_t(std::max(d, p))
                    : 128 * 128;
@@ -206,6 +206,14 @@ void bind_linear(py::module_& m) {
   m.def("small_gemm_available", &fastclip::small_gemm_available,
         "Whether the AVX-512 GEMM kernels run here (csrc/gemm_avx512.h): an x86-64 build where\n"
         "isa() is avx512.");
+  m.def("gemm_kernels_enabled", &fastclip::gemm_kernels_enabled,
+        "Whether the float32 products with a BLAS or torch alternative (a linear layer's clipped\n"
+        "sum, the norms' Gram and direct tiles) run on the AVX-512 kernels: they run here and are\n"
+        "preferred (by default where the core issues 512-bit FMAs at full width, not on AMD Zen 4;\n"
+        "FASTCLIP_GEMM_KERNELS=0|1 sets the default).");
+  m.def("set_gemm_kernels", &fastclip::set_gemm_kernels, py::arg("enabled"),
+        "Prefer (True) or bypass (False) the AVX-512 kernels where BLAS or torch could run the\n"
+        "product instead; returns the previous setting. Between steps only.");
   m.def("set_blas_library", &set_blas_library, py::arg("path"),
         "Load OpenBLAS (scipy-openblas32 build, scipy_ symbol prefix) from path; False if unusable.");
   m.def("set_blas_enabled", &fastclip::blas::set_enabled, py::arg("enabled"),

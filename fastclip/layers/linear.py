@@ -175,7 +175,8 @@ def linear_cross(a: Part, b: Part, method: str) -> Tensor:
 
 def clipped_product(A: Tensor, G: Tensor, c: Tensor, pool: Optional[Pool]) -> Tensor:
     """``sum_i c_i G_i^T A_i`` (p, d) from A (B, T, d), G (B, T, p), c (B,): G^T diag(c) A.
-    CPU float32 on an AVX-512 CPU: the core's kernel (``ops.clipped_gemm``). Otherwise torch:
+    CPU tensors where the core's AVX-512 kernel is preferred (``ops.clipped_gemm_runs``): that
+    kernel (``ops.clipped_gemm``). Otherwise torch:
     rescaling whichever factor is smaller, then one GEMM, in float32 or wider: half / bfloat16
     factors are widened, the rescaled one in the rescaling pass itself."""
     if ops.clipped_gemm_runs(A, G):

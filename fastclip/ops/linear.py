@@ -150,11 +150,12 @@ _GEMM_KINDS = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 
 def clipped_gemm_runs(A: Tensor, G: Tensor) -> bool:
     """Whether :func:`clipped_gemm` takes ``(A, G)``: CPU tensors of one dtype among float32,
-    bfloat16 and float16, and the core's AVX-512 GEMM kernels run here (csrc/gemm_avx512.h;
-    ``fastclip._C.isa()`` is "avx512")."""
+    bfloat16 and float16, and the core's AVX-512 GEMM kernels run here and are preferred
+    (csrc/gemm_avx512.h; ``fastclip._C.gemm_kernels_enabled()``: ``isa()`` is "avx512" and the
+    core issues 512-bit FMAs at full width, or FASTCLIP_GEMM_KERNELS=1)."""
     return (_C is not None and isinstance(A, Tensor) and isinstance(G, Tensor)
             and A.dtype == G.dtype and A.dtype in _GEMM_KINDS
-            and A.device.type == "cpu" and G.device.type == "cpu" and _C.small_gemm_available())
+            and A.device.type == "cpu" and G.device.type == "cpu" and _C.gemm_kernels_enabled())
 
 
 def _gemm_view(t: Tensor):
@@ -172,7 +173,7 @@ def clipped_gemm(A: Tensor, G: Tensor, c: Tensor) -> Tensor:
     products accumulated in float32 over the B T rows in order, without the rescaled copy, the
     float32 copies of half-precision captures or the transposes a torch GEMM needs (a bf16 capture
     gives bit for bit what its float32 copy gives). Twice torch's CPU matmul rate where MKL or
-    OpenBLAS run AVX2 kernels (bench/README.md). Only where :func:`clipped_gemm_runs`; callers
+    OpenBLAS run AVX2 kernels on a core with full-width AVX-512 (bench/README.md). Only where :func:`clipped_gemm_runs`; callers
     keep the torch form for the rest.
     """
     B, T, p = G.shape

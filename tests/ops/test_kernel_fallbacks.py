@@ -40,8 +40,11 @@ np.savez(sys.argv[2], *[t.numpy() for t in out])
 
 def _run(tmp_path, isa):
     out = tmp_path / f"{isa}.npz"
+    # FASTCLIP_GEMM_KERNELS=1: the AVX-512 process runs the kernels even on a CPU where BLAS is
+    # preferred (AMD Zen 4), so that they are what the AVX2 process's BLAS / torch paths meet.
     subprocess.run([sys.executable, "-c", _CHILD, isa, str(out)],
-                   env=child_env(FASTCLIP_ISA=isa), check=True, timeout=300)
+                   env=child_env(FASTCLIP_ISA=isa, FASTCLIP_GEMM_KERNELS="1"), check=True,
+                   timeout=300)
     data = np.load(out)
     return [torch.from_numpy(data[f"arr_{i}"]) for i in range(len(data.files))]
 
@@ -56,6 +59,14 @@ def test_availability_follows_the_isa_level():
         assert not _C.conv_direct_fused_available()
     finally:
         _C.set_conv_direct_fused(old)
+    # The preference for the GEMM kernels switches only where they run.
+    old = _C.set_gemm_kernels(True)
+    try:
+        assert _C.gemm_kernels_enabled() == avx512
+        assert _C.set_gemm_kernels(False) is True
+        assert not _C.gemm_kernels_enabled()
+    finally:
+        _C.set_gemm_kernels(old)
     if not avx512:
         with pytest.raises(ValueError, match="needs an x86-64 CPU with AVX-512"):
             _C.clipped_gemm(np.ones((2, 3), np.float32), np.ones((2, 4), np.float32),
@@ -74,3 +85,45 @@ def test_without_avx512_the_same_ops_agree(tmp_path):
         assert a.dtype == b.dtype == torch.float32, name
         scale = max(float(b.abs().max()), 1.0)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_the_gemm_kernel_default_follows_the_environment():
+    # FASTCLIP_GEMM_KERNELS=0|1 sets the default; without it, the CPU decides (full-width 512-bit
+    # FMAs), never more than the ISA allows.
+    code = "from fastclip import _C; print(_C.gemm_kernels_enabled(), _C.small_gemm_available())"
+    for value, want in (("0", False), ("1", True)):
+        out = subprocess.run([sys.executable, "-c", code], env=child_env(FASTCLIP_GEMM_KERNELS=value),
+                             check=True, timeout=300, capture_output=True, text=True).stdout.split()
+        assert out == [str(want and out[1] == "True"), out[1]], (value, out)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_both_gemm_paths_match_the_reference(kernels):
+    # The linear norms (ghost Gram tiles by A B^T, direct tiles by A^T B), a conv's ghost norms and
+    # a linear clipped sum, with the AVX-512 kernels preferred and bypassed, against float64.
+    from fastclip.layers.linear import clipped_product
+
+    if kernels and not _C.small_gemm_available():
+        pytest.skip("the AVX-512 GEMM kernels do not run on this CPU")
+    g = torch.Generator().manual_seed(3)
+    r = lambda *s: torch.randn(*s, generator=g)
+    old = _C.set_gemm_kernels(kernels)
+    try:
+        assert _C.gemm_kernels_enabled() == kernels
+        A, G = r(3, 70, 40), r(3, 70, 50)
+        want = torch.einsum("btp,btd->bpd", G.double(), A.double()).pow(2).sum((1, 2))
+        for method in ("ghost", "direct"):
+            w, _ = ops.linear_sq_norms(A, G, method)
+            torch.testing.assert_close(w.double(), want, rtol=1e-5, atol=0, msg=method)
+        c = torch.rand(3, generator=g, dtype=torch.float64)
+        got = clipped_product(A, G, c, None)
+        ref = torch.einsum("b,btp,btd->pd", c, G.double(), A.double())
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+        x, gy = r(2, 3, 9, 9), r(2, 40, 9, 9)
+        w, _ = ops.conv_sq_norms(x, gy, (40, 3, 3, 3), 1, 1, 1, 1, "ghost")
+        per = torch.stack([torch.nn.grad.conv2d_weight(x[i:i + 1].double(), (40, 3, 3, 3),
+                                                       gy[i:i + 1].double(), padding=1)
+                           for i in range(2)])
+        torch.testing.assert_close(w.double(), per.pow(2).sum((1, 2, 3, 4)), rtol=1e-5, atol=0)
+    finally:
+        _C.set_gemm_kernels(old)
