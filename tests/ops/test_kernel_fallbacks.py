@@ -97,6 +97,34 @@ def test_the_gemm_kernel_default_follows_the_environment():
         assert out == [str(want and out[1] == "True"), out[1]], (value, out)
 
 
+def _cpu_vendor_family():
+    """(vendor_id, cpu family) from /proc/cpuinfo, or None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            first = f.read().split("\n\n")[0].splitlines()
+        info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first if ":" in line)}
+        return info["vendor_id"], int(info["cpu family"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def test_the_gemm_kernel_default_follows_the_core():
+    # Without FASTCLIP_GEMM_KERNELS: on where the core issues 512-bit FMAs at full width (Intel,
+    # AMD family 26 = Zen 5 and later), off on AMD Zen 4 (family 25), never without AVX-512.
+    cpu = _cpu_vendor_family()
+    if cpu is None:
+        pytest.skip("/proc/cpuinfo does not name this CPU's vendor and family")
+    vendor, family = cpu
+    env = child_env()
+    env.pop("FASTCLIP_GEMM_KERNELS", None)
+    env.pop("FASTCLIP_ISA", None)
+    code = "from fastclip import _C; print(_C.gemm_kernels_enabled(), _C.small_gemm_available())"
+    enabled, available = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                        timeout=300, capture_output=True, text=True).stdout.split()
+    full_width = vendor != "AuthenticAMD" or family >= 26
+    assert enabled == str(available == "True" and full_width), (vendor, family, enabled, available)
+
+
 @pytest.mark.parametrize("kernels", [True, False])
 def test_both_gemm_paths_match_the_reference(kernels):
     # The linear norms (ghost Gram tiles by A B^T, direct tiles by A^T B), a conv's ghost norms and
