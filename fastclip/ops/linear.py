@@ -173,8 +173,8 @@ def clipped_gemm(A: Tensor, G: Tensor, c: Tensor) -> Tensor:
     products accumulated in float32 over the B T rows in order, without the rescaled copy, the
     float32 copies of half-precision captures or the transposes a torch GEMM needs (a bf16 capture
     gives bit for bit what its float32 copy gives). Twice torch's CPU matmul rate where MKL or
-    OpenBLAS run AVX2 kernels on a core with full-width AVX-512 (bench/README.md). Only where :func:`clipped_gemm_runs`; callers
-    keep the torch form for the rest.
+    OpenBLAS run AVX2 kernels on a core with full-width AVX-512 (bench/README.md). Only where
+    :func:`clipped_gemm_runs`; callers keep the torch form for the rest.
     """
     B, T, p = G.shape
     d = A.shape[-1]

@@ -87,14 +87,26 @@ def test_without_avx512_the_same_ops_agree(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
-def test_the_gemm_kernel_default_follows_the_environment():
-    # FASTCLIP_GEMM_KERNELS=0|1 sets the default; without it, the CPU decides (full-width 512-bit
-    # FMAs), never more than the ISA allows.
+def _gemm_state_in_child(**env):
+    """(gemm_kernels_enabled(), small_gemm_available()) in a fresh process: the default is read
+    once, when the core first asks. ``env``: variables to set, None to remove."""
+    e = child_env()
+    for k, v in env.items():
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = v
     code = "from fastclip import _C; print(_C.gemm_kernels_enabled(), _C.small_gemm_available())"
+    out = subprocess.run([sys.executable, "-c", code], env=e, check=True, timeout=300,
+                         capture_output=True, text=True).stdout.split()
+    return out[0] == "True", out[1] == "True"
+
+
+def test_the_gemm_kernel_default_follows_the_environment():
+    # FASTCLIP_GEMM_KERNELS=0|1 sets the default, never more than the ISA allows.
     for value, want in (("0", False), ("1", True)):
-        out = subprocess.run([sys.executable, "-c", code], env=child_env(FASTCLIP_GEMM_KERNELS=value),
-                             check=True, timeout=300, capture_output=True, text=True).stdout.split()
-        assert out == [str(want and out[1] == "True"), out[1]], (value, out)
+        enabled, available = _gemm_state_in_child(FASTCLIP_GEMM_KERNELS=value)
+        assert enabled == (want and available), (value, enabled, available)
 
 
 def _cpu_vendor_family():
@@ -115,14 +127,9 @@ def test_the_gemm_kernel_default_follows_the_core():
     if cpu is None:
         pytest.skip("/proc/cpuinfo does not name this CPU's vendor and family")
     vendor, family = cpu
-    env = child_env()
-    env.pop("FASTCLIP_GEMM_KERNELS", None)
-    env.pop("FASTCLIP_ISA", None)
-    code = "from fastclip import _C; print(_C.gemm_kernels_enabled(), _C.small_gemm_available())"
-    enabled, available = subprocess.run([sys.executable, "-c", code], env=env, check=True,
-                                        timeout=300, capture_output=True, text=True).stdout.split()
+    enabled, available = _gemm_state_in_child(FASTCLIP_GEMM_KERNELS=None, FASTCLIP_ISA=None)
     full_width = vendor != "AuthenticAMD" or family >= 26
-    assert enabled == str(available == "True" and full_width), (vendor, family, enabled, available)
+    assert enabled == (available and full_width), (vendor, family, enabled, available)
 
 
 @pytest.mark.parametrize("kernels", [True, False])

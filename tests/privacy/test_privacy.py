@@ -586,10 +586,26 @@ class KernelPaths(nn.Module):
         return self.head(torch.cat([s, c], 1))
 
 
+@pytest.mark.parametrize("gemm_kernels", [True, False])
 @pytest.mark.parametrize("mode", ["auto", "direct", "ghost"])
-def test_sensitivity_through_the_native_float32_kernels(mode):
+def test_sensitivity_through_the_native_float32_kernels(mode, gemm_kernels):
     # Remove each example in turn: the float32 clipped sum moves by at most C, and by C itself for
-    # the clipped ones, through every product the AVX-512 kernels form (fallback paths elsewhere).
+    # the clipped ones, through every product the AVX-512 kernels form (fallback paths elsewhere),
+    # with the GEMM kernels preferred and bypassed (which one a CPU takes by default depends on
+    # its core: csrc/gemm_avx512.h).
+    from fastclip import _C
+
+    if gemm_kernels and (_C is None or not _C.small_gemm_available()):
+        pytest.skip("the AVX-512 GEMM kernels do not run on this CPU")
+    old = None if _C is None else _C.set_gemm_kernels(gemm_kernels)
+    try:
+        _removal_moves_at_most_C(mode)
+    finally:
+        if old is not None:
+            _C.set_gemm_kernels(old)
+
+
+def _removal_moves_at_most_C(mode):
     torch.manual_seed(9)
     m = KernelPaths()
     B = 7
