@@ -41,6 +41,7 @@ from .finalize import (Groups, batch_size, check_wanted, clipped_sums, forget_me
 from .heap import keep_heap
 from .layers import Pool, Rule, Use
 from .layers.generic import mixing_refusal
+from .ops import cast
 from .passes import Gate
 from .planning import Plan, Watch, plan, rebound
 from .scheduling import Schedule
@@ -625,7 +626,8 @@ class Engine:
                              self.automatic, self.gamma, self._pool,
                              None if sink is None else sink.add)
         for p, grad in grads.items():
-            self.add_grad(p, grad.to(p.dtype).view(p.shape))
+            grad = cast(grad, p.dtype)
+            self.add_grad(p, grad if grad.shape == p.shape else grad.view(p.shape))
 
     # -- flat clipping across pipeline stages (fastclip.distributed.PipelineExchange) -------
     def _defer(self, uses: List[Use], B: int) -> Optional[Tensor]:

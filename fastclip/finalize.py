@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .clipping import clip_factors
 from .layers import Part, Pool, Rule, Use, cross_inner
 from .layers.generic import GENERIC
-from .ops import cast_margin, widened as _widened_tensor
+from .ops import cast, cast_margin, widened as _widened_tensor
 from .passes import partial_error
 
 # The uses of one clipping step by module: {module: (its uses, its trainable (name, parameter)s)}.
@@ -82,9 +82,11 @@ def check_wanted(groups: Groups, wanted, names: Dict[nn.Parameter, str]) -> None
 def _low_precision(inputs, grads) -> bool:
     """Whether a half / bfloat16 tensor is among ``inputs`` and ``grads`` (any pytree); the
     common capture (a tensor and a tuple of tensors) is looked at without flattening."""
-    if (inputs is None or isinstance(inputs, Tensor)) and type(grads) is tuple:
+    if (inputs is None or isinstance(inputs, Tensor)) and (grads is None or type(grads) is tuple):
         if inputs is not None and inputs.dtype in _LOW_PRECISION:
             return True
+        if grads is None:   # a use reduced when recorded (norm layers, kept convs)
+            return False
         if all(g is None or isinstance(g, Tensor) for g in grads):
             return any(g is not None and g.dtype in _LOW_PRECISION for g in grads)
     leaves = tree_flatten((inputs, grads))[0]
@@ -145,8 +147,8 @@ def param_sq_norms(groups: Groups, rules: Rules, mode: str) -> Dict[nn.Parameter
         with widened_module(us, rules):
             sqs = rule.sq_norms(m, us, mode)
         for n, p in named:
-            sq = (sqs[n] if n in sqs else kernel_out(sqs, n, m, rule, "sq_norms")
-                  ).to(torch.float64)
+            sq = cast(sqs[n] if n in sqs else kernel_out(sqs, n, m, rule, "sq_norms"),
+                      torch.float64)
             prev = out.get(p)
             if prev is None:
                 out[p] = sq

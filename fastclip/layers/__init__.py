@@ -43,11 +43,14 @@ parameters get no autograd gradient); the ones that watch torch calls are one mo
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
+
+from ..ops import cast
 
 
 class Use:
@@ -188,14 +191,17 @@ def sq_rows(g: Tensor) -> Tensor:
     """Per-example squared norms (B,) of ``g`` (B, *shape), summed in float32 or wider (a bf16
     sum of squares under-clips, an fp16 one overflows)."""
     g = g.flatten(1)
-    return g.to(torch.promote_types(g.dtype, torch.float32)).square().sum(1)
+    return cast(g, torch.promote_types(g.dtype, torch.float32)).square().sum(1)
 
 
 def weighted_sum(c: Tensor, g: Tensor) -> Tensor:
     """``sum_i c_i g_i`` of per-example gradients ``g`` (B, *shape), in float32 or wider (the
     engine rounds it to the parameter's dtype once)."""
     wide = torch.promote_types(g.dtype, torch.float32)
-    return torch.tensordot(c.to(wide), g.to(wide), dims=1)
+    # A (B,) x (B, n) product: matmul, not tensordot (whose Python wrapper costs more than the
+    # product on the small per-layer gradients of norm layers and biases).
+    flat = g.reshape(g.shape[0], math.prod(g.shape[1:]))   # spelled out: B = 0 reshapes too
+    return cast(c, wide).matmul(cast(flat, wide)).view(g.shape[1:])
 
 
 def zero_rows(tree, bad: Tensor):
@@ -226,7 +232,7 @@ class Pool:
         """``t * c`` with ``c`` (B,) scaling dim 0 of ``t`` (B, ...), in a scratch buffer, in the
         wider of the two dtypes (:func:`scaled_rows`)."""
         dtype = torch.promote_types(t.dtype, c.dtype)
-        c = c.to(dtype).view((-1,) + (1,) * (t.dim() - 1))
+        c = cast(c, dtype).view((-1,) + (1,) * (t.dim() - 1))
         key = (dtype, t.device)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < t.numel():
@@ -242,7 +248,7 @@ def scaled_rows(t: Tensor, c: Tensor, pool: Optional[Pool] = None) -> Tensor:
     if isinstance(pool, Pool):
         return pool.scaled_rows(t, c)
     dtype = torch.promote_types(t.dtype, c.dtype)
-    return t * c.to(dtype).view((-1,) + (1,) * (t.dim() - 1))
+    return t * cast(c, dtype).view((-1,) + (1,) * (t.dim() - 1))
 
 
 _RULES: Dict[type, Rule] = {}

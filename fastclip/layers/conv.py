@@ -296,7 +296,7 @@ class ConvRule(FunctionalRule):
         if want_b:
             gbs = [gb for _, gb in memos]
             bias_sum = sum(gbs) if all(gb is not None for gb in gbs) else self._bias_sum(uses)
-            out["bias"] = c.to(bias_sum.dtype).matmul(bias_sum)
+            out["bias"] = ops.cast(c, bias_sum.dtype).matmul(bias_sum)
         return out
 
     @staticmethod
@@ -304,10 +304,10 @@ class ConvRule(FunctionalRule):
         if kept is not None:
             # sum_i c_i grad_W_i from the gradients the direct norm pass formed.
             B, groups, K, Og = kept.shape   # B = 0 (an empty Poisson batch) gives a zero sum
-            total = c.to(kept.dtype).matmul(kept.reshape(B, weight.numel()))
+            total = ops.cast(c, kept.dtype).matmul(kept.reshape(B, weight.numel()))
             return total.view(groups, K, Og).transpose(1, 2).reshape(weight.shape)
         g = use.grads[0]
-        c = c.to(g.dtype)
+        c = ops.cast(c, g.dtype)
         d, kernel, stride, pads, dilation, groups = _opts(use, weight.shape)
         x = use.inputs
         if any(lo != hi for lo, hi in pads):

@@ -26,6 +26,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .. import ops
+
 # The most bytes of per-example gradients kept at once (all layers of a clipping step together,
 # the linear and the conv rules); 0 keeps nothing. 12 MiB by default: small against any real
 # model's step, and enough for the layers where keeping pays most: a conv layer kept in the
@@ -206,10 +208,10 @@ def clipped_weight(kept: Kept, c: Tensor) -> Tensor:
     """``sum_i c_i grad_i`` (p, d) from the kept weight gradients."""
     w = kept.w
     B, r, s = w.shape
-    out = c.to(w.dtype).matmul(w.reshape(B, r * s)).view(r, s)
+    out = ops.cast(c, w.dtype).matmul(w.reshape(B, r * s)).view(r, s)
     return out.t().contiguous() if kept.transposed else out
 
 
 def clipped_bias(kept: Kept, c: Tensor) -> Tensor:
     """``sum_i c_i b_i`` (p,) from the kept bias gradients."""
-    return c.to(kept.b.dtype).matmul(kept.b)
+    return ops.cast(c, kept.b.dtype).matmul(kept.b)

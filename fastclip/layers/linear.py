@@ -150,7 +150,8 @@ class LinearRule(Rule):
                 w = g if w is None else w + g
             if with_b:
                 wide = torch.promote_types(G.dtype, torch.float32)
-                g = c.to(wide).matmul(widened(G[:, 0]) if G.shape[1] == 1 else G.sum(1, dtype=wide))
+                g = ops.cast(c, wide).matmul(widened(G[:, 0]) if G.shape[1] == 1
+                                             else G.sum(1, dtype=wide))
                 b = g if b is None else b + g
         out = {"weight": w} if w is not None else {}
         if with_b:
@@ -183,7 +184,7 @@ def clipped_product(A: Tensor, G: Tensor, c: Tensor, pool: Optional[Pool]) -> Te
         return ops.clipped_gemm(A, G, c)
     B, T, p = G.shape
     d = A.shape[-1]
-    c = c.to(torch.promote_types(G.dtype, torch.float32))
+    c = ops.cast(c, torch.promote_types(G.dtype, torch.float32))
     scale = scaled_rows if pool is None else pool.scaled_rows
     if p <= d:
         return scale(G, c).reshape(B * T, p).t().mm(widened(A).reshape(B * T, d))

@@ -115,7 +115,7 @@ class NormRule(FunctionalRule):
         # float32): formed here in the backward, before the engine widens the other captures,
         # and a bf16 x_hat would be 2^-8 off per entry.
         wide = torch.promote_types(x.dtype, torch.float32)
-        x, g = x.to(wide), g.to(wide)
+        x, g = ops.cast(x, wide), ops.cast(g, wide)
         if func in (F.layer_norm, F.rms_norm):
             shape = opts["normalized_shape"]
             k = 1 if isinstance(shape, int) else len(shape)

@@ -12,7 +12,7 @@ another floating dtype, run the same algorithm in plain torch ops (``*_torch``),
 their own arguments, so the package works on a GPU. Callers use ``ops.<name>``: every public name
 is re-exported here.
 """
-from ._common import HAS_NATIVE, NATIVE_DTYPES, as_computed, cast_margin, widened
+from ._common import HAS_NATIVE, NATIVE_DTYPES, as_computed, cast, cast_margin, widened
 from .clip import clip_accumulate, clip_accumulate_torch
 from .conv import (_conv_tuple, choose_conv_method, conv_padding, conv_sq_norms, conv_sq_norms_torch,
                    conv_keeps_per_example, conv_native, conv_unfold_torch, pads_to_arg)
@@ -26,7 +26,7 @@ from .rnn import (RNN_CELLS, rnn_backward, rnn_backward_torch, rnn_forward, rnn_
                   rnn_ghost_sq_norms, rnn_ghost_sq_norms_torch)
 
 __all__ = [
-    "HAS_NATIVE", "HAS_BLAS", "NATIVE_DTYPES", "as_computed", "cast_margin", "widened", "blas_info",
+    "HAS_NATIVE", "HAS_BLAS", "NATIVE_DTYPES", "as_computed", "cast", "cast_margin", "widened", "blas_info",
     "choose_linear_method", "linear_sq_norms", "linear_sq_norms_torch", "clipped_gemm",
     "clipped_gemm_runs",
     "choose_conv_method", "conv_padding", "conv_sq_norms", "conv_sq_norms_torch",

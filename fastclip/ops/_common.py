@@ -39,7 +39,9 @@ def _native(*tensors, core=_C, one_dtype: bool = True) -> bool:
         return False
     first = None
     for t in tensors:
-        if not isinstance(t, Tensor) or t.device.type != "cpu" or t.dtype not in NATIVE_DTYPES:
+        # is_cpu, not device.type: the attribute builds no device object (a few us per call,
+        # several calls per layer and step).
+        if not isinstance(t, Tensor) or not t.is_cpu or t.dtype not in NATIVE_DTYPES:
             return False
         if one_dtype and first is not None and t.dtype != first:
             return False
@@ -92,6 +94,13 @@ def cast_margin(dtype: torch.dtype) -> float:
     if dtype == torch.float64:
         return 0.0
     return 5.0 * torch.finfo(dtype).eps / 2
+
+
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, skipped when ``t`` already has that dtype: the per-layer paths of a step
+    make a dozen such calls per layer, and a no-op ``.to`` still costs microseconds of argument
+    parsing and dispatch (the per-layer overhead of small models)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def as_computed(x: Tensor, dtype: torch.dtype) -> Tensor:

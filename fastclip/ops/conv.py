@@ -17,6 +17,12 @@ from ._common import _C, _check_pair, _native
 
 
 def _conv_tuple(v, d: int, name: str) -> tuple:
+    # The common spellings first (an int, or d ints as a tuple): this runs for every conv layer
+    # in every step. type() is exact, so a bool still takes the checks below.
+    if type(v) is int:
+        return (v,) * d
+    if type(v) is tuple and len(v) == d and all(type(a) is int for a in v):
+        return v
     if isinstance(v, bool) or not isinstance(v, (int, tuple, list, torch.Size)):
         raise TypeError(f"{name} must be an int or a sequence of {d} ints, got {type(v).__name__}")
     t = (v,) * d if isinstance(v, int) else tuple(v)
