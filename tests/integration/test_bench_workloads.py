@@ -67,3 +67,22 @@ def test_native_scratch_is_reported():
     by = {r.method: r for r in results}
     assert by["fastclip"].native_mib > 0 and by["non-private"].native_mib == 0
     assert by["fastclip"].mem_ratio is not None
+
+
+def test_step_memory_does_not_depend_on_what_was_profiled_before():
+    # A step that frees memory of the step before (zero_grad's gradients) and allocates as much
+    # again: the profiler reports that free only once it has seen the block allocated (a second
+    # profiled step), which once made the column read the step's peak or nothing. Both reads
+    # must give the step's own peak, what it holds above its start.
+    n = 1 << 18   # 1 MiB of float32
+    held = {"t": torch.ones(n)}
+
+    def step(x, y):
+        held["t"] = None            # the previous step's tensor goes...
+        held["t"] = torch.ones(n)   # ... and the step allocates as much again
+
+    reads = [benchmark.step_memory_mib(step, (None, None), torch.device("cpu"))[0]
+             for _ in range(3)]
+    assert all(r is not None for r in reads), reads
+    assert reads[0] == reads[1] == reads[2], reads
+    assert abs(reads[0] - 1.0) < 0.05, reads
