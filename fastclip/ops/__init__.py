@@ -26,7 +26,8 @@ from .rnn import (RNN_CELLS, rnn_backward, rnn_backward_torch, rnn_forward, rnn_
                   rnn_ghost_sq_norms, rnn_ghost_sq_norms_torch)
 
 __all__ = [
-    "HAS_NATIVE", "HAS_BLAS", "NATIVE_DTYPES", "as_computed", "cast", "cast_margin", "widened", "blas_info",
+    "HAS_NATIVE", "HAS_BLAS", "NATIVE_DTYPES", "as_computed", "cast", "cast_margin", "widened",
+    "blas_info",
     "choose_linear_method", "linear_sq_norms", "linear_sq_norms_torch", "clipped_gemm",
     "clipped_gemm_runs",
     "choose_conv_method", "conv_padding", "conv_sq_norms", "conv_sq_norms_torch",
