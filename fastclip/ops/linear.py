@@ -155,7 +155,7 @@ def clipped_gemm_runs(A: Tensor, G: Tensor) -> bool:
     core issues 512-bit FMAs at full width, or FASTCLIP_GEMM_KERNELS=1)."""
     return (_C is not None and isinstance(A, Tensor) and isinstance(G, Tensor)
             and A.dtype == G.dtype and A.dtype in _GEMM_KINDS
-            and A.device.type == "cpu" and G.device.type == "cpu" and _C.gemm_kernels_enabled())
+            and A.is_cpu and G.is_cpu and _C.gemm_kernels_enabled())
 
 
 def _gemm_view(t: Tensor):
