@@ -126,7 +126,7 @@ def test_a_batch_backpropagated_twice_is_refused_and_once_releases_at_most_C(mod
 def test_one_batch_trained_twice_is_refused_then_redone_once(secure):
     kw = dict(secure_mode=True) if secure else dict(generator=torch.Generator().manual_seed(3))
     # The loader's first batch, drawn again with a fresh model, optimizer and loader while it is
-    # empty (about 1 in 20 secure-mode draws): skipping an empty batch without its noise-only step
+    # empty (0.75^12, about 1 in 30 secure-mode draws): skipping an empty batch without its step
     # is a misuse of its own, refused first ("2 batches ... handed out"), not the one tested here.
     for _ in range(100):
         m, opt, loader = private(_model(), C, loader=DataLoader(_data(), batch_size=3), **kw)
