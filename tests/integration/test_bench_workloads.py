@@ -86,3 +86,28 @@ def test_step_memory_does_not_depend_on_what_was_profiled_before():
     assert all(r is not None for r in reads), reads
     assert reads[0] == reads[1] == reads[2], reads
     assert abs(reads[0] - 1.0) < 0.05, reads
+
+
+def _mlp_floor():
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "mlp_floor.py")
+    spec = importlib.util.spec_from_file_location("mlp_floor", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_mlp_floor_step_is_fastclips_dp_sgd_step(monkeypatch):
+    """bench/mlp_floor.py's hand-written step is the floor of the same DP-SGD step: from the same
+    weights, noise off, it leaves the parameters fastclip's step leaves; and the comparison sees
+    a different clipping bound (so it is not vacuous)."""
+    floor = _mlp_floor()
+    gen = torch.Generator().manual_seed(0)
+    model = benchmark.mlp((12, 8, 8, 3))
+    x = torch.randn(16, 12, generator=gen) * 4    # large enough that examples are clipped
+    y = torch.randint(0, 3, (16,), generator=gen)
+    assert floor.check(model, x, y) <= 1e-5
+    monkeypatch.setattr(floor.ByHand, "max_grad_norm", 0.5)   # the hand-written step alone
+    with pytest.raises(AssertionError, match="differs"):
+        floor.check(model, x, y)
