@@ -106,3 +106,22 @@ def test_one_kernel_call_per_module_and_step(monkeypatch):
     layers = [m[0], m[2], m[4]]
     assert sorted((k, id(mod), n) for k, mod, n in calls) == sorted(
         (k, id(mod), 1) for k in ("sq_norms", "clipped") for mod in layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B", [0, 1, 5])
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("d, p", [(7, 4), (4, 7), (5, 5)])
+def test_linear_clipped_sum_either_factor_rescaled(d, p, T, B, dtype):
+    """A Linear's clipped sum rescales G (p <= d: its bias sum is then the column sum of the
+    rescaled rows) or A (p > d: the bias from G), positions per example or not: both equal the
+    float64 reference, the bias included, with examples clipped (inputs scaled up)."""
+    g = torch.Generator().manual_seed(d * 100 + p * 10 + T)
+    shape = (B, d) if T == 1 else (B, T, d)
+    x = torch.randn(*shape, generator=g) * 3
+    y = torch.randn(*(shape[:-1] + (p,)), generator=g)
+
+    def loss(out, target):
+        return (out - target).square().flatten(1).sum(1)
+
+    check(nn.Linear(d, p), x, y, loss=loss, C=0.5, dtype=dtype, cast=True)
