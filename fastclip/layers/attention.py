@@ -141,11 +141,11 @@ class AttentionRule(ModuleCaptureRule):
                 # One block covering the parameter (the fused q/k/v projection): its sum is
                 # the parameter's, with no zero-filled buffer to add it into.
                 (rows, (A, G)), = blocks.items()
-                res[name] = self._block_sum(name, rows, A, G, c, kept).to(wide)
+                res[name] = self._block_sum(name, rows, A, G, c, pool, kept).to(wide)
                 continue
             out = torch.zeros_like(p, dtype=wide)
             for (r0, r1), (A, G) in blocks.items():
-                g = self._block_sum(name, (r0, r1), A, G, c, kept)
+                g = self._block_sum(name, (r0, r1), A, G, c, pool, kept)
                 if name.endswith("weight") and name != "in_proj_weight":
                     out += g
                 else:
@@ -154,13 +154,13 @@ class AttentionRule(ModuleCaptureRule):
         return res
 
     @staticmethod
-    def _block_sum(name, rows, A, G, c, kept):
+    def _block_sum(name, rows, A, G, c, pool, kept):
         """sum_i c_i grad_i of one block: from the per-example gradients the norm pass kept
         (``kept``: {(weight name, rows): keep.Kept}), else G^T diag(c) A (rescaling the smaller
         factor) for a weight, c^T (sum_t G) for a bias."""
         if name.endswith("weight"):
             k = kept.get((name, rows))
-            return keep.clipped_weight(k, c) if k is not None else clipped_product(A, G, c)
+            return keep.clipped_weight(k, c) if k is not None else clipped_product(A, G, c, pool)
         k = kept.get(("in_proj_weight", rows)) if name == "in_proj_bias" else None
         if k is not None and k.b is not None:
             return keep.clipped_bias(k, c)

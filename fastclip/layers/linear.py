@@ -3,7 +3,7 @@ gradient G, and the clipped sum as one GEMM with a rescaled G (docs/design.md)."
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..ops import as_computed, widened
-from . import Part, Rule, Use, register, register_cross, scaled_rows
+from . import Part, Pool, Rule, Use, register, register_cross, scaled_rows
 from . import keep
 from .capture import CaptureMode
 
@@ -148,7 +148,7 @@ class LinearRule(Rule):
             gb = None
             if with_w:
                 # The bias sum comes with the product where it is free (rescaled G rows).
-                g, gb = clipped_products(_flat(u.inputs), G, c, with_b)
+                g, gb = clipped_products(_flat(u.inputs), G, c, pool, with_b)
                 w = g if w is None else w + g
             if with_b:
                 if gb is None:
@@ -177,28 +177,28 @@ def linear_cross(a: Part, b: Part, method: str) -> Tensor:
     return (ga * torch.einsum("btp,btd->bpd", G2, A2)).sum((1, 2))
 
 
-def clipped_products(A: Tensor, G: Tensor, c: Tensor, bias: bool = False):
+def clipped_products(A: Tensor, G: Tensor, c: Tensor, pool: Optional[Pool],
+                     bias: bool = False):
     """(``sum_i c_i G_i^T A_i`` (p, d), and with ``bias`` the bias's ``sum_i c_i sum_t G_i[t]``
     (p,) where it comes free, else None) from A (B, T, d), G (B, T, p), c (B,):
     G^T diag(c) A. CPU tensors where the core's AVX-512 kernel is preferred
     (``ops.clipped_gemm_runs``): that kernel (``ops.clipped_gemm``). Otherwise torch: rescaling
-    whichever factor is smaller, then one GEMM, in float32 or wider: half / bfloat16 factors are
-    widened, the rescaled one in the rescaling pass itself. Where G is the rescaled factor, the
-    bias sum is the column sum of its rows, read while they are fresh, instead of a pass over
-    G. The rescaled factor is a fresh tensor, not a reused scratch buffer: on the Zen 3 host
-    the mlp step ran ~0.3 ms (2-3%) faster so (bench/README.md)."""
+    whichever factor is smaller (in ``pool``'s scratch buffer when one is given), then one GEMM,
+    in float32 or wider: half / bfloat16 factors are widened, the rescaled one in the rescaling
+    pass itself. Where G is the rescaled factor, the bias sum is the column sum of its rows,
+    read while they are fresh, instead of a pass over G."""
     if ops.clipped_gemm_runs(A, G):
         return ops.clipped_gemm(A, G, c), None
     B, T, p = G.shape
     d = A.shape[-1]
     c = ops.cast(c, torch.promote_types(G.dtype, torch.float32))
     if p <= d:
-        Gc = scaled_rows(G, c).reshape(B * T, p)
+        Gc = scaled_rows(G, c, pool).reshape(B * T, p)
         return Gc.t().mm(widened(A).reshape(B * T, d)), (Gc.sum(0) if bias else None)
-    return widened(G).reshape(B * T, p).t().mm(scaled_rows(A, c).reshape(B * T, d)), None
+    return widened(G).reshape(B * T, p).t().mm(scaled_rows(A, c, pool).reshape(B * T, d)), None
 
 
-def clipped_product(A: Tensor, G: Tensor, c: Tensor) -> Tensor:
+def clipped_product(A: Tensor, G: Tensor, c: Tensor, pool: Optional[Pool]) -> Tensor:
     """``sum_i c_i G_i^T A_i`` (p, d) from A (B, T, d), G (B, T, p), c (B,): the weight's part
     of :func:`clipped_products`."""
-    return clipped_products(A, G, c)[0]
+    return clipped_products(A, G, c, pool)[0]

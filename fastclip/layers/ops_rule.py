@@ -602,7 +602,7 @@ class OpsRule(Rule):
             for u, role in parts:
                 if role[0] == "lin":
                     A, G = self._lin(u, role)
-                    g = clipped_product(A, G, c)
+                    g = clipped_product(A, G, c, pool)
                 elif role[0] == "emb":
                     g = clipped_rows(*_masked(u), c, p.shape[0])
                 elif role[0] == "conv":

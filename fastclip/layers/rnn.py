@@ -127,7 +127,7 @@ class RecurrentRule(ModuleCaptureRule):
             if kind == "bias":
                 return cg.matmul(part.g_sum if which == "ih" else part.g_hh_sum)
             # G^T diag(c) A over all (example, step) rows, as a Linear's clipped sum.
-            return clipped_product(A, G, c)
+            return clipped_product(A, G, c, pool)
 
         return self._each(module, uses, one, lambda p: torch.zeros(
             p.shape, dtype=p.dtype, device=p.device))
